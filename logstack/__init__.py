@@ -1,0 +1,62 @@
+"""LogStack: a durable, masking log-ingestion gateway in front of Grafana Loki.
+
+This module is the one public surface for plugin authors: ``Stage``, ``StageConfig``,
+``StageContext``, ``Envelope``, ``LogEntry`` and the error types. Everything in ``_*``
+modules is private.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._config import Settings, load_settings
+from ._context import HealthState, StageContext
+from ._entry import LogEntry
+from ._envelope import Accepted, Batch, Envelope
+from ._errors import (
+    AuthenticationError,
+    ConfigError,
+    ForbiddenError,
+    InternalError,
+    LogstackError,
+    PayloadTooLargeError,
+    PluginError,
+    QuotaExceededError,
+    RateLimitedError,
+    RejectError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+    WalCorruptionError,
+    WalError,
+)
+from ._stage import Stage, StageConfig
+
+__all__ = [
+    "Accepted",
+    "AuthenticationError",
+    "Batch",
+    "ConfigError",
+    "Envelope",
+    "ForbiddenError",
+    "HealthState",
+    "InternalError",
+    "LogEntry",
+    "LogstackError",
+    "PayloadTooLargeError",
+    "PluginError",
+    "QuotaExceededError",
+    "RateLimitedError",
+    "RejectError",
+    "Settings",
+    "Stage",
+    "StageConfig",
+    "StageContext",
+    "UnavailableError",
+    "UnsupportedMediaTypeError",
+    "ValidationError",
+    "WalCorruptionError",
+    "WalError",
+    "__version__",
+    "load_settings",
+]

@@ -1,0 +1,103 @@
+"""Command line: ``logstack serve | check-config | wal inspect | stages list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from . import __version__
+from ._config import load_settings
+from ._errors import ConfigError
+from ._logging import configure_logging
+from ._registry import describe_stages, resolve_pipeline
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", metavar="PATH",
+        help="config file (default: $LOGSTACK_CONFIG, else built-in defaults)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logstack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"logstack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    _add_config(serve)
+    check = sub.add_parser("check-config", help="validate a config file and the pipeline")
+    check.add_argument("path", nargs="?", help="config file (or use --config)")
+    _add_config(check)
+    wal = sub.add_parser("wal", help="WAL tools")
+    wal_sub = wal.add_subparsers(dest="wal_command", required=True)
+    inspect = wal_sub.add_parser("inspect", help="print segments, records, checkpoints, damage")
+    inspect.add_argument("directory", help="a WAL root or one key's directory")
+    inspect.add_argument("--records", action="store_true", help="list every record")
+    stages = sub.add_parser("stages", help="stage plugins")
+    stages_sub = stages.add_subparsers(dest="stages_command", required=True)
+    listing = stages_sub.add_parser("list", help="installed stages: name, distribution, version")
+    listing.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config)
+        if args.command == "check-config":
+            return _check_config(args.path or args.config)
+        if args.command == "wal":
+            from ._wal_inspect import inspect_wal
+
+            return inspect_wal(args.directory, show_records=args.records, out=sys.stdout)
+        if args.command == "stages":
+            return _stages_list(as_json=args.json)
+    except ConfigError as exc:
+        print(f"logstack: {exc}", file=sys.stderr)
+        return 2
+    return 2  # pragma: no cover - argparse enforces a command
+
+
+def _serve(path: str | None) -> int:
+    from ._service import serve
+
+    settings = load_settings(path)
+    configure_logging(settings.server.log_level if not settings.server.debug else "DEBUG",
+                      settings.server.log_format)
+    trio.run(partial(serve, settings, config_path=path))
+    return 0
+
+
+def _check_config(path: str | None) -> int:
+    settings = load_settings(path)
+    stages = resolve_pipeline(settings)
+    keys = settings.security.api_keys.values()
+    active = sum(1 for k in keys if k.active)
+    print(f"config OK: {path or '(defaults)'}")
+    print(f"  api keys: {len(settings.security.api_keys)} ({active} active)")
+    print(f"  pipeline: {' -> '.join(s.spec.instance_name for s in stages)}")
+    print(f"  wal root: {settings.wal.root_path}")
+    print(f"  loki: {', '.join(settings.loki.endpoints())} ({settings.loki.push_format})")
+    return 0
+
+
+def _stages_list(*, as_json: bool) -> int:
+    rows = describe_stages()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = (18, 28, 9)
+    print(f"{'NAME':<{widths[0]}} {'DISTRIBUTION':<{widths[1]}} {'VERSION':<{widths[2]}} SUMMARY")
+    for row in rows:
+        summary = row.get("summary") or f"ERROR: {row.get('error')}"
+        print(
+            f"{row['name']:<{widths[0]}} {row.get('distribution', '?'):<{widths[1]}} "
+            f"{row.get('version', '?'):<{widths[2]}} {summary}"
+        )
+    return 1 if any("error" in row for row in rows) else 0

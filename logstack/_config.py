@@ -1,0 +1,488 @@
+"""Configuration: ``config.yaml`` + ``LOGSTACK_*`` environment overrides, strictly validated.
+
+Sources, lowest to highest priority:
+
+1. the YAML file (``--config`` or ``LOGSTACK_CONFIG``);
+2. ``LOGSTACK_<SECTION>_<KEY>`` variables, one per key (server keys also as
+   ``LOGSTACK_<KEY>``); values are parsed as YAML scalars, so JSON lists and objects work;
+3. for API keys: ``LOGSTACK_SECURITY_API_KEYS`` (JSON) beats the file and
+   ``LOGSTACK_API_KEY_<ID>_<TOKEN|NAME|ACTIVE|DESCRIPTION>`` beats both, per token.
+
+Every problem is collected and reported at once, each naming its key (and the variable
+it came from), and unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from ._errors import ConfigError
+
+ENV_PREFIX = "LOGSTACK_"
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DEFAULT_BASELINE_KEYS = (
+    "password",
+    "token",
+    "authorization",
+    "api_key",
+    "secret",
+    "card_number",
+    "email",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    debug: bool = Field(False, description="Verbose service logs.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field("json", description="Service log format.")
+    max_body_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest decoded request body accepted (413 above)."
+    )
+    pipeline_capacity: int = Field(
+        256, gt=0, description="Requests queued at the pipeline head before 503 answers."
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the WAL ack.")
+    shutdown_grace_s: float = Field(
+        10.0, gt=0, description="Time allowed to drain in-flight work on SIGTERM/SIGINT."
+    )
+    bound_ports_file: str | None = Field(
+        None, description="If set, the bound address is written here once listening."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ApiKey(_Strict):
+    """One API key. The token itself is the mapping key in ``security.api_keys``."""
+
+    name: str = Field(pattern=KEY_NAME_PATTERN, description="Names the key in logs, metrics, WAL.")
+    active: bool = True
+    description: str = ""
+    rate_limit_rps: float | None = Field(None, gt=0)
+    rate_limit_burst: float | None = Field(None, gt=0)
+    loki_tenant: str | None = Field(None, description="X-Scope-OrgID sent for this key.")
+
+
+class SecuritySettings(_Strict):
+    rate_limit_rps: float = Field(100.0, gt=0, description="Token-bucket refill per key.")
+    rate_limit_burst: float = Field(200.0, gt=0, description="Token-bucket size per key.")
+    admin_token: str | None = Field(None, min_length=16)
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> SecuritySettings:
+        seen: dict[str, str] = {}
+        for token, key in self.api_keys.items():
+            if len(token) < 16:
+                raise ValueError(f"api key {key.name!r}: token must be at least 16 characters")
+            if key.name in seen:
+                raise ValueError(f"api key name {key.name!r} is used by two tokens")
+            seen[key.name] = token
+        return self
+
+
+class PartialRule(_Strict):
+    keep_prefix: int = Field(0, ge=0)
+    keep_suffix: int = Field(0, ge=0)
+    mask_email: bool = False
+    hash: bool = False
+
+
+class KeyMaskingOverride(_Strict):
+    keys: list[str] = Field(default_factory=list, description="Extra keys masked for this key.")
+    partial_rules: dict[str, PartialRule] = Field(default_factory=dict)
+
+
+class ValueDetector(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    pattern: str
+    replacement: str = "****"
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class MaskingSettings(_Strict):
+    baseline_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINE_KEYS))
+    partial_rules: dict[str, PartialRule] = Field(
+        default_factory=lambda: {
+            "authorization": PartialRule(keep_prefix=5),
+            "email": PartialRule(mask_email=True),
+        }
+    )
+    hash_secret: str = Field("", description="HMAC key for `hash: true` rules.")
+    overrides: dict[str, KeyMaskingOverride] = Field(
+        default_factory=dict, description="Per API-key name: extra keys and rules."
+    )
+    builtin_detectors: list[Literal["email", "card_number", "jwt", "bearer"]] = Field(
+        default_factory=lambda: ["email", "card_number", "jwt", "bearer"]
+    )
+    detectors: list[ValueDetector] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _baseline_kept(self) -> MaskingSettings:
+        missing = [k for k in DEFAULT_BASELINE_KEYS if k not in self.baseline_keys]
+        if missing:
+            raise ValueError(f"baseline_keys must keep the baseline; missing {missing}")
+        return self
+
+
+class SchemaSettings(_Strict):
+    label_allowlist: list[str] = Field(
+        default_factory=lambda: ["region", "tenant", "schema_version", "version"]
+    )
+    max_entries: int = Field(500, gt=0)
+    max_entry_bytes: int = Field(32 * 1024, gt=0)
+    max_message_chars: int = Field(8192, gt=0)
+    max_labels: int = Field(6, ge=0)
+    max_metadata_depth: int = Field(5, gt=0)
+
+
+class WalSettings(_Strict):
+    root_path: Path = Field(Path("./wal"), description="Directory holding one folder per key.")
+    segment_max_bytes: int = Field(128 * 1024 * 1024, ge=4096)
+    segment_max_age_s: float = Field(300.0, gt=0)
+    segment_min_rotate_bytes: int = Field(64 * 1024, ge=0)
+    segment_idle_s: float = Field(3600.0, gt=0)
+    segment_force_s: float = Field(6 * 3600.0, gt=0)
+    quota_bytes: int = Field(2 * 1024**3, gt=0)
+    quota_age_s: float = Field(24 * 3600.0, gt=0)
+    quota_soft_ratio: float = Field(0.8, gt=0, le=1)
+    min_free_disk_ratio: float = Field(0.2, ge=0, lt=1)
+    fsync: Literal["always", "interval"] = "always"
+    fsync_interval_ms: int = Field(100, gt=0)
+
+
+class LokiSettings(_Strict):
+    base_url: str | None = Field("http://localhost:3100", description="One Loki URL.")
+    urls: list[str] = Field(default_factory=list, description="Several Loki URLs, round-robin.")
+    push_path: str = "/loki/api/v1/push"
+    push_format: Literal["protobuf", "json"] = "json"
+    gzip: bool = False
+    timeout_s: float = Field(30.0, gt=0)
+    batch_max_entries: int = Field(1000, gt=0)
+    batch_max_bytes: int = Field(1024 * 1024, gt=0)
+    batch_max_wait_s: float = Field(1.0, gt=0)
+    burst_limit_bytes: int = Field(6 * 1024 * 1024, gt=0)
+    backoff_min_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    max_concurrent_pushes: int = Field(4, gt=0)
+    ready_probe_interval_s: float = Field(10.0, gt=0)
+    ready_window_s: float = Field(60.0, gt=0)
+
+    def endpoints(self) -> list[str]:
+        urls = list(self.urls) or ([self.base_url] if self.base_url else [])
+        return [u.rstrip("/") for u in urls]
+
+    @model_validator(mode="after")
+    def _has_url(self) -> LokiSettings:
+        if not self.endpoints():
+            raise ValueError("set loki.base_url or loki.urls")
+        return self
+
+
+class StageSpec(_Strict):
+    """One pipeline element: ``type`` names a ``logstack.stages`` entry point."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or self.type
+
+
+DEFAULT_PIPELINE = ("auth", "mask", "validate", "wal_append", "batch", "forward_loki")
+
+
+class Settings(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    security: SecuritySettings = Field(default_factory=SecuritySettings)  # type: ignore[arg-type]
+    masking: MaskingSettings = Field(default_factory=MaskingSettings)
+    schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
+    wal: WalSettings = Field(default_factory=WalSettings)  # type: ignore[arg-type]
+    loki: LokiSettings = Field(default_factory=LokiSettings)  # type: ignore[arg-type]
+    pipeline: list[StageSpec] = Field(
+        default_factory=lambda: [StageSpec(type=t) for t in DEFAULT_PIPELINE]
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def key_by_name(self, name: str) -> ApiKey | None:
+        for key in self.security.api_keys.values():
+            if key.name == name:
+                return key
+        return None
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "server": ServerSettings,
+    "security": SecuritySettings,
+    "masking": MaskingSettings,
+    "schema": SchemaSettings,
+    "wal": WalSettings,
+    "loki": LokiSettings,
+}
+SERVER_SHORTCUTS = {f"{ENV_PREFIX}{k.upper()}": k for k in ServerSettings.model_fields}
+NON_SETTING_VARS = {f"{ENV_PREFIX}CONFIG"}
+_API_KEY_VAR = re.compile(
+    r"^LOGSTACK_API_KEY_(?P<id>[A-Z0-9_]+?)_(?P<field>TOKEN|NAME|ACTIVE|DESCRIPTION)$"
+)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are YAML scalars: ``true``, ``10``, ``[a, b]``, JSON objects."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+_NULL_SPELLINGS = {"null", "Null", "NULL", "~"}
+
+
+def _parse_env_for_field(model: type[BaseModel], key: str, raw: str) -> Any:
+    """Like ``_parse_env_value``, but text fields (``str``, ``Path``) keep the raw string.
+
+    Otherwise a token or path such as ``12345``, ``yes`` or ``#abc`` would become an int,
+    a bool or (silently) ``None``. Optional text fields still accept ``null``.
+    """
+    annotation = model.model_fields[key].annotation
+    is_union = get_origin(annotation) in (Union, UnionType)
+    args = set(get_args(annotation)) if is_union else {annotation}
+    non_null = args - {type(None)}
+    if non_null and non_null <= {str, Path}:
+        if type(None) in args and raw.strip() in _NULL_SPELLINGS:
+            return None
+        return raw
+    return _parse_env_value(raw)
+
+
+def _env_overrides(
+    env: Mapping[str, str], problems: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Map ``LOGSTACK_*`` variables onto config paths; returns (overrides, path→variable)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in NON_SETTING_VARS or _API_KEY_VAR.match(var):
+            continue
+        if var == f"{ENV_PREFIX}SECURITY_API_KEYS":
+            continue  # merged per token by load_settings, which also reports its problems
+        if var.startswith(f"{ENV_PREFIX}API_KEY_"):
+            problems.append(
+                f"{var}: expected LOGSTACK_API_KEY_<ID>_<TOKEN|NAME|ACTIVE|DESCRIPTION>"
+            )
+            continue
+        if var in SERVER_SHORTCUTS:
+            section, key = "server", SERVER_SHORTCUTS[var]
+        else:
+            rest = var[len(ENV_PREFIX) :].lower()
+            section, _, key = rest.partition("_")
+            if section not in SECTIONS or not key:
+                problems.append(f"{var}: unknown setting (no config section {section!r})")
+                continue
+            if key not in SECTIONS[section].model_fields:
+                problems.append(f"{var}: unknown setting {section}.{key}")
+                continue
+        overrides.setdefault(section, {})[key] = _parse_env_for_field(
+            SECTIONS[section], key, env[var]
+        )
+        origin[f"{section}.{key}"] = var
+    return overrides, origin
+
+
+def _env_api_keys(env: Mapping[str, str], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``LOGSTACK_API_KEY_<ID>_<FIELD>`` grouped by ID, returned keyed by token."""
+    groups: dict[str, dict[str, str]] = {}
+    for var, value in env.items():
+        match = _API_KEY_VAR.match(var)
+        if match:
+            groups.setdefault(match["id"], {})[match["field"].lower()] = value
+    keys: dict[str, dict[str, Any]] = {}
+    for key_id, fields in sorted(groups.items()):
+        token = fields.pop("token", None)
+        if not token:
+            problems.append(f"LOGSTACK_API_KEY_{key_id}_TOKEN: missing (required with the others)")
+            continue
+        if len(token) < 16:
+            problems.append(
+                f"LOGSTACK_API_KEY_{key_id}_TOKEN: token must be at least 16 characters"
+            )
+            continue
+        entry: dict[str, Any] = dict(fields)
+        if "active" in entry:
+            entry["active"] = _parse_env_value(entry["active"])
+        entry.setdefault("_default_name", key_id.lower().replace("_", "-"))
+        entry["_id"] = key_id
+        keys[token] = entry
+    return keys
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + ("schema" if part == "schema_" else str(part))
+    return out or "(root)"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load, merge and validate the configuration; raise ``ConfigError`` listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = env[f"{ENV_PREFIX}CONFIG"]
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such file"]) from None
+        except yaml.MarkedYAMLError as exc:
+            # str(exc) quotes the offending line, which may hold a token: report position only.
+            mark = exc.problem_mark or exc.context_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+            raise ConfigError([f"{path}: cannot read YAML{at}: {what}"]) from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError([f"{path}: cannot read YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: top level must be a mapping"])
+        data = loaded
+
+    overrides, origin = _env_overrides(env, problems)
+    data = _merge(data, overrides)
+
+    security = data.get("security") or {}
+    if not isinstance(security, Mapping):
+        problems.append("security: must be a mapping")
+        security = {}
+    security = dict(security)
+    file_keys = security.get("api_keys") or {}
+    if not isinstance(file_keys, dict):
+        problems.append("security.api_keys: must be a mapping of token → key")
+        file_keys = {}
+    api_keys: dict[str, Any] = {
+        t: dict(v) if isinstance(v, dict) else v for t, v in file_keys.items()
+    }
+    json_keys = env.get(f"{ENV_PREFIX}SECURITY_API_KEYS")
+    if json_keys is not None:
+        origin["security.api_keys"] = f"{ENV_PREFIX}SECURITY_API_KEYS"
+        parsed = _parse_env_value(json_keys)
+        if not isinstance(parsed, dict):
+            problems.append("LOGSTACK_SECURITY_API_KEYS: must be a JSON object of token → key")
+        else:
+            # The JSON variable beats the file per token; other file keys stay.
+            api_keys = _merge(dict(file_keys), parsed)
+    for token, fields in _env_api_keys(env, problems).items():
+        default_name = fields.pop("_default_name")
+        key_id = fields.pop("_id")
+        current = api_keys.get(token)
+        entry = dict(current) if isinstance(current, dict) else {"name": default_name}
+        entry.update(fields)
+        api_keys[token] = entry
+        # Raw-token paths are only looked up, never shown (see _redact_token_loc).
+        origin[f"security.api_keys.{token}"] = f"{ENV_PREFIX}API_KEY_{key_id}_TOKEN"
+        for field in fields:
+            origin[f"security.api_keys.{token}.{field}"] = (
+                f"{ENV_PREFIX}API_KEY_{key_id}_{field.upper()}"
+            )
+    # A YAML token like 1234567890123456 is an int; reject it without echoing it.
+    if any(not isinstance(token, str) for token in api_keys):
+        problems.append("security.api_keys: every token must be a string (quote it in YAML)")
+        api_keys = {t: v for t, v in api_keys.items() if isinstance(t, str)}
+    security["api_keys"] = api_keys
+    data["security"] = security
+
+    try:
+        settings = Settings.model_validate(data)
+    except PydanticValidationError as exc:
+        for error in exc.errors():
+            where = _format_loc(error["loc"])
+            source = _source_of(where, origin)
+            # Never echo a token: api_keys locations are reported by position, not by value.
+            if where.startswith("security.api_keys."):
+                where = _redact_token_loc(where, api_keys)
+            suffix = f" (from {source})" if source else ""
+            msg = error["msg"]
+            if error["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{where}: {msg}{suffix}")
+    else:
+        if not problems:
+            return settings
+    raise ConfigError(problems)
+
+
+def _source_of(where: str, origin: Mapping[str, str]) -> str | None:
+    """The variable(s) behind an error location: its own path or the nearest parent's.
+
+    A section-level error (a model validator) names every variable that set a key of
+    that section.
+    """
+    path = where
+    while path:
+        if path in origin:
+            return origin[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        if cut <= 0:
+            break
+        path = path[:cut]
+    if "." not in where and "[" not in where:
+        names = sorted({v for k, v in origin.items() if k.startswith(where + ".")})
+        return ", ".join(names) or None
+    return None
+
+
+def _redact_token_loc(where: str, api_keys: Mapping[str, Any]) -> str:
+    rest = where[len("security.api_keys.") :]
+    for token, entry in api_keys.items():
+        if rest == token or rest.startswith(token + "."):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            label = f"<token of {name}>" if name else "<token>"
+            return "security.api_keys." + label + rest[len(token) :]
+    return where

@@ -1,0 +1,36 @@
+"""What every stage can reach: the current settings, the metrics, and shared services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ._config import Settings
+from ._metrics import Metrics
+
+
+@dataclass(eq=False)
+class HealthState:
+    """Facts the readiness check reports, updated by the stages that learn them."""
+
+    forwarder_running: bool = False
+    loki_last_ok: float | None = None
+    """``time.monotonic()`` of the last 2xx from Loki (push or ``/ready`` probe)."""
+    loki_last_error: str | None = None
+    wal_writable: bool = True
+    wal_last_error: str | None = None
+
+
+@dataclass(eq=False)
+class StageContext:
+    """Handed to every stage at construction. ``settings`` is replaced on SIGHUP reload."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    health: HealthState = field(default_factory=HealthState)
+    shutdown: trio.Event = field(default_factory=trio.Event)
+    """Set when the service starts to stop; long waits (retry backoff) give up on it."""
+    services: dict[str, Any] = field(default_factory=dict)
+    """Shared resources opened by the runtime (``"wal"``: the ``WalStore``)."""

@@ -1,0 +1,168 @@
+"""What flows through the ingest half of the pipeline: one request with its reply slot."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+
+from ._config import ApiKey
+from ._entry import LogEntry
+from ._errors import PayloadTooLargeError, RejectError, ValidationError
+
+
+@dataclass(slots=True, frozen=True)
+class Accepted:
+    """The positive answer: the entries are in the WAL and fsynced."""
+
+    entries_accepted: int
+    request_id: str
+
+
+Outcome = Accepted | RejectError
+
+
+class Reply:
+    """A one-shot reply slot: the first ``resolve`` wins, later ones are ignored."""
+
+    __slots__ = ("_event", "outcome")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.outcome: Outcome | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self.outcome is not None
+
+    def resolve(self, outcome: Outcome) -> bool:
+        if self.outcome is not None:
+            return False
+        self.outcome = outcome
+        self._event.set()
+        return True
+
+    async def wait(self) -> Outcome:
+        await self._event.wait()
+        assert self.outcome is not None
+        return self.outcome
+
+    def __repr__(self) -> str:
+        return f"<Reply {'pending' if self.outcome is None else type(self.outcome).__name__}>"
+
+
+_json_decoder = msgspec.json.Decoder()
+
+
+@dataclass(slots=True, eq=False)
+class Envelope:
+    """One ingest request travelling the pipeline.
+
+    The HTTP layer fills ``authorization``, ``body`` and ``idempotency_key``; ``auth`` sets
+    ``key``; ``document()`` decodes the body once for whichever stage needs it first;
+    ``validate`` fills ``entries``; ``wal_append`` resolves ``reply`` after the fsync.
+    """
+
+    request_id: str
+    authorization: str | None
+    body: bytes
+    idempotency_key: str | None = None
+    content_encoding: str = "identity"
+    max_body_bytes: int = 1024 * 1024
+    received_at: float = field(default_factory=time.time)
+    key: ApiKey | None = None
+    raw_entries: list[Any] | None = None
+    entries: list[LogEntry] | None = None
+    masked_fields: dict[str, int] = field(default_factory=dict)
+    reply: Reply = field(default_factory=Reply)
+
+    @property
+    def key_name(self) -> str:
+        return self.key.name if self.key is not None else "unauthenticated"
+
+    @property
+    def pending(self) -> bool:
+        return not self.reply.resolved
+
+    def reject(self, error: RejectError) -> None:
+        self.reply.resolve(error)
+
+    def accept(self, entries_accepted: int) -> None:
+        self.reply.resolve(Accepted(entries_accepted, self.request_id))
+
+    def document(self) -> list[Any]:
+        """The decoded ``entries`` array of the body (decoded on first use, then cached).
+
+        Raises ``ValidationError`` for malformed JSON or a body that is not
+        ``{"entries": [...]}``; entry contents are checked later by ``validate``.
+        """
+        if self.raw_entries is not None:
+            return self.raw_entries
+        if self.content_encoding == "gzip":
+            # Decompressed only here, after authentication, and never past the limit.
+            self.body = gunzip_bounded(self.body, self.max_body_bytes)
+            self.content_encoding = "identity"
+        try:
+            doc = _json_decoder.decode(self.body)
+        except msgspec.DecodeError as exc:
+            raise ValidationError(
+                "request body is not valid JSON",
+                details={"errors": [{"field": "body", "message": str(exc)}]},
+                reason="malformed_json",
+            ) from None
+        if not isinstance(doc, dict):
+            raise _shape_error("body", "must be a JSON object with an 'entries' array")
+        unknown = sorted(k for k in doc if k != "entries")
+        if unknown:
+            raise _shape_error(unknown[0], f"unknown field {unknown[0]!r}; only 'entries' is allowed")
+        entries = doc.get("entries")
+        if not isinstance(entries, list):
+            raise _shape_error("entries", "required: a JSON array of log entries")
+        self.raw_entries = entries
+        return entries
+
+    def __repr__(self) -> str:
+        return (
+            f"<Envelope {self.request_id} key={self.key_name} bytes={len(self.body)} "
+            f"{self.reply!r}>"
+        )
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, refusing (413) anything that inflates past ``limit`` bytes."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValidationError(
+            f"body is not valid gzip: {exc}",
+            details={"errors": [{"field": "body", "message": "invalid gzip stream"}]},
+            reason="bad_encoding",
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLargeError(
+            f"decoded body exceeds {limit} bytes", details={"max_body_bytes": limit}
+        )
+    if not inflater.eof:
+        raise ValidationError(
+            "body is a truncated gzip stream",
+            details={"errors": [{"field": "body", "message": "truncated gzip stream"}]},
+            reason="bad_encoding",
+        )
+    return out
+
+
+def _shape_error(field_name: str, message: str) -> ValidationError:
+    return ValidationError(
+        f"{field_name}: {message}",
+        details={"errors": [{"field": field_name, "message": message}]},
+        reason="schema",
+    )
+
+
+Batch = list[Envelope]
+"""The unit moved through ingest channels: several requests per hop, never single entries."""

@@ -1,0 +1,267 @@
+"""The HTTP face (SPEC §3): Quart-Trio routes plus two ASGI wrappers.
+
+``ingest`` does only transport work (size, media type, headers) and hands an ``Envelope``
+with its reply slot to the pipeline head; stages decide the answer. A full head channel
+answers 503 at once: backpressure becomes an HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from ._envelope import Accepted, Envelope
+from ._errors import (
+    InternalError,
+    PayloadTooLargeError,
+    RejectError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
+from ._logging import request_id_var
+
+if TYPE_CHECKING:
+    from ._service import Service
+
+log = logging.getLogger("logstack.http")
+_json = msgspec.json.Encoder()
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INGEST_PATH = "/v1/logs:ingest"
+KNOWN_ENDPOINTS = frozenset(
+    {
+        INGEST_PATH,
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/",
+        "/openapi.json",
+        "/v1/admin/flush",
+        "/v1/admin/status",
+        "/v1/admin/dlq",
+        "/v1/admin/dlq/replay",
+    }
+)
+_SLASHES = re.compile(r"/{2,}")
+MAX_IDEMPOTENCY_KEY = 128
+
+
+def json_response(
+    body: dict[str, Any], status: int, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(_json.encode(body), status=status, headers=headers,
+                    content_type="application/json")
+
+
+def error_response(error: RejectError) -> Response:
+    return json_response(error.body(), error.status, error.headers())
+
+
+def normalise_slashes(app: ASGIApp) -> ASGIApp:
+    """Route ``//v1/logs:ingest`` like ``/v1/logs:ingest`` (clients with a trailing-slash base URL)."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = dict(scope)
+            scope["path"] = _SLASHES.sub("/", scope["path"])
+            scope["raw_path"] = _SLASHES.sub("/", scope["raw_path"].decode("latin-1")).encode(
+                "latin-1"
+            )
+        await app(scope, receive, send)
+
+    return wrapper
+
+
+def count_requests(app: ASGIApp, service: Service) -> ASGIApp:
+    """``http_requests_total`` and ``http_request_duration_seconds`` for every request,
+    with a bounded ``endpoint`` label (unknown paths count as ``other``)."""
+    metrics = service.context.metrics
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            path = scope["path"]
+            endpoint = path if path in KNOWN_ENDPOINTS else "other"
+            method = scope["method"] if scope["method"] in ("GET", "POST", "HEAD") else "other"
+            metrics.http_requests.labels(method=method, endpoint=endpoint, status_code=str(status)).inc()
+            metrics.http_duration.labels(method=method, endpoint=endpoint).observe(
+                time.perf_counter() - started
+            )
+
+    return wrapper
+
+
+def create_app(service: Service) -> QuartTrio:
+    app = QuartTrio("logstack")
+    settings = service.context.settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    metrics = service.context.metrics
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code == 413:
+            limit = service.context.settings.server.max_body_bytes
+            return error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes",
+                                                       details={"max_body_bytes": limit}))
+        names = {404: "not_found", 405: "method_not_allowed", 400: "validation_error"}
+        return json_response(
+            {"error": names.get(code, "http_error"), "message": exc.description or exc.name,
+             "details": {}},
+            code,
+        )
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error while serving a request")
+        return error_response(InternalError("internal error"))
+
+    @app.post(INGEST_PATH)
+    async def ingest() -> Response:
+        request_id = str(uuid.uuid4())
+        request_id_var.set(request_id)
+        server = service.context.settings.server
+        try:
+            envelope = await _read_envelope(request_id, server.max_body_bytes)
+        except RejectError as error:
+            metrics.logs_rejected.labels(token="unauthenticated", reason=error.reason).inc()
+            return error_response(error)
+        head = service.head
+        try:
+            if head is None or service.stopping:
+                raise trio.ClosedResourceError
+            head.send_nowait([envelope])
+        except trio.WouldBlock:
+            error: RejectError = UnavailableError(
+                "ingest pipeline is full; retry later", retry_after=1, reason="pipeline_full"
+            )
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            error = UnavailableError("service is shutting down", retry_after=5, reason="shutting_down")
+        else:
+            with trio.move_on_after(server.request_timeout_s):
+                outcome = await envelope.reply.wait()
+                if isinstance(outcome, Accepted):
+                    return json_response(
+                        {
+                            "message": "Logs accepted for processing",
+                            "entries_accepted": outcome.entries_accepted,
+                            "request_id": outcome.request_id,
+                            "timestamp": _now_rfc3339(),
+                        },
+                        202,
+                    )
+                error = outcome
+            if not envelope.reply.resolved:
+                error = UnavailableError("timed out waiting for the WAL", retry_after=5,
+                                         reason="timeout")
+        metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
+        if error.status >= 500:
+            log.warning("ingest unavailable", extra={"token": envelope.key_name, "reason": error.reason})
+        return error_response(error)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"}, 200)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        checks = service.readiness()
+        ready = all(check["ok"] for check in checks.values())
+        return json_response(
+            {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        service.refresh_gauges()
+        return Response(metrics.exposition(), status=200, content_type=metrics.content_type)
+
+    @app.get("/")
+    async def index() -> Response:
+        return json_response({"service": "logstack", "version": __version__}, 200)
+
+    return app
+
+
+async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
+    """Transport checks only: media type, encoding, size, idempotency key. No JSON decoding."""
+    headers = request.headers
+    media = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaTypeError(
+            "Content-Type must be application/json",
+            details={"content_type": media or None},
+        )
+    encoding = headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise UnsupportedMediaTypeError(
+            "Content-Encoding must be gzip or absent", details={"content_encoding": encoding}
+        )
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise PayloadTooLargeError(
+            f"request body exceeds {max_body_bytes} bytes", details={"max_body_bytes": max_body_bytes}
+        )
+    idempotency_key = headers.get("X-Idempotency-Key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationError(
+            f"X-Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
+            details={"errors": [{"field": "X-Idempotency-Key", "message": "1-128 characters"}]},
+            reason="bad_idempotency_key",
+        )
+    body = await request.get_data(cache=False)
+    assert isinstance(body, bytes)
+    if len(body) > max_body_bytes:
+        raise PayloadTooLargeError(
+            f"request body exceeds {max_body_bytes} bytes", details={"max_body_bytes": max_body_bytes}
+        )
+    return Envelope(
+        request_id=request_id,
+        authorization=headers.get("Authorization"),
+        body=body,
+        idempotency_key=idempotency_key,
+        content_encoding="gzip" if encoding == "gzip" else "identity",
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def _now_rfc3339() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+def disk_free_ratio(path: os.PathLike[str] | str) -> float:
+    stats = os.statvfs(path)
+    return stats.f_bavail / stats.f_blocks if stats.f_blocks else 0.0

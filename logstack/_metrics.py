@@ -1,0 +1,88 @@
+"""Prometheus metrics (SPEC §8), one registry per service instance.
+
+A fresh ``CollectorRegistry`` per ``Metrics`` means tests can build many apps in one process
+without "duplicated timeseries" errors. ``token`` labels always carry the key *name*.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.logs_ingested = Counter(
+            "logs_ingested_total", "Entries accepted (fsynced) per key.", ["token"], registry=r
+        )
+        self.logs_rejected = Counter(
+            "logs_rejected_total", "Requests rejected per key and reason.", ["token", "reason"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "http_requests_total", "HTTP requests answered.", ["method", "endpoint", "status_code"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request duration.", ["method", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.rate_limited = Counter(
+            "rate_limit_exceeded_total", "Requests refused by the rate limiter.", ["token"],
+            registry=r,
+        )
+        self.masked_fields = Counter(
+            "masked_fields_total", "Values masked per key and field.", ["token", "key"], registry=r
+        )
+        self.masking_errors = Counter(
+            "masking_errors_total", "Requests rejected because masking failed.", registry=r
+        )
+        self.wal_segments_active = Gauge(
+            "wal_segments_active", "WAL segments on disk per key.", ["token"], registry=r
+        )
+        self.wal_disk_usage = Gauge(
+            "wal_disk_usage_bytes", "WAL bytes on disk per key.", ["token"], registry=r
+        )
+        self.wal_fsyncs = Counter(
+            "wal_fsyncs_total", "Group-commit fsyncs.", registry=r
+        )
+        self.wal_fsync_duration = Histogram(
+            "wal_fsync_duration_seconds", "Duration of one group-commit fsync.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.segment_rotations = Counter(
+            "segment_rotations_total", "Segment rotations per key and reason.", ["token", "reason"],
+            registry=r,
+        )
+        self.wal_corrupt_records = Counter(
+            "wal_corrupt_records_total", "Corrupt or torn WAL records found on recovery.",
+            ["token", "kind"], registry=r,
+        )
+        self.loki_requests = Counter(
+            "loki_requests_total", "Pushes to Loki by answer.", ["status_code"], registry=r
+        )
+        self.loki_duration = Histogram(
+            "loki_request_duration_seconds", "Duration of one push to Loki.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.loki_forwarded = Counter(
+            "loki_entries_forwarded_total", "Entries Loki confirmed per key.", ["token"], registry=r
+        )
+        self.loki_retries = Counter(
+            "loki_retries_total", "Push retries per key.", ["token"], registry=r
+        )
+        self.dlq_entries = Counter(
+            "dlq_entries_total", "Entries dead-lettered per key.", ["token"], registry=r
+        )
+        self.forwarder_lag = Gauge(
+            "forwarder_lag_seconds", "Age of the oldest undelivered entry per key.", ["token"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,69 @@
+"""Wire stages between memory channels in one nursery (trio's channel-pipeline pattern)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._context import StageContext
+from ._registry import ResolvedStage
+from ._stage import Stage
+
+log = logging.getLogger("logstack.pipeline")
+
+STAGE_CHANNEL_CAPACITY = 64
+"""Batches (not entries) buffered between two stages."""
+
+
+def build_stages(resolved: Sequence[ResolvedStage], context: StageContext) -> list[Stage]:
+    stages = []
+    for item in resolved:
+        stage = item.stage_cls(item.config, context)
+        stage.name = item.spec.instance_name
+        stages.append(stage)
+    return stages
+
+
+async def serve_pipeline(
+    stages: Sequence[Stage],
+    *,
+    head_capacity: int,
+    task_status: trio.TaskStatus[trio.MemorySendChannel[Any]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``stages`` in order until the head channel is closed and every stage drained.
+
+    Hands back the head send channel through ``task_status.started``. Its owner closes it;
+    ``EndOfChannel`` then flows stage by stage, each closing its outbox when done.
+    """
+    head_send, inbox = trio.open_memory_channel[Any](head_capacity)
+    async with trio.open_nursery() as nursery:
+        for index, stage in enumerate(stages):
+            last = index == len(stages) - 1
+            send, receive = trio.open_memory_channel[Any](STAGE_CHANNEL_CAPACITY)
+            nursery.start_soon(_run_stage, stage, inbox, send, name=f"stage:{stage.name}")
+            inbox = receive
+            if last:
+                nursery.start_soon(_discard, receive, name="pipeline-tail")
+        task_status.started(head_send)
+
+
+async def _discard(inbox: trio.MemoryReceiveChannel[Any]) -> None:
+    """Whatever the last stage emits has nowhere to go; consume it so it never blocks."""
+    async with inbox:
+        async for _ in inbox:
+            pass
+
+
+async def _run_stage(
+    stage: Stage,
+    inbox: trio.MemoryReceiveChannel[Any],
+    outbox: trio.MemorySendChannel[Any],
+) -> None:
+    log.debug("stage started", extra={"stage": stage.name})
+    try:
+        await stage.run(inbox, outbox)
+    finally:
+        log.debug("stage stopped", extra={"stage": stage.name})

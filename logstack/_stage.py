@@ -1,0 +1,106 @@
+"""The stage plugin API: a typed config class plus ``process`` (simple) or ``run`` (stateful).
+
+A *simple* stage implements ``process(envelope)``: it inspects or rewrites one request in
+place, or raises a ``RejectError`` to answer it. The runtime moves whole batches of requests
+between channels and calls ``process`` for each still-pending one, so plugin authors never
+pay a channel hop per entry. Stages with timers or I/O override ``run(inbox, outbox)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import trio
+from pydantic import BaseModel, ConfigDict
+
+from ._envelope import Batch, Envelope
+from ._errors import InternalError, RejectError
+
+log = logging.getLogger("logstack.stage")
+
+COALESCE_MAX = 256
+"""Most batches merged into one when a stage finds several waiting in its inbox."""
+
+
+class StageConfig(BaseModel):
+    """Options of a stage, from the ``options:`` of its ``pipeline:`` entry.
+
+    Subclass it and declare fields with ``Field(description=...)``: the same declaration
+    validates the options, is shown by ``logstack stages list`` and documents the stage.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stage:
+    """Base class of every pipeline stage (built-in or plugin)."""
+
+    Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig, context: Any) -> None:
+        # ``context`` is a ``logstack.StageContext``; typed loosely here to avoid a cycle.
+        self.config = config
+        self.context = context
+        self.name = type(self).__name__
+
+    def process(self, envelope: Envelope) -> None:
+        """Inspect or rewrite one request; raise ``RejectError`` to refuse it."""
+        raise NotImplementedError
+
+    def reload(self, settings: Any) -> None:
+        """Called after a successful SIGHUP reload with the new ``Settings``."""
+
+    async def run(
+        self,
+        inbox: trio.MemoryReceiveChannel[Any],
+        outbox: trio.MemorySendChannel[Any],
+    ) -> None:
+        """Default loop for simple stages: ``process`` each pending request, pass batches on.
+
+        Several waiting batches are merged before processing so that under load a hop
+        carries many requests. Closing ``outbox`` when ``inbox`` ends drains the next stage.
+        """
+        async with inbox, outbox:
+            async for batch in inbox:
+                batch = coalesce(batch, inbox)
+                passed: Batch = []
+                for envelope in batch:
+                    if not envelope.pending:
+                        continue
+                    try:
+                        self.process(envelope)
+                    except RejectError as error:
+                        envelope.reject(error)
+                        continue
+                    except Exception:
+                        log.exception(
+                            "stage failed", extra={"stage": self.name, "request_id": envelope.request_id}
+                        )
+                        envelope.reject(InternalError("internal error while processing the request"))
+                        continue
+                    if envelope.pending:
+                        passed.append(envelope)
+                if passed:
+                    await outbox.send(passed)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def coalesce(batch: Batch, inbox: trio.MemoryReceiveChannel[Any]) -> Batch:
+    """Append every batch already waiting in ``inbox`` to ``batch`` (non-blocking)."""
+    for _ in range(COALESCE_MAX):
+        try:
+            more = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if batch is more:
+            continue
+        batch = [*batch, *more]
+    return batch
+
+
+def overrides(stage_cls: type[Stage], method: str) -> bool:
+    """Whether ``stage_cls`` provides its own ``method`` rather than ``Stage``'s."""
+    return getattr(stage_cls, method) is not getattr(Stage, method)

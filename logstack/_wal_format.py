@@ -1,0 +1,148 @@
+"""The WAL's on-disk format: segment header, length+CRC frames, msgspec record kinds.
+
+Segment file = 16-byte header (magic, format version, creation time) followed by frames::
+
+    frame = u32 little-endian payload length | u32 CRC-32 of payload | payload
+
+Each payload is one MessagePack record, a tagged ``array_like`` msgspec struct. The field
+order of every record kind is an on-disk contract: append new fields with defaults, never
+reorder (``tests/core/test_wal_format.py`` holds golden bytes for each kind).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgspec
+
+from ._entry import LogEntry
+from ._errors import WalCorruptionError
+
+MAGIC = b"LOGSTWAL"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sHHxxxxq")  # magic, version, flags, pad, created_ns  (24 bytes)
+HEADER_SIZE = _HEADER.size
+_FRAME = struct.Struct("<II")
+FRAME_OVERHEAD = _FRAME.size
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+"""Sanity bound: a length field above this is corruption, not a record."""
+
+
+class EntryBatch(msgspec.Struct, tag=1, array_like=True, gc=False):
+    """Entries of one accepted request, masked and validated."""
+
+    request_id: str
+    received_ns: int
+    entries: list[LogEntry]
+
+
+class Checkpoint(msgspec.Struct, tag=2, array_like=True, gc=False):
+    """Delivery progress: every record before (segment, offset) reached Loki or the DLQ."""
+
+    segment: int
+    offset: int
+    delivered_ns: int
+
+
+class IdempotencyRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
+    """A request accepted under ``X-Idempotency-Key`` (the key is stored hashed)."""
+
+    key_hash: str
+    request_id: str
+    entries_accepted: int
+    accepted_ns: int
+
+
+Record = EntryBatch | Checkpoint | IdempotencyRecord
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Record)  # type: ignore[arg-type]
+
+
+def encode_header(created_ns: int) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, created_ns)
+
+
+def decode_header(data: bytes) -> int:
+    """Check the header and return the segment's creation time (ns)."""
+    if len(data) < HEADER_SIZE:
+        raise WalCorruptionError("segment header is truncated")
+    magic, version, _flags, created_ns = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WalCorruptionError("not a LogStack WAL segment (bad magic)")
+    if version != FORMAT_VERSION:
+        raise WalCorruptionError(f"unsupported WAL format version {version}")
+    return int(created_ns)
+
+
+def encode_frame(record: Record, buffer: bytearray) -> None:
+    """Append one framed record to ``buffer`` (``encode_into`` avoids an extra copy)."""
+    start = len(buffer)
+    buffer.extend(b"\0" * FRAME_OVERHEAD)
+    _encoder.encode_into(record, buffer, start + FRAME_OVERHEAD)
+    payload = memoryview(buffer)[start + FRAME_OVERHEAD :]
+    _FRAME.pack_into(buffer, start, len(payload), zlib.crc32(payload))
+    payload.release()
+
+
+def frame_bytes(record: Record) -> bytes:
+    buffer = bytearray()
+    encode_frame(record, buffer)
+    return bytes(buffer)
+
+
+def decode_record(payload: bytes | memoryview) -> Record:
+    try:
+        record: Record = _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise WalCorruptionError(f"undecodable record: {exc}") from None
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    offset: int
+    """Offset of the frame start within the segment file."""
+    end: int
+    """Offset just past the frame."""
+    payload: memoryview
+
+
+class FrameScan:
+    """Iterate the frames in ``data`` (which starts at file offset ``base``).
+
+    Iteration stops at the first frame that is incomplete (``torn``) or fails its CRC
+    (``corrupt``); ``stop`` is the offset where valid frames ended.
+    """
+
+    def __init__(self, data: bytes | memoryview, base: int) -> None:
+        self._data = memoryview(data)
+        self._base = base
+        self.stop = base
+        self.torn = False
+        self.corrupt = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        data, pos, size = self._data, 0, len(self._data)
+        while pos < size:
+            if size - pos < FRAME_OVERHEAD:
+                self.torn = True
+                break
+            length, crc = _FRAME.unpack_from(data, pos)
+            if length > MAX_RECORD_BYTES:
+                self.corrupt = True
+                break
+            end = pos + FRAME_OVERHEAD + length
+            if end > size:
+                self.torn = True
+                break
+            payload = data[pos + FRAME_OVERHEAD : end]
+            if zlib.crc32(payload) != crc:
+                self.corrupt = True
+                break
+            yield Frame(self._base + pos, self._base + end, payload)
+            pos = end
+            self.stop = self._base + pos

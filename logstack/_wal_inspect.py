@@ -1,0 +1,92 @@
+"""``logstack wal inspect DIR``: segments, records, checkpoints and damage, read-only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TextIO
+
+from ._wal import SEGMENT_SUFFIX
+from ._wal_format import (
+    HEADER_SIZE,
+    Checkpoint,
+    EntryBatch,
+    FrameScan,
+    IdempotencyRecord,
+    decode_header,
+    decode_record,
+)
+
+
+def _when(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _key_dirs(root: Path) -> list[Path]:
+    if any(p.suffix == SEGMENT_SUFFIX for p in root.iterdir()):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
+    """Print a report; exit status 1 if any damage was found, 2 if DIR is not a WAL."""
+    root = Path(directory)
+    if not root.is_dir():
+        print(f"logstack: {directory}: not a directory", file=out)
+        return 2
+    damaged = False
+    for key_dir in _key_dirs(root):
+        segments = sorted(p for p in key_dir.iterdir() if p.suffix == SEGMENT_SUFFIX)
+        print(f"key {key_dir.name}: {len(segments)} segment(s)", file=out)
+        last_checkpoint: Checkpoint | None = None
+        for path in segments:
+            data = path.read_bytes()
+            try:
+                created = decode_header(data)
+            except Exception as exc:
+                print(f"  {path.name}: {len(data)} bytes, BAD HEADER: {exc}", file=out)
+                damaged = True
+                continue
+            counts = {"entry_batches": 0, "entries": 0, "checkpoints": 0, "idempotency": 0}
+            scan = FrameScan(memoryview(data)[HEADER_SIZE:], HEADER_SIZE)
+            for frame in scan:
+                try:
+                    record = decode_record(frame.payload)
+                except Exception as exc:
+                    print(f"    @{frame.offset}: UNDECODABLE record: {exc}", file=out)
+                    damaged = True
+                    continue
+                if isinstance(record, EntryBatch):
+                    counts["entry_batches"] += 1
+                    counts["entries"] += len(record.entries)
+                    if show_records:
+                        print(f"    @{frame.offset}: entries x{len(record.entries)} "
+                              f"request={record.request_id} at {_when(record.received_ns)}", file=out)
+                elif isinstance(record, Checkpoint):
+                    counts["checkpoints"] += 1
+                    last_checkpoint = record
+                    if show_records:
+                        print(f"    @{frame.offset}: checkpoint delivered<({record.segment}, "
+                              f"{record.offset}) at {_when(record.delivered_ns)}", file=out)
+                elif isinstance(record, IdempotencyRecord):
+                    counts["idempotency"] += 1
+                    if show_records:
+                        print(f"    @{frame.offset}: idempotency {record.key_hash} -> "
+                              f"{record.request_id}", file=out)
+            summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+            print(f"  {path.name}: {len(data)} bytes, created {_when(created)}: {summary}", file=out)
+            if scan.stop < len(data):
+                kind = "torn tail" if scan.torn else "corrupt frame"
+                print(f"    DAMAGE: {kind} at offset {scan.stop} ({len(data) - scan.stop} bytes "
+                      "unreadable; the server truncates it on start)", file=out)
+                damaged = True
+        if last_checkpoint is not None:
+            print(f"  delivered up to segment {last_checkpoint.segment} offset "
+                  f"{last_checkpoint.offset}", file=out)
+        else:
+            print("  no delivery checkpoint: delivery starts at the oldest segment", file=out)
+        quarantine = key_dir / "quarantine"
+        if quarantine.is_dir():
+            items = sorted(quarantine.iterdir())
+            print(f"  quarantine: {len(items)} file(s)", file=out)
+    return 1 if damaged else 0

@@ -1,0 +1,1 @@
+"""LogStack built-in stages, registered under the ``logstack.stages`` entry-point group."""

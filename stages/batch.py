@@ -1,0 +1,110 @@
+"""The ``batch`` stage: follow each key's WAL and cut push batches (1 MiB, 1000 entries, 1 s)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import trio
+
+from logstack._delivery import PushBatch
+from logstack._stage import Stage, StageConfig
+from logstack._wal import KeyLog, Position, WalStore
+from logstack._wal_format import EntryBatch
+
+log = logging.getLogger("logstack.batch")
+
+
+class BatchStage(Stage):
+    """Follow every key's WAL from its delivery checkpoint and cut push batches for Loki."""
+
+    Config = StageConfig
+
+    def __init__(self, config: StageConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self.name = "batch"
+
+    async def run(
+        self, inbox: trio.MemoryReceiveChannel[Any], outbox: trio.MemorySendChannel[Any]
+    ) -> None:
+        store: WalStore = self.context.services["wal"]
+        following: set[str] = set()
+        async with inbox, outbox, trio.open_nursery() as nursery:
+
+            def follow(name: str) -> None:
+                if name not in following:
+                    following.add(name)
+                    nursery.start_soon(self._follow, store.log_for(name), outbox.clone())
+
+            for name in list(store.logs):
+                follow(name)
+            # Hints from wal_append name the keys that grew; a key seen for the first time
+            # gets its own follower task.
+            async for names in inbox:
+                for name in names:
+                    follow(name)
+            # Ingest is closed: stop cutting new batches; the WAL keeps the rest.
+            nursery.cancel_scope.cancel()
+
+    async def _follow(self, keylog: KeyLog, outbox: trio.MemorySendChannel[PushBatch]) -> None:
+        metrics = self.context.metrics
+        cursor: Position = keylog.delivered
+        async with outbox:
+            while True:
+                loki = self.context.settings.loki
+                pending, end = await self._accumulate(keylog, cursor, loki)
+                if not pending:
+                    cursor = end
+                    continue
+                key = self.context.settings.key_by_name(keylog.name)
+                push = PushBatch.from_wal(
+                    keylog.name, key.loki_tenant if key else None, cursor, end, pending
+                )
+                metrics.forwarder_lag.labels(token=keylog.name).set(
+                    max(0.0, (time.time_ns() - push.oldest_received_ns) / 1e9)
+                )
+                await outbox.send(push)
+                await push.done.wait()
+                cursor = end
+                if not keylog.has_unread(cursor):
+                    metrics.forwarder_lag.labels(token=keylog.name).set(0)
+
+    async def _accumulate(
+        self, keylog: KeyLog, cursor: Position, loki: Any
+    ) -> tuple[list[EntryBatch], Position]:
+        """Read from ``cursor`` until a limit is reached or the oldest entry waited long enough."""
+        pending: list[EntryBatch] = []
+        entries = size = 0
+        read_pos = cursor
+        deadline = math.inf
+        while True:
+            if keylog.has_unread(read_pos) and entries < loki.batch_max_entries and size < loki.batch_max_bytes:
+                result = keylog.read(
+                    read_pos,
+                    loki.batch_max_entries - entries,
+                    loki.batch_max_bytes - size,
+                    at_least_one=not pending,
+                )
+                if result.end == read_pos:
+                    break  # limits reached mid-way: what we hold is the batch
+                read_pos = result.end
+                entries += sum(len(batch.entries) for batch in result.batches)
+                size += result.payload_bytes
+                if result.batches and deadline == math.inf:
+                    age = max(0.0, (time.time_ns() - result.batches[0].received_ns) / 1e9)
+                    deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
+                pending.extend(result.batches)
+                continue
+            if not pending and read_pos != cursor:
+                return pending, read_pos  # skipped non-entry records only
+            if pending and (
+                entries >= loki.batch_max_entries
+                or size >= loki.batch_max_bytes
+                or trio.current_time() >= deadline
+            ):
+                break
+            with trio.move_on_at(deadline):
+                await keylog.wait_changed()
+        return pending, read_pos

@@ -1,0 +1,186 @@
+"""The ``wal_append`` stage: durable append with group commit; the 202 leaves after the fsync."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+
+from logstack._envelope import Accepted, Batch, Envelope
+from logstack._errors import QuotaExceededError, RejectError, UnavailableError, WalError
+from logstack._stage import Stage, StageConfig, coalesce
+from logstack._wal import KeyLog, WalStore
+from logstack._wal_format import EntryBatch, IdempotencyRecord, Record
+
+log = logging.getLogger("logstack.wal")
+
+IDEMPOTENCY_WINDOW_NS = 15 * 60 * 10**9
+DISK_CHECK_INTERVAL_S = 1.0
+QUOTA_RETRY_AFTER_S = 30
+DISK_RETRY_AFTER_S = 30
+
+
+def idempotency_hash(key_name: str, idempotency_key: str) -> str:
+    return hashlib.sha256(f"{key_name}\0{idempotency_key}".encode()).hexdigest()[:32]
+
+
+class WalAppendStage(Stage):
+    """Append each request to its key's WAL; one fsync answers every request that waited for it."""
+
+    Config = StageConfig
+
+    def __init__(self, config: StageConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self.name = "wal_append"
+        self._disk_checked = -1e9
+        self._disk_free_ratio = 1.0
+
+    @property
+    def store(self) -> WalStore:
+        store: WalStore = self.context.services["wal"]
+        return store
+
+    def _disk_free(self) -> float:
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_INTERVAL_S:
+            self._disk_checked = now
+            stats = os.statvfs(self.store.root)
+            self._disk_free_ratio = stats.f_bavail / stats.f_blocks if stats.f_blocks else 0.0
+        return self._disk_free_ratio
+
+    def _admit(self, keylog: KeyLog) -> None:
+        """Quota and disk-pressure checks; nothing rejected here costs WAL space."""
+        wal = self.context.settings.wal
+        if self._disk_free() < wal.min_free_disk_ratio:
+            raise UnavailableError(
+                "WAL disk is nearly full; try again later",
+                retry_after=DISK_RETRY_AFTER_S,
+                details={"disk_free_ratio": round(self._disk_free_ratio, 4)},
+                reason="disk_pressure",
+            )
+        soft_bytes = wal.quota_bytes * wal.quota_soft_ratio
+        if keylog.disk_bytes >= soft_bytes:
+            raise QuotaExceededError(
+                "this key's WAL backlog is at its quota; delivery to Loki is behind",
+                retry_after=QUOTA_RETRY_AFTER_S,
+                details={"wal_bytes": keylog.disk_bytes, "quota_bytes": wal.quota_bytes},
+            )
+        oldest = keylog.oldest_undelivered_ns()
+        if oldest is not None:
+            age_s = (time.time_ns() - oldest) / 1e9
+            if age_s >= wal.quota_age_s * wal.quota_soft_ratio:
+                raise QuotaExceededError(
+                    "this key's oldest undelivered entries are near the WAL age quota",
+                    retry_after=QUOTA_RETRY_AFTER_S,
+                    details={"oldest_undelivered_age_s": round(age_s), "quota_age_s": wal.quota_age_s},
+                )
+
+    def _append(
+        self, envelope: Envelope, waiting: dict[str, tuple[str, int]]
+    ) -> tuple[KeyLog, Accepted | None]:
+        """Write one request's records; return the log to fsync and, for an idempotent
+        retry, the first answer to repeat once that fsync is done."""
+        keylog = self.store.log_for(envelope.key_name)
+        entries = envelope.entries or []
+        digest = None
+        if envelope.idempotency_key is not None:
+            digest = idempotency_hash(envelope.key_name, envelope.idempotency_key)
+            seen = waiting.get(digest) or self._recent(keylog, digest)
+            if seen is not None:
+                # A retry of an accepted request: the first answer, stored once.
+                return keylog, Accepted(seen[1], seen[0])
+        self._admit(keylog)
+        records: list[Record] = [EntryBatch(envelope.request_id, time.time_ns(), entries)]
+        if digest is not None:
+            now = time.time_ns()
+            records.append(IdempotencyRecord(digest, envelope.request_id, len(entries), now))
+            keylog.idempotency[digest] = (envelope.request_id, len(entries), now)
+            waiting[digest] = (envelope.request_id, len(entries))
+        keylog.append(records)
+        return keylog, None
+
+    @staticmethod
+    def _recent(keylog: KeyLog, digest: str) -> tuple[str, int] | None:
+        seen = keylog.idempotency.get(digest)
+        if seen is None:
+            return None
+        if time.time_ns() - seen[2] > IDEMPOTENCY_WINDOW_NS:
+            del keylog.idempotency[digest]
+            return None
+        return seen[0], seen[1]
+
+    async def run(
+        self, inbox: trio.MemoryReceiveChannel[Batch], outbox: trio.MemorySendChannel[Any]
+    ) -> None:
+        health = self.context.health
+        metrics = self.context.metrics
+        async with inbox, outbox:
+            async for first in inbox:
+                batch = coalesce(first, inbox)
+                written: list[tuple[Envelope, KeyLog, Accepted | None]] = []
+                waiting: dict[str, tuple[str, int]] = {}
+                for envelope in batch:
+                    if not envelope.pending:
+                        continue
+                    try:
+                        keylog, replay = self._append(envelope, waiting)
+                    except RejectError as error:
+                        envelope.reject(error)
+                        continue
+                    except (WalError, OSError) as exc:
+                        health.wal_writable = False
+                        health.wal_last_error = str(exc)
+                        log.error("WAL append failed", extra={"token": envelope.key_name, "error": str(exc)})
+                        envelope.reject(UnavailableError("the WAL cannot be written", retry_after=5))
+                        continue
+                    written.append((envelope, keylog, replay))
+                if not written:
+                    continue
+                failed = await self._sync_all({id(kl): kl for _, kl, _ in written}.values())
+                for envelope, keylog, replay in written:
+                    if keylog.name in failed:
+                        envelope.reject(UnavailableError("the WAL fsync failed", retry_after=5))
+                        continue
+                    if replay is not None:
+                        envelope.reply.resolve(replay)
+                        continue
+                    count = len(envelope.entries or ())
+                    envelope.accept(count)
+                    metrics.logs_ingested.labels(token=keylog.name).inc(count)
+                # Tell the batcher which keys grew; it reads the WAL itself, so a full
+                # channel just means it is busy: never wait for it.
+                try:
+                    outbox.send_nowait(sorted({kl.name for _, kl, _ in written}))
+                except trio.WouldBlock:
+                    pass
+
+    async def _sync_all(self, logs: Any) -> set[str]:
+        """fsync every touched log concurrently; return the names whose fsync failed."""
+        failed: set[str] = set()
+        health = self.context.health
+        metrics = self.context.metrics
+
+        async def sync_one(keylog: KeyLog) -> None:
+            started = time.perf_counter()
+            try:
+                await keylog.sync()
+            except WalError as exc:
+                failed.add(keylog.name)
+                health.wal_writable = False
+                health.wal_last_error = str(exc)
+                log.error("WAL fsync failed", extra={"token": keylog.name, "error": str(exc)})
+                return
+            metrics.wal_fsyncs.inc()
+            metrics.wal_fsync_duration.observe(time.perf_counter() - started)
+
+        async with trio.open_nursery() as nursery:
+            for keylog in logs:
+                nursery.start_soon(sync_one, keylog)
+        if not failed:
+            health.wal_writable = True
+            health.wal_last_error = None
+        return failed
