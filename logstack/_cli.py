@@ -19,7 +19,9 @@ from ._registry import describe_stages, resolve_pipeline
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", metavar="PATH",
+        "--config",
+        "-c",
+        metavar="PATH",
         help="config file (default: $LOGSTACK_CONFIG, else built-in defaults)",
     )
 
@@ -68,8 +70,10 @@ def _serve(path: str | None) -> int:
     from ._service import serve
 
     settings = load_settings(path)
-    configure_logging(settings.server.log_level if not settings.server.debug else "DEBUG",
-                      settings.server.log_format)
+    configure_logging(
+        settings.server.log_level if not settings.server.debug else "DEBUG",
+        settings.server.log_format,
+    )
     trio.run(partial(serve, settings, config_path=path))
     return 0
 
@@ -95,7 +99,7 @@ def _stages_list(*, as_json: bool) -> int:
     widths = (18, 28, 9)
     print(f"{'NAME':<{widths[0]}} {'DISTRIBUTION':<{widths[1]}} {'VERSION':<{widths[2]}} SUMMARY")
     for row in rows:
-        summary = row.get("summary") or f"ERROR: {row.get('error')}"
+        summary = f"ERROR: {row['error']}" if "error" in row else row.get("summary", "")
         print(
             f"{row['name']:<{widths[0]}} {row.get('distribution', '?'):<{widths[1]}} "
             f"{row.get('version', '?'):<{widths[2]}} {summary}"

@@ -126,6 +126,10 @@ class ValueDetector(_Strict):
         return value
 
 
+BuiltinDetector = Literal["email", "card_number", "jwt", "bearer"]
+BUILTIN_DETECTORS: tuple[BuiltinDetector, ...] = ("email", "card_number", "jwt", "bearer")
+
+
 class MaskingSettings(_Strict):
     baseline_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINE_KEYS))
     partial_rules: dict[str, PartialRule] = Field(
@@ -138,8 +142,9 @@ class MaskingSettings(_Strict):
     overrides: dict[str, KeyMaskingOverride] = Field(
         default_factory=dict, description="Per API-key name: extra keys and rules."
     )
-    builtin_detectors: list[Literal["email", "card_number", "jwt", "bearer"]] = Field(
-        default_factory=lambda: ["email", "card_number", "jwt", "bearer"]
+    builtin_detectors: list[BuiltinDetector] = Field(
+        default_factory=lambda: list(BUILTIN_DETECTORS),
+        description="Value detectors scanning message and string values.",
     )
     detectors: list[ValueDetector] = Field(default_factory=list)
 
@@ -222,12 +227,12 @@ DEFAULT_PIPELINE = ("auth", "mask", "validate", "wal_append", "batch", "forward_
 
 
 class Settings(_Strict):
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
-    security: SecuritySettings = Field(default_factory=SecuritySettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     masking: MaskingSettings = Field(default_factory=MaskingSettings)
     schema_: SchemaSettings = Field(default_factory=SchemaSettings, alias="schema")
-    wal: WalSettings = Field(default_factory=WalSettings)  # type: ignore[arg-type]
-    loki: LokiSettings = Field(default_factory=LokiSettings)  # type: ignore[arg-type]
+    wal: WalSettings = Field(default_factory=WalSettings)
+    loki: LokiSettings = Field(default_factory=LokiSettings)
     pipeline: list[StageSpec] = Field(
         default_factory=lambda: [StageSpec(type=t) for t in DEFAULT_PIPELINE]
     )

@@ -118,7 +118,9 @@ class Envelope:
             raise _shape_error("body", "must be a JSON object with an 'entries' array")
         unknown = sorted(k for k in doc if k != "entries")
         if unknown:
-            raise _shape_error(unknown[0], f"unknown field {unknown[0]!r}; only 'entries' is allowed")
+            raise _shape_error(
+                unknown[0], f"unknown field {unknown[0]!r}; only 'entries' is allowed"
+            )
         entries = doc.get("entries")
         if not isinstance(entries, list):
             raise _shape_error("entries", "required: a JSON array of log entries")

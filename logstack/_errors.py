@@ -19,9 +19,7 @@ class ConfigError(LogstackError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        super().__init__(
-            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        )
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class PluginError(ConfigError):

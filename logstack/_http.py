@@ -43,7 +43,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
 
 INGEST_PATH = "/v1/logs:ingest"
 KNOWN_ENDPOINTS = frozenset(
@@ -67,8 +67,9 @@ MAX_IDEMPOTENCY_KEY = 128
 def json_response(
     body: dict[str, Any], status: int, headers: dict[str, str] | None = None
 ) -> Response:
-    return Response(_json.encode(body), status=status, headers=headers,
-                    content_type="application/json")
+    return Response(
+        _json.encode(body), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def error_response(error: RejectError) -> Response:
@@ -76,7 +77,9 @@ def error_response(error: RejectError) -> Response:
 
 
 def normalise_slashes(app: ASGIApp) -> ASGIApp:
-    """Route ``//v1/logs:ingest`` like ``/v1/logs:ingest`` (clients with a trailing-slash base URL)."""
+    """Route ``//v1/logs:ingest`` like ``/v1/logs:ingest``.
+
+    Clients configured with a base URL ending in ``/`` send the double slash."""
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and "//" in scope["path"]:
@@ -114,7 +117,9 @@ def count_requests(app: ASGIApp, service: Service) -> ASGIApp:
             path = scope["path"]
             endpoint = path if path in KNOWN_ENDPOINTS else "other"
             method = scope["method"] if scope["method"] in ("GET", "POST", "HEAD") else "other"
-            metrics.http_requests.labels(method=method, endpoint=endpoint, status_code=str(status)).inc()
+            metrics.http_requests.labels(
+                method=method, endpoint=endpoint, status_code=str(status)
+            ).inc()
             metrics.http_duration.labels(method=method, endpoint=endpoint).observe(
                 time.perf_counter() - started
             )
@@ -135,12 +140,18 @@ def create_app(service: Service) -> QuartTrio:
         code = exc.code or 500
         if code == 413:
             limit = service.context.settings.server.max_body_bytes
-            return error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes",
-                                                       details={"max_body_bytes": limit}))
+            return error_response(
+                PayloadTooLargeError(
+                    f"request body exceeds {limit} bytes", details={"max_body_bytes": limit}
+                )
+            )
         names = {404: "not_found", 405: "method_not_allowed", 400: "validation_error"}
         return json_response(
-            {"error": names.get(code, "http_error"), "message": exc.description or exc.name,
-             "details": {}},
+            {
+                "error": names.get(code, "http_error"),
+                "message": exc.description or exc.name,
+                "details": {},
+            },
             code,
         )
 
@@ -156,20 +167,25 @@ def create_app(service: Service) -> QuartTrio:
         server = service.context.settings.server
         try:
             envelope = await _read_envelope(request_id, server.max_body_bytes)
-        except RejectError as error:
-            metrics.logs_rejected.labels(token="unauthenticated", reason=error.reason).inc()
-            return error_response(error)
+        except RejectError as transport_error:
+            metrics.logs_rejected.labels(
+                token="unauthenticated", reason=transport_error.reason
+            ).inc()
+            return error_response(transport_error)
         head = service.head
+        error: RejectError
         try:
             if head is None or service.stopping:
                 raise trio.ClosedResourceError
             head.send_nowait([envelope])
         except trio.WouldBlock:
-            error: RejectError = UnavailableError(
+            error = UnavailableError(
                 "ingest pipeline is full; retry later", retry_after=1, reason="pipeline_full"
             )
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            error = UnavailableError("service is shutting down", retry_after=5, reason="shutting_down")
+            error = UnavailableError(
+                "service is shutting down", retry_after=5, reason="shutting_down"
+            )
         else:
             with trio.move_on_after(server.request_timeout_s):
                 outcome = await envelope.reply.wait()
@@ -185,11 +201,14 @@ def create_app(service: Service) -> QuartTrio:
                     )
                 error = outcome
             if not envelope.reply.resolved:
-                error = UnavailableError("timed out waiting for the WAL", retry_after=5,
-                                         reason="timeout")
+                error = UnavailableError(
+                    "timed out waiting for the WAL", retry_after=5, reason="timeout"
+                )
         metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
         if error.status >= 500:
-            log.warning("ingest unavailable", extra={"token": envelope.key_name, "reason": error.reason})
+            log.warning(
+                "ingest unavailable", extra={"token": envelope.key_name, "reason": error.reason}
+            )
         return error_response(error)
 
     @app.get("/healthz")
@@ -232,7 +251,8 @@ async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
         )
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise PayloadTooLargeError(
-            f"request body exceeds {max_body_bytes} bytes", details={"max_body_bytes": max_body_bytes}
+            f"request body exceeds {max_body_bytes} bytes",
+            details={"max_body_bytes": max_body_bytes},
         )
     idempotency_key = headers.get("X-Idempotency-Key")
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -245,7 +265,8 @@ async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
     assert isinstance(body, bytes)
     if len(body) > max_body_bytes:
         raise PayloadTooLargeError(
-            f"request body exceeds {max_body_bytes} bytes", details={"max_body_bytes": max_body_bytes}
+            f"request body exceeds {max_body_bytes} bytes",
+            details={"max_body_bytes": max_body_bytes},
         )
     return Envelope(
         request_id=request_id,

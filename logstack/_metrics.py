@@ -21,19 +21,28 @@ class Metrics:
             "logs_ingested_total", "Entries accepted (fsynced) per key.", ["token"], registry=r
         )
         self.logs_rejected = Counter(
-            "logs_rejected_total", "Requests rejected per key and reason.", ["token", "reason"],
+            "logs_rejected_total",
+            "Requests rejected per key and reason.",
+            ["token", "reason"],
             registry=r,
         )
         self.http_requests = Counter(
-            "http_requests_total", "HTTP requests answered.", ["method", "endpoint", "status_code"],
+            "http_requests_total",
+            "HTTP requests answered.",
+            ["method", "endpoint", "status_code"],
             registry=r,
         )
         self.http_duration = Histogram(
-            "http_request_duration_seconds", "HTTP request duration.", ["method", "endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "http_request_duration_seconds",
+            "HTTP request duration.",
+            ["method", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.rate_limited = Counter(
-            "rate_limit_exceeded_total", "Requests refused by the rate limiter.", ["token"],
+            "rate_limit_exceeded_total",
+            "Requests refused by the rate limiter.",
+            ["token"],
             registry=r,
         )
         self.masked_fields = Counter(
@@ -48,27 +57,33 @@ class Metrics:
         self.wal_disk_usage = Gauge(
             "wal_disk_usage_bytes", "WAL bytes on disk per key.", ["token"], registry=r
         )
-        self.wal_fsyncs = Counter(
-            "wal_fsyncs_total", "Group-commit fsyncs.", registry=r
-        )
+        self.wal_fsyncs = Counter("wal_fsyncs_total", "Group-commit fsyncs.", registry=r)
         self.wal_fsync_duration = Histogram(
-            "wal_fsync_duration_seconds", "Duration of one group-commit fsync.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "wal_fsync_duration_seconds",
+            "Duration of one group-commit fsync.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.segment_rotations = Counter(
-            "segment_rotations_total", "Segment rotations per key and reason.", ["token", "reason"],
+            "segment_rotations_total",
+            "Segment rotations per key and reason.",
+            ["token", "reason"],
             registry=r,
         )
         self.wal_corrupt_records = Counter(
-            "wal_corrupt_records_total", "Corrupt or torn WAL records found on recovery.",
-            ["token", "kind"], registry=r,
+            "wal_corrupt_records_total",
+            "Corrupt or torn WAL records found on recovery.",
+            ["token", "kind"],
+            registry=r,
         )
         self.loki_requests = Counter(
             "loki_requests_total", "Pushes to Loki by answer.", ["status_code"], registry=r
         )
         self.loki_duration = Histogram(
-            "loki_request_duration_seconds", "Duration of one push to Loki.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "loki_request_duration_seconds",
+            "Duration of one push to Loki.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.loki_forwarded = Counter(
             "loki_entries_forwarded_total", "Entries Loki confirmed per key.", ["token"], registry=r
@@ -80,7 +95,9 @@ class Metrics:
             "dlq_entries_total", "Entries dead-lettered per key.", ["token"], registry=r
         )
         self.forwarder_lag = Gauge(
-            "forwarder_lag_seconds", "Age of the oldest undelivered entry per key.", ["token"],
+            "forwarder_lag_seconds",
+            "Age of the oldest undelivered entry per key.",
+            ["token"],
             registry=r,
         )
 

@@ -53,7 +53,8 @@ def discover(eps: Iterable[EntryPoint] | None = None) -> tuple[dict[str, StagePl
             )
             continue
         if ep.name in found:
-            if found[ep.name].entry_point.value == ep.value:
+            first = found[ep.name]
+            if first.distribution == dist and first.entry_point.value == ep.value:
                 continue  # the same distribution seen twice on sys.path
             problems.append(
                 f"{plugin.culprit}: stage name {ep.name!r} is already registered by "
@@ -69,9 +70,8 @@ def load_stage_class(plugin: StagePlugin) -> type[Stage]:
     try:
         obj = plugin.entry_point.load()
     except Exception as exc:
-        raise PluginError(
-            [f"{plugin.culprit}: cannot import {plugin.entry_point.value}: {type(exc).__name__}: {exc}"]
-        ) from None
+        where = f"{plugin.culprit}: cannot import {plugin.entry_point.value}"
+        raise PluginError([f"{where}: {type(exc).__name__}: {exc}"]) from None
     problems = check_stage_class(obj)
     if problems:
         raise PluginError([f"{plugin.culprit}: {p}" for p in problems])
@@ -103,7 +103,11 @@ def check_stage_class(obj: Any) -> list[str]:
 
 
 def summary_of(stage_cls: type[Stage]) -> str:
-    doc = inspect.getdoc(stage_cls) or ""
+    # The first line of the stage's own (or a plugin base class's) docstring, never the
+    # docstring of ``Stage`` itself, which ``inspect.getdoc`` would otherwise inherit.
+    mro = stage_cls.__mro__
+    own = mro[: mro.index(Stage)] if Stage in mro else mro[:1]
+    doc = inspect.cleandoc(next((c.__doc__ for c in own if c.__doc__), ""))
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
@@ -146,8 +150,10 @@ def resolve_pipeline(
         except PydanticValidationError as exc:
             for error in exc.errors():
                 field = ".".join(str(p) for p in error["loc"]) or "options"
-                msg = f"unknown field {field!r}" if error["type"] == "extra_forbidden" else (
-                    f"{field}: {error['msg']}"
+                msg = (
+                    f"unknown field {field!r}"
+                    if error["type"] == "extra_forbidden"
+                    else (f"{field}: {error['msg']}")
                 )
                 problems.append(f"{where}: {msg}")
             continue

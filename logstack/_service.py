@@ -56,10 +56,8 @@ class Service:
         settings = self.context.settings
         health = self.context.health
         checks: dict[str, dict[str, Any]] = {}
-        if health.loki_last_ok is not None:
-            age = time.monotonic() - health.loki_last_ok
-        else:
-            age = None
+        last_ok = health.loki_last_ok
+        age = None if last_ok is None else time.monotonic() - last_ok
         loki_ok = age is not None and age <= settings.loki.ready_window_s
         if loki_ok:
             detail = f"Loki answered {age:.0f}s ago"
@@ -80,7 +78,9 @@ class Service:
         writable = health.wal_writable and os.access(settings.wal.root_path, os.W_OK)
         checks["wal"] = {
             "ok": writable,
-            "detail": "writable" if writable else (health.wal_last_error or "WAL directory not writable"),
+            "detail": "writable"
+            if writable
+            else (health.wal_last_error or "WAL directory not writable"),
         }
         checks["forwarder"] = {
             "ok": health.forwarder_running,
@@ -109,8 +109,9 @@ class Service:
             new = load_settings(self.config_path)
             resolve_pipeline(new)
         except ConfigError as exc:
-            log.error("config reload failed; keeping the running config",
-                      extra={"problems": exc.problems})
+            log.error(
+                "config reload failed; keeping the running config", extra={"problems": exc.problems}
+            )
             return False
         old = self.context.settings
         if new.pipeline != old.pipeline or new.wal.root_path != old.wal.root_path:
@@ -119,8 +120,10 @@ class Service:
         for stage in self.stages:
             stage.reload(new)
         self.config_version += 1
-        log.info("config reloaded", extra={"config_version": self.config_version,
-                                           "api_keys": len(new.security.api_keys)})
+        log.info(
+            "config reloaded",
+            extra={"config_version": self.config_version, "api_keys": len(new.security.api_keys)},
+        )
         return True
 
 
@@ -145,12 +148,19 @@ async def serve(
     resolved = resolve_pipeline(settings)
     service = Service(settings, config_path)
     started = time.perf_counter()
-    store = WalStore(Path(settings.wal.root_path), settings.wal.segment_max_bytes,
-                     service.context.metrics)
+    store = WalStore(
+        Path(settings.wal.root_path), settings.wal.segment_max_bytes, service.context.metrics
+    )
     await trio.to_thread.run_sync(store.open)
     service.context.services["wal"] = store
-    log.info("WAL opened", extra={"root": str(settings.wal.root_path), "keys": len(store.logs),
-                                  "recovery_s": round(time.perf_counter() - started, 3)})
+    log.info(
+        "WAL opened",
+        extra={
+            "root": str(settings.wal.root_path),
+            "keys": len(store.logs),
+            "recovery_s": round(time.perf_counter() - started, 3),
+        },
+    )
     service.stages = build_stages(resolved, service.context)
     app = normalise_slashes(count_requests(create_app(service), service))
     shutdown = service.context.shutdown
@@ -172,7 +182,7 @@ async def serve(
                     async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
                         try:
                             await hypercorn_serve(
-                                app,  # type: ignore[arg-type]
+                                app,
                                 hypercorn_config(settings),
                                 shutdown_trigger=shutdown.wait,
                                 task_status=task_status,
@@ -186,9 +196,17 @@ async def serve(
 
                     binds = await root.start(http_then_close_head)
                     if settings.server.bound_ports_file:
-                        Path(settings.server.bound_ports_file).write_text("\n".join(binds) + "\n")
-                    log.info("serving", extra={"binds": binds, "version": __version__,
-                                               "pipeline": [s.name for s in service.stages]})
+                        await trio.Path(settings.server.bound_ports_file).write_text(
+                            "\n".join(binds) + "\n"
+                        )
+                    log.info(
+                        "serving",
+                        extra={
+                            "binds": binds,
+                            "version": __version__,
+                            "pipeline": [s.name for s in service.stages],
+                        },
+                    )
                     task_status.started(service)
                     await shutdown.wait()
                     service.stopping = True

@@ -75,9 +75,12 @@ class Stage:
                         continue
                     except Exception:
                         log.exception(
-                            "stage failed", extra={"stage": self.name, "request_id": envelope.request_id}
+                            "stage failed",
+                            extra={"stage": self.name, "request_id": envelope.request_id},
                         )
-                        envelope.reject(InternalError("internal error while processing the request"))
+                        envelope.reject(
+                            InternalError("internal error while processing the request")
+                        )
                         continue
                     if envelope.pending:
                         passed.append(envelope)

@@ -133,7 +133,10 @@ class KeyLog:
     def append_bytes(self, framed: bytes | bytearray) -> Position:
         if self._fd is None:
             self._open_new_segment()
-        elif self.active.size + len(framed) > self.segment_max_bytes and self.active.size > HEADER_SIZE:
+        elif (
+            self.active.size + len(framed) > self.segment_max_bytes
+            and self.active.size > HEADER_SIZE
+        ):
             self.rotate("size")
         assert self._fd is not None
         try:
@@ -192,7 +195,11 @@ class KeyLog:
         self.delivered = position
         self.append([Checkpoint(position[0], position[1], time.time_ns())])
         await self.sync()
-        while len(self.segments) > 1 and self.segments[0].sealed and self.segments[0].seq < position[0]:
+        while (
+            len(self.segments) > 1
+            and self.segments[0].sealed
+            and self.segments[0].seq < position[0]
+        ):
             done = self.segments.pop(0)
             fd = self._read_fds.pop(done.seq, None)
             if fd is not None:
@@ -316,12 +323,12 @@ class KeyLog:
         )
 
 
-def recover_key_log(
-    name: str, directory: Path, segment_max_bytes: int, metrics: Metrics
-) -> KeyLog:
+def recover_key_log(name: str, directory: Path, segment_max_bytes: int, metrics: Metrics) -> KeyLog:
     """Open the log of one key from disk: torn tails are truncated, progress replayed."""
     keylog = KeyLog(name, directory, segment_max_bytes, metrics)
-    paths = sorted(p for p in directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit())
+    paths = sorted(
+        p for p in directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit()
+    )
     checkpoint: Checkpoint | None = None
     quarantine = directory / "quarantine"
     for path in paths:
@@ -333,8 +340,10 @@ def recover_key_log(
             quarantine.mkdir(exist_ok=True)
             shutil.move(str(path), quarantine / path.name)
             metrics.wal_corrupt_records.labels(token=name, kind="bad_header").inc()
-            log.error("quarantined WAL segment with a bad header",
-                      extra={"token": name, "segment": seq, "error": str(exc)})
+            log.error(
+                "quarantined WAL segment with a bad header",
+                extra={"token": name, "segment": seq, "error": str(exc)},
+            )
             continue
         scan = FrameScan(memoryview(data)[HEADER_SIZE:], HEADER_SIZE)
         for frame in scan:
@@ -347,7 +356,9 @@ def recover_key_log(
                 checkpoint = record
             elif isinstance(record, IdempotencyRecord):
                 keylog.idempotency[record.key_hash] = (
-                    record.request_id, record.entries_accepted, record.accepted_ns
+                    record.request_id,
+                    record.entries_accepted,
+                    record.accepted_ns,
                 )
         size = len(data)
         if scan.stop < size:
@@ -356,9 +367,16 @@ def recover_key_log(
             (quarantine / f"{path.stem}-{scan.stop}.bin").write_bytes(data[scan.stop :])
             kind = "torn_tail" if scan.torn else "corrupt_tail"
             metrics.wal_corrupt_records.labels(token=name, kind=kind).inc()
-            log.warning("truncated damaged WAL tail",
-                        extra={"token": name, "segment": seq, "offset": scan.stop,
-                               "bytes": size - scan.stop, "kind": kind})
+            log.warning(
+                "truncated damaged WAL tail",
+                extra={
+                    "token": name,
+                    "segment": seq,
+                    "offset": scan.stop,
+                    "bytes": size - scan.stop,
+                    "kind": kind,
+                },
+            )
             with open(path, "r+b") as handle:
                 handle.truncate(scan.stop)
                 handle.flush()

@@ -59,7 +59,7 @@ class IdempotencyRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
 Record = EntryBatch | Checkpoint | IdempotencyRecord
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Record)  # type: ignore[arg-type]
+_decoder = msgspec.msgpack.Decoder(Record)
 
 
 def encode_header(created_ns: int) -> bytes:

@@ -60,29 +60,46 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
                     counts["entry_batches"] += 1
                     counts["entries"] += len(record.entries)
                     if show_records:
-                        print(f"    @{frame.offset}: entries x{len(record.entries)} "
-                              f"request={record.request_id} at {_when(record.received_ns)}", file=out)
+                        print(
+                            f"    @{frame.offset}: entries x{len(record.entries)} "
+                            f"request={record.request_id} at {_when(record.received_ns)}",
+                            file=out,
+                        )
                 elif isinstance(record, Checkpoint):
                     counts["checkpoints"] += 1
                     last_checkpoint = record
                     if show_records:
-                        print(f"    @{frame.offset}: checkpoint delivered<({record.segment}, "
-                              f"{record.offset}) at {_when(record.delivered_ns)}", file=out)
+                        print(
+                            f"    @{frame.offset}: checkpoint delivered<({record.segment}, "
+                            f"{record.offset}) at {_when(record.delivered_ns)}",
+                            file=out,
+                        )
                 elif isinstance(record, IdempotencyRecord):
                     counts["idempotency"] += 1
                     if show_records:
-                        print(f"    @{frame.offset}: idempotency {record.key_hash} -> "
-                              f"{record.request_id}", file=out)
+                        print(
+                            f"    @{frame.offset}: idempotency {record.key_hash} -> "
+                            f"{record.request_id}",
+                            file=out,
+                        )
             summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-            print(f"  {path.name}: {len(data)} bytes, created {_when(created)}: {summary}", file=out)
+            print(
+                f"  {path.name}: {len(data)} bytes, created {_when(created)}: {summary}", file=out
+            )
             if scan.stop < len(data):
                 kind = "torn tail" if scan.torn else "corrupt frame"
-                print(f"    DAMAGE: {kind} at offset {scan.stop} ({len(data) - scan.stop} bytes "
-                      "unreadable; the server truncates it on start)", file=out)
+                print(
+                    f"    DAMAGE: {kind} at offset {scan.stop} ({len(data) - scan.stop} bytes "
+                    "unreadable; the server truncates it on start)",
+                    file=out,
+                )
                 damaged = True
         if last_checkpoint is not None:
-            print(f"  delivered up to segment {last_checkpoint.segment} offset "
-                  f"{last_checkpoint.offset}", file=out)
+            print(
+                f"  delivered up to segment {last_checkpoint.segment} offset "
+                f"{last_checkpoint.offset}",
+                file=out,
+            )
         else:
             print("  no delivery checkpoint: delivery starts at the oldest segment", file=out)
         quarantine = key_dir / "quarantine"

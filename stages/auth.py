@@ -63,7 +63,10 @@ class AuthStage(Stage):
                 bucket.tokens = min(bucket.tokens, bucket.burst)
 
     def _limits(self, key: ApiKey) -> tuple[float, float]:
-        return (key.rate_limit_rps or self._default_rate, key.rate_limit_burst or self._default_burst)
+        return (
+            key.rate_limit_rps or self._default_rate,
+            key.rate_limit_burst or self._default_burst,
+        )
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         if not authorization:

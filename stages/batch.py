@@ -80,7 +80,11 @@ class BatchStage(Stage):
         read_pos = cursor
         deadline = math.inf
         while True:
-            if keylog.has_unread(read_pos) and entries < loki.batch_max_entries and size < loki.batch_max_bytes:
+            if (
+                keylog.has_unread(read_pos)
+                and entries < loki.batch_max_entries
+                and size < loki.batch_max_bytes
+            ):
                 result = keylog.read(
                     read_pos,
                     loki.batch_max_entries - entries,

@@ -181,8 +181,14 @@ class ForwardLokiStage(Stage):
                 metrics.loki_retries.labels(token=batch.key_name).inc()
                 log.warning(
                     "push to Loki failed; will retry",
-                    extra={"token": batch.key_name, "endpoint": endpoint.url, "status": status,
-                           "error": reason[:200], "retry_in_s": round(delay, 2), "attempt": attempt},
+                    extra={
+                        "token": batch.key_name,
+                        "endpoint": endpoint.url,
+                        "status": status,
+                        "error": reason[:200],
+                        "retry_in_s": round(delay, 2),
+                        "attempt": attempt,
+                    },
                 )
                 with trio.move_on_after(delay):
                     await self.context.shutdown.wait()
@@ -199,8 +205,12 @@ class ForwardLokiStage(Stage):
             metrics.dlq_entries.labels(token=batch.key_name).inc(batch.entry_count)
             log.error(
                 "Loki refused a push; dead-lettered",
-                extra={"token": batch.key_name, "status": status, "entries": batch.entry_count,
-                       "reason": reason[:200]},
+                extra={
+                    "token": batch.key_name,
+                    "status": status,
+                    "entries": batch.entry_count,
+                    "reason": reason[:200],
+                },
             )
             break
         await store.log_for(batch.key_name).commit_delivered(batch.end)

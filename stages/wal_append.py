@@ -76,7 +76,10 @@ class WalAppendStage(Stage):
                 raise QuotaExceededError(
                     "this key's oldest undelivered entries are near the WAL age quota",
                     retry_after=QUOTA_RETRY_AFTER_S,
-                    details={"oldest_undelivered_age_s": round(age_s), "quota_age_s": wal.quota_age_s},
+                    details={
+                        "oldest_undelivered_age_s": round(age_s),
+                        "quota_age_s": wal.quota_age_s,
+                    },
                 )
 
     def _append(
@@ -134,8 +137,13 @@ class WalAppendStage(Stage):
                     except (WalError, OSError) as exc:
                         health.wal_writable = False
                         health.wal_last_error = str(exc)
-                        log.error("WAL append failed", extra={"token": envelope.key_name, "error": str(exc)})
-                        envelope.reject(UnavailableError("the WAL cannot be written", retry_after=5))
+                        log.error(
+                            "WAL append failed",
+                            extra={"token": envelope.key_name, "error": str(exc)},
+                        )
+                        envelope.reject(
+                            UnavailableError("the WAL cannot be written", retry_after=5)
+                        )
                         continue
                     written.append((envelope, keylog, replay))
                 if not written:

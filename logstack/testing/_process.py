@@ -93,7 +93,10 @@ class ChildProcess:
             log.write(f"--- start #{self.starts + 1} ---\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                list(self.command()), stdout=log, stderr=subprocess.STDOUT, env=env,
+                list(self.command()),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 cwd=self.workdir,
             )
         self.starts += 1
@@ -203,8 +206,16 @@ class LokiReceiverProcess(ChildProcess):
 
     def command(self) -> Sequence[str]:
         return [
-            sys.executable, "-m", "logstack.testing.loki", "--host", "127.0.0.1",
-            "--port", str(self.port), "--port-file", str(self.port_file), *self.extra_args,
+            sys.executable,
+            "-m",
+            "logstack.testing.loki",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--port-file",
+            str(self.port_file),
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 30.0) -> str:

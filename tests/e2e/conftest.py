@@ -29,7 +29,11 @@ def no_loki_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logstac
             "api_keys": {
                 TEST_TOKEN: {"name": "payments-api"},
                 # The second key is the rate-limited one: a burst of 3 at 0.5 requests/s.
-                TEST_TOKEN_2: {"name": "user-service", "rate_limit_rps": 0.5, "rate_limit_burst": 3},
+                TEST_TOKEN_2: {
+                    "name": "user-service",
+                    "rate_limit_rps": 0.5,
+                    "rate_limit_burst": 3,
+                },
             }
         },
     )

@@ -70,7 +70,9 @@ async def test_sigkill_after_acks_loses_nothing(tmp_path: Path) -> None:
             await rx.wait_for_entries(len(acked), timeout=60)
             delivered = [json.loads(line)["message"] for line in rx.lines()]
             missing = acked - set(delivered)
-            assert not missing, f"{len(missing)} acknowledged entries lost, e.g. {sorted(missing)[:5]}"
+            assert not missing, (
+                f"{len(missing)} acknowledged entries lost, e.g. {sorted(missing)[:5]}"
+            )
             # Loki drops exact duplicates, the receiver counts them: none expected here
             # because nothing had been delivered before the kill.
             assert rx.duplicates == 0

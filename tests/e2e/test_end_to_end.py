@@ -56,7 +56,10 @@ async def test_seed_example_reaches_loki_masked(tmp_path: Path) -> None:
             # Stream labels: service, env, level from the entry; the client's label
             # "level" never overrides the entry's own field.
             assert labels == {
-                "service": "payments-api", "env": "prod", "level": "ERROR", "region": "eu-west-1",
+                "service": "payments-api",
+                "env": "prod",
+                "level": "ERROR",
+                "region": "eu-west-1",
             }
             assert entry.timestamp_ns == 1758715200_123456789
             line = json.loads(entry.line)

@@ -32,21 +32,50 @@ def bearer(token: str) -> dict[str, str]:
 
 CASES: list[tuple[str, dict[str, str], bytes, int, str]] = [
     ("missing Authorization", JSON, body(), 401, "authentication_error"),
-    ("malformed Authorization", {"Authorization": "Basic abc", **JSON}, body(), 401,
-     "authentication_error"),
-    ("unknown token", bearer("not_a_real_token_0123456789"), body(), 401,
-     "authentication_error"),
+    (
+        "malformed Authorization",
+        {"Authorization": "Basic abc", **JSON},
+        body(),
+        401,
+        "authentication_error",
+    ),
+    ("unknown token", bearer("not_a_real_token_0123456789"), body(), 401, "authentication_error"),
     ("malformed JSON", bearer(TEST_TOKEN), b'{"entries": [', 400, "validation_error"),
-    ("schema violation", bearer(TEST_TOKEN), body({**ENTRY, "level": "LOUD"}), 400,
-     "validation_error"),
-    ("unknown field", bearer(TEST_TOKEN), body({**ENTRY, "colour": "red"}), 400,
-     "validation_error"),
-    ("body over 1 MiB", bearer(TEST_TOKEN), b"{" + b" " * (1024 * 1024 + 10) + b"}", 413,
-     "payload_too_large"),
-    ("gzip inflating over 1 MiB", {**bearer(TEST_TOKEN), "Content-Encoding": "gzip"},
-     gzip.compress(b'{"entries": [' + b" " * (2 * 1024 * 1024) + b"]}"), 413, "payload_too_large"),
-    ("not JSON", {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "text/plain"},
-     b"hello", 415, "unsupported_media_type"),
+    (
+        "schema violation",
+        bearer(TEST_TOKEN),
+        body({**ENTRY, "level": "LOUD"}),
+        400,
+        "validation_error",
+    ),
+    (
+        "unknown field",
+        bearer(TEST_TOKEN),
+        body({**ENTRY, "colour": "red"}),
+        400,
+        "validation_error",
+    ),
+    (
+        "body over 1 MiB",
+        bearer(TEST_TOKEN),
+        b"{" + b" " * (1024 * 1024 + 10) + b"}",
+        413,
+        "payload_too_large",
+    ),
+    (
+        "gzip inflating over 1 MiB",
+        {**bearer(TEST_TOKEN), "Content-Encoding": "gzip"},
+        gzip.compress(b'{"entries": [' + b" " * (2 * 1024 * 1024) + b"]}"),
+        413,
+        "payload_too_large",
+    ),
+    (
+        "not JSON",
+        {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "text/plain"},
+        b"hello",
+        415,
+        "unsupported_media_type",
+    ),
 ]
 
 
@@ -60,11 +89,16 @@ def check_error_shape(response: httpx.Response, status: int, code: str) -> dict[
     return doc
 
 
-@pytest.mark.parametrize(("case", "headers", "content", "status", "code"), CASES,
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case", "headers", "content", "status", "code"), CASES, ids=[c[0] for c in CASES]
+)
 def test_ingest_rejections(
-    no_loki_server: LogstackProcess, case: str, headers: dict[str, str], content: bytes,
-    status: int, code: str,
+    no_loki_server: LogstackProcess,
+    case: str,
+    headers: dict[str, str],
+    content: bytes,
+    status: int,
+    code: str,
 ) -> None:
     response = httpx.post(no_loki_server.url + INGEST, headers=headers, content=content)
     doc = check_error_shape(response, status, code)
@@ -76,8 +110,9 @@ def test_ingest_rejections(
 
 def test_validation_lists_every_problem(no_loki_server: LogstackProcess) -> None:
     bad = [ENTRY, {**ENTRY, "level": "LOUD"}, {**ENTRY, "service": "Bad Name", "extra": 1}]
-    response = httpx.post(no_loki_server.url + INGEST, headers=bearer(TEST_TOKEN),
-                          content=body(*bad))
+    response = httpx.post(
+        no_loki_server.url + INGEST, headers=bearer(TEST_TOKEN), content=body(*bad)
+    )
     doc = check_error_shape(response, 400, "validation_error")
     fields = {e["field"] for e in doc["details"]["errors"]}
     assert {"entries[1].level", "entries[2].service", "entries[2].extra"} <= fields, fields
@@ -99,9 +134,11 @@ def test_rate_limit_429_with_retry_after(no_loki_server: LogstackProcess) -> Non
 def test_accepts_compatibility_forms(no_loki_server: LogstackProcess) -> None:
     """PHP's empty arrays, a double slash from a trailing-slash base URL, gzip bodies."""
     entry = {**ENTRY, "labels": [], "metadata": []}
-    response = httpx.post(no_loki_server.url + "/" + INGEST,
-                          headers={**bearer(TEST_TOKEN), "Content-Encoding": "gzip"},
-                          content=gzip.compress(body(entry)))
+    response = httpx.post(
+        no_loki_server.url + "/" + INGEST,
+        headers={**bearer(TEST_TOKEN), "Content-Encoding": "gzip"},
+        content=gzip.compress(body(entry)),
+    )
     assert response.status_code == 202, response.text
     doc = response.json()
     assert doc["entries_accepted"] == 1
