@@ -8,26 +8,30 @@ reads from the page cache while it keeps up and from disk when it falls behind; 
 never grows with the backlog.
 
 Delivery progress is itself a record (``Checkpoint``) in the same log: state after a
-restart is whatever replaying the log gives.
+restart is whatever replaying the log gives. Every rotation starts the new segment with
+the live idempotency records and the current checkpoint, so recovery only has to scan the
+newest segment(s), not the whole backlog: start-up takes seconds with gigabytes queued.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from ._errors import WalError
+from ._errors import WalCorruptionError, WalError
 from ._metrics import Metrics
 from ._wal_format import (
     FRAME_OVERHEAD,
     HEADER_SIZE,
+    MAX_RECORD_BYTES,
     Checkpoint,
     EntryBatch,
     FrameScan,
@@ -37,14 +41,17 @@ from ._wal_format import (
     decode_record,
     encode_frame,
     encode_header,
-    frame_bytes,
+    find_next_frame,
 )
 
 log = logging.getLogger("logstack.wal")
 
 SEGMENT_SUFFIX = ".seg"
+IDEMPOTENCY_WINDOW_NS = 15 * 60 * 10**9
+RESYNC_CHUNK = 4 * 1024 * 1024
 Position = tuple[int, int]
 """(segment sequence number, byte offset within that segment)."""
+Clock = Callable[[], float]
 
 
 def segment_name(seq: int) -> str:
@@ -59,6 +66,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fdatasync_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
+
+
+def _monotonic() -> float:
+    return time.monotonic()
+
+
 @dataclass(eq=False)
 class Segment:
     seq: int
@@ -66,6 +82,14 @@ class Segment:
     size: int
     created_ns: int
     sealed: bool = False
+    opened_at: float = 0.0
+    """When the segment was started, in the log's clock (for age rotation)."""
+    content_start: int = HEADER_SIZE
+    """Offset after the records carried over at rotation: below it there is no new data."""
+
+    @property
+    def has_new_data(self) -> bool:
+        return self.size > self.content_start
 
     def __repr__(self) -> str:
         state = "sealed" if self.sealed else "active"
@@ -89,20 +113,35 @@ class KeyLog:
     directory: Path
     segment_max_bytes: int
     metrics: Metrics
+    clock: Clock = _monotonic
     segments: list[Segment] = field(default_factory=list)
     delivered: Position = (0, HEADER_SIZE)
+    """Everything before this position reached Loki (or the DLQ); the checkpoint is durable."""
     synced_end: Position = (0, HEADER_SIZE)
+    """Everything before this position is fsynced (readers never look past it)."""
+    last_entry_end: Position = (0, HEADER_SIZE)
+    """End of the newest entry batch appended: beyond it there are only bookkeeping records."""
     idempotency: dict[str, tuple[str, int, int]] = field(default_factory=dict)
-    last_write: float = field(default_factory=time.monotonic)
+    last_write: float = 0.0
+    flush_requested: bool = False
+    """Set by ``request_flush`` (admin flush): the batcher cuts what it holds at once."""
     _fd: int | None = None
-    _dirty: bool = False
+    _retired: list[int] = field(default_factory=list)
+    """File descriptors of segments sealed since the last fsync: synced, then closed."""
     _changed: trio.Event = field(default_factory=trio.Event)
+    _syncing: trio.Event | None = None
+    """Set while an fsync runs in a worker thread; fires when it ends."""
     _read_fds: dict[int, int] = field(default_factory=dict)
+    _damage_seen: set[Position] = field(default_factory=set)
 
     # ----------------------------------------------------------------- writing
     @property
     def active(self) -> Segment:
         return self.segments[-1]
+
+    @property
+    def end(self) -> Position:
+        return (self.active.seq, self.active.size) if self.segments else (0, HEADER_SIZE)
 
     @property
     def disk_bytes(self) -> int:
@@ -113,78 +152,144 @@ class KeyLog:
         path = self.directory / segment_name(seq)
         created = time.time_ns()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        os.write(fd, encode_header(created))
+        try:
+            os.write(fd, encode_header(created))
+            _fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
         self._fd = fd
-        self.segments.append(Segment(seq, path, HEADER_SIZE, created))
-        self._dirty = True
-        _fsync_dir(self.directory)
+        self.segments.append(Segment(seq, path, HEADER_SIZE, created, opened_at=self.clock()))
         self._update_gauges()
-
-    def _open_existing_active(self) -> None:
-        self._fd = os.open(self.active.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, records: Iterable[Record]) -> Position:
         """Frame and write ``records`` (not yet durable: call ``sync``). Returns the end."""
         buffer = bytearray()
+        has_entries = False
         for record in records:
             encode_frame(record, buffer)
-        return self.append_bytes(buffer)
+            has_entries = has_entries or isinstance(record, EntryBatch)
+        end = self.append_bytes(buffer)
+        if has_entries:
+            self.last_entry_end = end
+        return end
 
     def append_bytes(self, framed: bytes | bytearray) -> Position:
-        if self._fd is None:
-            self._open_new_segment()
-        elif (
-            self.active.size + len(framed) > self.segment_max_bytes
-            and self.active.size > HEADER_SIZE
-        ):
-            self.rotate("size")
-        assert self._fd is not None
         try:
+            if self._fd is None:
+                self._open_new_segment()
+            elif (
+                self.active.size + len(framed) > self.segment_max_bytes and self.active.has_new_data
+            ):
+                self.rotate("size")
+            assert self._fd is not None
             written = os.write(self._fd, framed)
         except OSError as exc:
             raise WalError(f"cannot write WAL segment of {self.name}: {exc.strerror}") from exc
         if written != len(framed):
             raise WalError(f"short write to WAL segment of {self.name}")
         self.active.size += written
-        self._dirty = True
-        self.last_write = time.monotonic()
-        return (self.active.seq, self.active.size)
+        self.last_write = self.clock()
+        return self.end
 
     async def sync(self) -> None:
-        """Make every append so far durable (``fdatasync`` off the trio thread)."""
-        if not self._dirty or self._fd is None:
-            return
-        fd, end = self._fd, (self.active.seq, self.active.size)
-        self._dirty = False
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, fd)
-        except OSError as exc:
-            self._dirty = True
-            raise WalError(f"fsync of WAL segment of {self.name} failed: {exc.strerror}") from exc
-        if end > self.synced_end:
-            self.synced_end = end
-            self._notify()
-        self._update_gauges()
+        """Make every append so far durable (``fdatasync`` off the trio thread).
+
+        Group commit: a caller that finds an fsync in flight waits for it and runs its own
+        only if that one did not cover its appends; it never returns before they are
+        durable. Segments sealed since the last fsync are synced (then closed) first.
+        """
+        target = self.end
+        while self.synced_end < target:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            retired, self._retired = self._retired, []
+            fds = [*retired, *([self._fd] if self._fd is not None else [])]
+            end = self.end
+            self._syncing = done = trio.Event()
+            try:
+                await trio.to_thread.run_sync(_fdatasync_all, fds)
+            except OSError as exc:
+                self._retired = retired + self._retired
+                raise WalError(
+                    f"fsync of WAL segment of {self.name} failed: {exc.strerror}"
+                ) from exc
+            finally:
+                self._syncing = None
+                done.set()
+            for fd in retired:
+                os.close(fd)
+            if end > self.synced_end:
+                self.synced_end = end
+                self._notify()
+            self._update_gauges()
 
     def sync_blocking(self) -> None:
-        if self._dirty and self._fd is not None:
-            os.fdatasync(self._fd)
-            self._dirty = False
-            self.synced_end = (self.active.seq, self.active.size)
+        """``sync`` without trio, for tools and shutdown (blocks the calling thread)."""
+        fds = [*self._retired, *([self._fd] if self._fd is not None else [])]
+        _fdatasync_all(fds)
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
+        self.synced_end = max(self.synced_end, self.end)
 
-    def rotate(self, reason: str) -> None:
-        """Seal the active segment and start a new one carrying the current checkpoint."""
-        if self._fd is not None:
-            os.fdatasync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            self.active.sealed = True
-            # Everything in the sealed segment is durable now.
-            self.synced_end = max(self.synced_end, (self.active.seq, self.active.size))
+    def rotate(self, reason: str) -> bool:
+        """Seal the active segment and start a new one; returns whether it rotated.
+
+        Does not block: the sealed segment's fsync happens in the next ``sync`` (which the
+        caller awaits before relying on it). The new segment starts with the live
+        idempotency records and then the current checkpoint, so recovery finds both in
+        the newest segment.
+        """
+        if self._fd is None or not self.segments or not self.active.has_new_data:
+            return False
+        self._retired.append(self._fd)
+        self._fd = None
+        self.active.sealed = True
         self._open_new_segment()
-        self.append_bytes(frame_bytes(Checkpoint(*self.delivered, time.time_ns())))
+        carried: list[Record] = []
+        horizon = time.time_ns() - IDEMPOTENCY_WINDOW_NS
+        for digest, (request_id, count, at_ns) in list(self.idempotency.items()):
+            if at_ns < horizon:
+                del self.idempotency[digest]
+            else:
+                carried.append(IdempotencyRecord(digest, request_id, count, at_ns))
+        carried.append(Checkpoint(*self.delivered, time.time_ns()))
+        buffer = bytearray()
+        for record in carried:
+            encode_frame(record, buffer)
+        self.append_bytes(buffer)
+        self.active.content_start = self.active.size
         self.metrics.segment_rotations.labels(token=self.name, reason=reason).inc()
+        log.info(
+            "segment rotated",
+            extra={"token": self.name, "reason": reason, "segment": self.active.seq - 1},
+        )
         self._notify()
+        return True
+
+    def rotation_due(
+        self,
+        *,
+        max_age_s: float,
+        min_rotate_bytes: int,
+        idle_s: float,
+        force_s: float,
+    ) -> str | None:
+        """The ADR-002 reason to rotate the active segment now, if any (size is checked on
+        append, manual by the admin endpoint)."""
+        if self._fd is None or not self.segments or not self.active.has_new_data:
+            return None
+        now = self.clock()
+        age = now - self.active.opened_at
+        if age >= force_s:
+            return "forced"
+        if age >= max_age_s and self.active.size >= min_rotate_bytes:
+            return "age"
+        if now - self.last_write >= idle_s:
+            return "idle"
+        return None
 
     # ---------------------------------------------------------------- delivery
     async def commit_delivered(self, position: Position) -> None:
@@ -192,21 +297,36 @@ class KeyLog:
         then delete sealed segments that are fully delivered."""
         if position <= self.delivered:
             return
-        self.delivered = position
         self.append([Checkpoint(position[0], position[1], time.time_ns())])
         await self.sync()
+        if position > self.delivered:
+            self.delivered = position
+        self.delete_delivered()
+
+    def delete_delivered(self) -> int:
+        """Delete sealed segments that lie wholly before the durable checkpoint."""
+        delivered = self._normalise(self.delivered)
+        deleted = 0
         while (
             len(self.segments) > 1
             and self.segments[0].sealed
-            and self.segments[0].seq < position[0]
+            and self.segments[0].seq < delivered[0]
+            and self.segments[0].seq < self.synced_end[0]
         ):
             done = self.segments.pop(0)
             fd = self._read_fds.pop(done.seq, None)
             if fd is not None:
                 os.close(fd)
             done.path.unlink(missing_ok=True)
+            deleted += 1
             log.debug("deleted delivered segment", extra={"token": self.name, "segment": done.seq})
-        self._update_gauges()
+        if deleted:
+            self._update_gauges()
+        return deleted
+
+    def request_flush(self) -> None:
+        self.flush_requested = True
+        self._notify()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -217,6 +337,10 @@ class KeyLog:
 
     def has_unread(self, position: Position) -> bool:
         return position < self.synced_end and self._normalise(position) < self.synced_end
+
+    def has_unread_entries(self, position: Position) -> bool:
+        """Whether entry batches (not just bookkeeping records) lie at or after ``position``."""
+        return self.has_unread(position) and position < self.last_entry_end
 
     def _normalise(self, position: Position) -> Position:
         """Move a position sitting at the end of a sealed segment to the next segment."""
@@ -246,7 +370,8 @@ class KeyLog:
 
         With ``at_least_one`` the first available batch is returned even if it alone exceeds
         the limits, so one oversized record cannot stall delivery. Checkpoints and
-        idempotency records are skipped over.
+        idempotency records are skipped over; damaged frames are stepped over (counted,
+        copied to ``quarantine/``), never a reason to stop delivering.
         """
         batches: list[EntryBatch] = []
         entries = used = 0
@@ -270,7 +395,13 @@ class KeyLog:
             scan = FrameScan(data, position[1])
             progressed = full = False
             for frame in scan:
-                record = decode_record(frame.payload)
+                try:
+                    record: Record | None = decode_record(frame.payload)
+                except WalCorruptionError:
+                    # CRC intact but no known record (e.g. written by a newer version):
+                    # skip it rather than raise, or delivery of this key stops for good.
+                    self._report_damage(segment, frame.offset, frame.end, "undecodable")
+                    record = None
                 if isinstance(record, EntryBatch):
                     n = len(record.entries)
                     over = entries + n > max_entries or used + len(frame.payload) > max_bytes
@@ -285,14 +416,47 @@ class KeyLog:
             if full:
                 break
             if not progressed and (scan.corrupt or scan.torn):
-                # Durable bytes that do not frame: count, log, skip to the end of them.
-                self.metrics.wal_corrupt_records.labels(token=self.name, kind="unreadable").inc()
-                log.error(
-                    "skipping unreadable WAL bytes",
-                    extra={"token": self.name, "segment": segment.seq, "offset": position[1]},
-                )
-                position = (segment.seq, limit)
+                position = (segment.seq, self._step_over_damage(segment, position[1], limit))
         return ReadResult(batches, position, used)
+
+    def _step_over_damage(self, segment: Segment, start: int, limit: int) -> int:
+        """Find the next intact frame after damaged bytes at ``start``; quarantine the gap."""
+        fd = self._read_fd(segment)
+        offset = start
+        resume = limit
+        while offset < limit:
+            chunk = os.pread(fd, min(RESYNC_CHUNK, limit - offset), offset)
+            found = find_next_frame(chunk, 1 if offset == start else 0)
+            if found is not None:
+                resume = offset + found
+                break
+            if offset + len(chunk) >= limit:
+                break
+            # Overlap chunks by one frame header so a frame straddling them is not missed.
+            offset += max(1, len(chunk) - 64)
+        self._report_damage(segment, start, resume, "corrupt_record")
+        return resume
+
+    def _report_damage(self, segment: Segment, start: int, end: int, kind: str) -> None:
+        if (segment.seq, start) in self._damage_seen:
+            return
+        self._damage_seen.add((segment.seq, start))
+        self.metrics.wal_corrupt_records.labels(token=self.name, kind=kind).inc()
+        try:
+            data = os.pread(self._read_fd(segment), end - start, start)
+            _quarantine_bytes(self.directory, segment.seq, start, data)
+        except OSError as exc:  # pragma: no cover - quarantine is best effort
+            log.error("cannot quarantine damaged WAL bytes", extra={"error": str(exc)})
+        log.error(
+            "skipped damaged WAL bytes",
+            extra={
+                "token": self.name,
+                "segment": segment.seq,
+                "offset": start,
+                "bytes": end - start,
+                "kind": kind,
+            },
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def _update_gauges(self) -> None:
@@ -300,21 +464,29 @@ class KeyLog:
         self.metrics.wal_disk_usage.labels(token=self.name).set(self.disk_bytes)
 
     def oldest_undelivered_ns(self) -> int | None:
+        """Creation time of the oldest segment holding undelivered entries (approximate age
+        of the oldest undelivered entry), or None when everything is delivered."""
+        if not self.has_unread_entries(self.delivered):
+            return None
+        delivered = self._normalise(self.delivered)
         for segment in self.segments:
-            if (segment.seq, segment.size) > self.delivered and segment.size > HEADER_SIZE:
+            if segment.seq >= delivered[0] and segment.has_new_data:
                 return segment.created_ns
         return None
 
     def close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.fdatasync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-        for fd in self._read_fds.values():
-            os.close(fd)
-        self._read_fds.clear()
+        """Fsync and close everything (the blocking variant, for shutdown)."""
+        fds = [*self._retired, *([self._fd] if self._fd is not None else [])]
+        self._retired = []
+        self._fd = None
+        try:
+            _fdatasync_all(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()
 
     def __repr__(self) -> str:
         return (
@@ -323,77 +495,202 @@ class KeyLog:
         )
 
 
-def recover_key_log(name: str, directory: Path, segment_max_bytes: int, metrics: Metrics) -> KeyLog:
-    """Open the log of one key from disk: torn tails are truncated, progress replayed."""
-    keylog = KeyLog(name, directory, segment_max_bytes, metrics)
-    paths = sorted(
-        p for p in directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit()
-    )
-    checkpoint: Checkpoint | None = None
+def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> None:
     quarantine = directory / "quarantine"
-    for path in paths:
-        seq = int(path.stem)
-        data = path.read_bytes()
-        try:
-            created = decode_header(data)
-        except Exception as exc:
-            quarantine.mkdir(exist_ok=True)
-            shutil.move(str(path), quarantine / path.name)
-            metrics.wal_corrupt_records.labels(token=name, kind="bad_header").inc()
-            log.error(
-                "quarantined WAL segment with a bad header",
-                extra={"token": name, "segment": seq, "error": str(exc)},
-            )
-            continue
-        scan = FrameScan(memoryview(data)[HEADER_SIZE:], HEADER_SIZE)
+    quarantine.mkdir(exist_ok=True)
+    (quarantine / f"{seq:016d}-{offset}.bin").write_bytes(data)
+
+
+def _quarantine_segment(directory: Path, path: Path) -> None:
+    quarantine = directory / "quarantine"
+    quarantine.mkdir(exist_ok=True)
+    target = quarantine / path.name
+    if target.exists():
+        target = quarantine / f"{path.name}.{time.time_ns()}"
+    shutil.move(str(path), target)
+
+
+@dataclass
+class _ScanResult:
+    checkpoint: Checkpoint | None = None
+    last_entry_end: int | None = None
+    good_end: int = HEADER_SIZE
+    size: int = HEADER_SIZE
+
+
+def _scan_frames(
+    name: str,
+    directory: Path,
+    seq: int,
+    view: memoryview,
+    metrics: Metrics,
+    idempotency: dict[str, tuple[str, int, int]],
+    damage: set[Position],
+) -> _ScanResult:
+    """Walk every frame of a mapped segment, stepping over damaged ones in the middle.
+
+    Every slice of ``view`` made here dies with this call, so the caller can close the map.
+    """
+    result = _ScanResult(size=len(view))
+    size = len(view)
+    offset = HEADER_SIZE
+    while offset < size:
+        scan = FrameScan(view[offset:], offset)
         for frame in scan:
             try:
                 record = decode_record(frame.payload)
-            except Exception:
+            except WalCorruptionError:
                 metrics.wal_corrupt_records.labels(token=name, kind="undecodable").inc()
                 continue
             if isinstance(record, Checkpoint):
-                checkpoint = record
+                result.checkpoint = record
             elif isinstance(record, IdempotencyRecord):
-                keylog.idempotency[record.key_hash] = (
+                idempotency[record.key_hash] = (
                     record.request_id,
                     record.entries_accepted,
                     record.accepted_ns,
                 )
-        size = len(data)
-        if scan.stop < size:
-            # Torn or corrupt tail: keep the bad bytes aside, truncate, never crash-loop.
-            quarantine.mkdir(exist_ok=True)
-            (quarantine / f"{path.stem}-{scan.stop}.bin").write_bytes(data[scan.stop :])
-            kind = "torn_tail" if scan.torn else "corrupt_tail"
+            elif isinstance(record, EntryBatch):
+                result.last_entry_end = frame.end
+        result.good_end = scan.stop
+        if scan.stop >= size:
+            break
+        found = find_next_frame(view[scan.stop : size], 1)
+        if found is None:
+            break  # damage runs to the end: a torn or corrupt tail
+        resume = scan.stop + found
+        damage.add((seq, scan.stop))  # so delivery steps over it without counting it again
+        _quarantine_bytes(directory, seq, scan.stop, bytes(view[scan.stop : resume]))
+        metrics.wal_corrupt_records.labels(token=name, kind="corrupt_record").inc()
+        log.error(
+            "skipped a damaged WAL record; later records are intact",
+            extra={"token": name, "segment": seq, "offset": scan.stop, "bytes": resume - scan.stop},
+        )
+        offset = resume
+    return result
+
+
+def _scan_segment(
+    name: str,
+    path: Path,
+    seq: int,
+    metrics: Metrics,
+    idempotency: dict[str, tuple[str, int, int]],
+    damage: set[Position],
+) -> _ScanResult:
+    """Read one segment front to back (memory-mapped, so a large segment costs no heap):
+    collect the last checkpoint and idempotency records, step over damaged frames in the
+    middle (quarantined, counted), and truncate a torn or corrupt tail."""
+    directory = path.parent
+    with open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size <= HEADER_SIZE:
+            return _ScanResult(size=size, good_end=size)
+        with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                result = _scan_frames(name, directory, seq, view, metrics, idempotency, damage)
+                tail = bytes(view[result.good_end : size])
+            finally:
+                view.release()
+        if tail:
+            # Torn or corrupt tail (a crash mid-write): keep the bytes aside, truncate,
+            # never crash-loop and never need a person.
+            _quarantine_bytes(directory, seq, result.good_end, tail)
+            kind = "torn_tail" if _looks_torn(tail) else "corrupt_tail"
             metrics.wal_corrupt_records.labels(token=name, kind=kind).inc()
             log.warning(
                 "truncated damaged WAL tail",
                 extra={
                     "token": name,
                     "segment": seq,
-                    "offset": scan.stop,
-                    "bytes": size - scan.stop,
+                    "offset": result.good_end,
+                    "bytes": len(tail),
                     "kind": kind,
                 },
             )
-            with open(path, "r+b") as handle:
-                handle.truncate(scan.stop)
-                handle.flush()
-                os.fsync(handle.fileno())
-            size = scan.stop
-        keylog.segments.append(Segment(seq, path, size, created, sealed=True))
-    if keylog.segments:
-        first = keylog.segments[0]
+            handle.truncate(result.good_end)
+            handle.flush()
+            os.fsync(handle.fileno())
+        result.size = result.good_end
+    return result
+
+
+def _looks_torn(tail: bytes) -> bool:
+    """A tail whose first frame header claims more bytes than are left was cut short."""
+    if len(tail) < FRAME_OVERHEAD:
+        return True
+    length = int.from_bytes(tail[:4], "little")
+    return 0 < length <= MAX_RECORD_BYTES and FRAME_OVERHEAD + length > len(tail)
+
+
+def recover_key_log(
+    name: str,
+    directory: Path,
+    segment_max_bytes: int,
+    metrics: Metrics,
+    clock: Clock = _monotonic,
+) -> KeyLog:
+    """Open the log of one key from disk.
+
+    Only the newest segments are scanned — back to the first one holding a checkpoint,
+    which rotation writes at the start of every segment — so start-up does not read the
+    backlog. Damage found there is handled as ``_scan_segment`` says; damage in older
+    segments is stepped over when delivery reads them.
+    """
+    keylog = KeyLog(name, directory, segment_max_bytes, metrics, clock=clock)
+    paths = sorted(
+        (p for p in directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit()),
+        key=lambda p: int(p.stem),
+    )
+    segments: list[Segment] = []
+    for path in paths:
+        seq = int(path.stem)
+        try:
+            with open(path, "rb") as handle:
+                created = decode_header(handle.read(HEADER_SIZE))
+            size = path.stat().st_size
+        except (WalCorruptionError, OSError) as exc:
+            _quarantine_segment(directory, path)
+            metrics.wal_corrupt_records.labels(token=name, kind="bad_header").inc()
+            log.error(
+                "quarantined WAL segment with a bad header",
+                extra={"token": name, "segment": seq, "error": str(exc)},
+            )
+            continue
+        segments.append(Segment(seq, path, size, created, sealed=True))
+
+    checkpoint: Checkpoint | None = None
+    last_entry_end: Position | None = None
+    for segment in reversed(segments):
+        result = _scan_segment(
+            name, segment.path, segment.seq, metrics, keylog.idempotency, keylog._damage_seen
+        )
+        segment.size = result.size
+        if last_entry_end is None and result.last_entry_end is not None:
+            last_entry_end = (segment.seq, result.last_entry_end)
+        if result.checkpoint is not None:
+            checkpoint = result.checkpoint
+            break
+    keylog.segments = segments
+    if segments:
+        first = segments[0]
         start: Position = (first.seq, HEADER_SIZE)
         if checkpoint is not None and (checkpoint.segment, checkpoint.offset) > start:
             start = (checkpoint.segment, checkpoint.offset)
         keylog.delivered = start
-        last = keylog.segments[-1]
+        last = segments[-1]
         keylog.synced_end = (last.seq, last.size)
-        # Keep appending to the last segment: it was not rotated, just closed by the crash.
+        # Entries may lie in unscanned older segments: assume so unless the newest scan
+        # proved where the last entry batch ends.
+        keylog.last_entry_end = last_entry_end or keylog.synced_end
+        # Keep appending to the newest segment: it was not rotated, just closed by a stop.
         last.sealed = False
-        keylog._open_existing_active()
+        now_wall = time.time_ns()
+        last.opened_at = clock() - max(0.0, (now_wall - last.created_ns) / 1e9)
+        last.content_start = HEADER_SIZE
+        keylog.last_write = clock()
+        keylog._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
     keylog._update_gauges()
     return keylog
 
@@ -401,19 +698,21 @@ def recover_key_log(name: str, directory: Path, segment_max_bytes: int, metrics:
 class WalStore:
     """All key logs under one root directory, opened lazily per key name."""
 
-    def __init__(self, root: Path, segment_max_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self, root: Path, segment_max_bytes: int, metrics: Metrics, clock: Clock = _monotonic
+    ) -> None:
         self.root = root
         self.segment_max_bytes = segment_max_bytes
         self.metrics = metrics
+        self.clock = clock
         self.logs: dict[str, KeyLog] = {}
-        self._opened = trio.Event()
-        self.new_log = trio.Event()
 
     def open(self) -> None:
+        """Recover every key directory under the root (blocking: run it in a thread)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
             self.logs[directory.name] = recover_key_log(
-                directory.name, directory, self.segment_max_bytes, self.metrics
+                directory.name, directory, self.segment_max_bytes, self.metrics, self.clock
             )
 
     def log_for(self, name: str) -> KeyLog:
@@ -422,11 +721,9 @@ class WalStore:
             directory = self.root / name
             directory.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.root)
-            keylog = KeyLog(name, directory, self.segment_max_bytes, self.metrics)
+            keylog = KeyLog(name, directory, self.segment_max_bytes, self.metrics, clock=self.clock)
             keylog._update_gauges()
             self.logs[name] = keylog
-            self.new_log.set()
-            self.new_log = trio.Event()
         return keylog
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """The WAL's on-disk format: segment header, length+CRC frames, msgspec record kinds.
 
-Segment file = 16-byte header (magic, format version, creation time) followed by frames::
+Segment file = 24-byte header (magic, format version, flags, creation time) followed by frames::
 
     frame = u32 little-endian payload length | u32 CRC-32 of payload | payload
 
@@ -11,6 +11,7 @@ reorder (``tests/core/test_wal_format.py`` holds golden bytes for each kind).
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -132,7 +133,9 @@ class FrameScan:
                 self.torn = True
                 break
             length, crc = _FRAME.unpack_from(data, pos)
-            if length > MAX_RECORD_BYTES:
+            if length == 0 or length > MAX_RECORD_BYTES:
+                # No record encodes to nothing, and crc32(b"") == 0: without this check a
+                # zero-filled tail (size extended, data lost in a crash) reads as empty frames.
                 self.corrupt = True
                 break
             end = pos + FRAME_OVERHEAD + length
@@ -146,3 +149,37 @@ class FrameScan:
             yield Frame(self._base + pos, self._base + end, payload)
             pos = end
             self.stop = self._base + pos
+
+
+# A record payload starts with a MessagePack fixarray header followed by the kind's tag
+# (a positive fixint): EntryBatch/Checkpoint are 4-element arrays, IdempotencyRecord 5.
+_RECORD_START = re.compile(rb"[\x91-\x9f][\x01-\x7f]")
+
+
+def find_next_frame(data: bytes | memoryview, start: int) -> int | None:
+    """Offset (within ``data``) of the first intact frame at or after ``start``, or None.
+
+    Used to step over a damaged frame in the middle of a segment: candidates are found by
+    a C-speed regex scan for a record header, then confirmed by length, CRC and decoding,
+    so garbage costs one pass, not one CRC per byte.
+    """
+    view = memoryview(data)
+    raw = view.tobytes() if not isinstance(data, bytes) else data
+    size = len(raw)
+    for match in _RECORD_START.finditer(raw, max(start + FRAME_OVERHEAD, FRAME_OVERHEAD)):
+        frame_start = match.start() - FRAME_OVERHEAD
+        if frame_start < start:
+            continue
+        length, crc = _FRAME.unpack_from(raw, frame_start)
+        end = frame_start + FRAME_OVERHEAD + length
+        if length == 0 or length > MAX_RECORD_BYTES or end > size:
+            continue
+        payload = view[frame_start + FRAME_OVERHEAD : end]
+        if zlib.crc32(payload) != crc:
+            continue
+        try:
+            decode_record(payload)
+        except WalCorruptionError:
+            continue
+        return frame_start
+    return None

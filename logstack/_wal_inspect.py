@@ -15,6 +15,7 @@ from ._wal_format import (
     IdempotencyRecord,
     decode_header,
     decode_record,
+    find_next_frame,
 )
 
 
@@ -48,52 +49,63 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
                 damaged = True
                 continue
             counts = {"entry_batches": 0, "entries": 0, "checkpoints": 0, "idempotency": 0}
-            scan = FrameScan(memoryview(data)[HEADER_SIZE:], HEADER_SIZE)
-            for frame in scan:
-                try:
-                    record = decode_record(frame.payload)
-                except Exception as exc:
-                    print(f"    @{frame.offset}: UNDECODABLE record: {exc}", file=out)
-                    damaged = True
-                    continue
-                if isinstance(record, EntryBatch):
-                    counts["entry_batches"] += 1
-                    counts["entries"] += len(record.entries)
-                    if show_records:
-                        print(
-                            f"    @{frame.offset}: entries x{len(record.entries)} "
-                            f"request={record.request_id} at {_when(record.received_ns)}",
-                            file=out,
-                        )
-                elif isinstance(record, Checkpoint):
-                    counts["checkpoints"] += 1
-                    last_checkpoint = record
-                    if show_records:
-                        print(
-                            f"    @{frame.offset}: checkpoint delivered<({record.segment}, "
-                            f"{record.offset}) at {_when(record.delivered_ns)}",
-                            file=out,
-                        )
-                elif isinstance(record, IdempotencyRecord):
-                    counts["idempotency"] += 1
-                    if show_records:
-                        print(
-                            f"    @{frame.offset}: idempotency {record.key_hash} -> "
-                            f"{record.request_id}",
-                            file=out,
-                        )
+            lines: list[str] = []  # printed below the segment's own line, not above it
+            damage: list[str] = []
+            offset = HEADER_SIZE
+            while offset < len(data):
+                scan = FrameScan(memoryview(data)[offset:], offset)
+                for frame in scan:
+                    try:
+                        record = decode_record(frame.payload)
+                    except Exception as exc:
+                        lines.append(f"    @{frame.offset}: UNDECODABLE record: {exc}")
+                        damaged = True
+                        continue
+                    if isinstance(record, EntryBatch):
+                        counts["entry_batches"] += 1
+                        counts["entries"] += len(record.entries)
+                        if show_records:
+                            lines.append(
+                                f"    @{frame.offset}: entries x{len(record.entries)} "
+                                f"request={record.request_id} at {_when(record.received_ns)}"
+                            )
+                    elif isinstance(record, Checkpoint):
+                        counts["checkpoints"] += 1
+                        last_checkpoint = record
+                        if show_records:
+                            lines.append(
+                                f"    @{frame.offset}: checkpoint delivered<({record.segment}, "
+                                f"{record.offset}) at {_when(record.delivered_ns)}"
+                            )
+                    elif isinstance(record, IdempotencyRecord):
+                        counts["idempotency"] += 1
+                        if show_records:
+                            lines.append(
+                                f"    @{frame.offset}: idempotency {record.key_hash} -> "
+                                f"{record.request_id}"
+                            )
+                if scan.stop >= len(data):
+                    break
+                found = find_next_frame(data[scan.stop :], 1)
+                if found is None:
+                    kind = "torn tail" if scan.torn else "corrupt tail"
+                    damage.append(
+                        f"    DAMAGE: {kind} at offset {scan.stop} ({len(data) - scan.stop} "
+                        "bytes unreadable; the server truncates it on start)"
+                    )
+                    break
+                damage.append(
+                    f"    DAMAGE: corrupt frame at offset {scan.stop} ({found} bytes skipped; "
+                    "the records after it are intact)"
+                )
+                offset = scan.stop + found
             summary = ", ".join(f"{v} {k}" for k, v in counts.items())
             print(
                 f"  {path.name}: {len(data)} bytes, created {_when(created)}: {summary}", file=out
             )
-            if scan.stop < len(data):
-                kind = "torn tail" if scan.torn else "corrupt frame"
-                print(
-                    f"    DAMAGE: {kind} at offset {scan.stop} ({len(data) - scan.stop} bytes "
-                    "unreadable; the server truncates it on start)",
-                    file=out,
-                )
-                damaged = True
+            for line in lines + damage:
+                print(line, file=out)
+            damaged = damaged or bool(damage)
         if last_checkpoint is not None:
             print(
                 f"  delivered up to segment {last_checkpoint.segment} offset "

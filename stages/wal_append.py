@@ -13,12 +13,12 @@ import trio
 from logstack._envelope import Accepted, Batch, Envelope
 from logstack._errors import QuotaExceededError, RejectError, UnavailableError, WalError
 from logstack._stage import Stage, StageConfig, coalesce
-from logstack._wal import KeyLog, WalStore
+from logstack._wal import IDEMPOTENCY_WINDOW_NS, KeyLog, WalStore
 from logstack._wal_format import EntryBatch, IdempotencyRecord, Record
 
 log = logging.getLogger("logstack.wal")
 
-IDEMPOTENCY_WINDOW_NS = 15 * 60 * 10**9
+ROTATION_CHECK_S = 1.0
 DISK_CHECK_INTERVAL_S = 1.0
 QUOTA_RETRY_AFTER_S = 30
 DISK_RETRY_AFTER_S = 30
@@ -119,60 +119,92 @@ class WalAppendStage(Stage):
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Batch], outbox: trio.MemorySendChannel[Any]
     ) -> None:
+        async with inbox, outbox, trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintain)
+            async for first in inbox:
+                await self._write_batch(coalesce(first, inbox), outbox)
+            nursery.cancel_scope.cancel()
+        # Stopping: make everything written durable before the store closes.
+        await self._sync_all(list(self.store.logs.values()))
+
+    async def _write_batch(self, batch: Batch, outbox: trio.MemorySendChannel[Any]) -> None:
         health = self.context.health
         metrics = self.context.metrics
-        async with inbox, outbox:
-            async for first in inbox:
-                batch = coalesce(first, inbox)
-                written: list[tuple[Envelope, KeyLog, Accepted | None]] = []
-                waiting: dict[str, tuple[str, int]] = {}
-                for envelope in batch:
-                    if not envelope.pending:
-                        continue
-                    try:
-                        keylog, replay = self._append(envelope, waiting)
-                    except RejectError as error:
-                        envelope.reject(error)
-                        continue
-                    except (WalError, OSError) as exc:
-                        health.wal_writable = False
-                        health.wal_last_error = str(exc)
-                        log.error(
-                            "WAL append failed",
-                            extra={"token": envelope.key_name, "error": str(exc)},
-                        )
-                        envelope.reject(
-                            UnavailableError("the WAL cannot be written", retry_after=5)
-                        )
-                        continue
-                    written.append((envelope, keylog, replay))
-                if not written:
-                    continue
-                failed = await self._sync_all({id(kl): kl for _, kl, _ in written}.values())
-                for envelope, keylog, replay in written:
-                    if keylog.name in failed:
-                        envelope.reject(UnavailableError("the WAL fsync failed", retry_after=5))
-                        continue
-                    if replay is not None:
-                        envelope.reply.resolve(replay)
-                        continue
-                    count = len(envelope.entries or ())
-                    envelope.accept(count)
-                    metrics.logs_ingested.labels(token=keylog.name).inc(count)
-                # Tell the batcher which keys grew; it reads the WAL itself, so a full
-                # channel just means it is busy: never wait for it.
-                try:
-                    outbox.send_nowait(sorted({kl.name for _, kl, _ in written}))
-                except trio.WouldBlock:
-                    pass
+        written: list[tuple[Envelope, KeyLog, Accepted | None]] = []
+        waiting: dict[str, tuple[str, int]] = {}
+        for envelope in batch:
+            if not envelope.pending:
+                continue
+            try:
+                keylog, replay = self._append(envelope, waiting)
+            except RejectError as error:
+                envelope.reject(error)
+                continue
+            except (WalError, OSError) as exc:
+                health.wal_writable = False
+                health.wal_last_error = str(exc)
+                log.error(
+                    "WAL append failed", extra={"token": envelope.key_name, "error": str(exc)}
+                )
+                envelope.reject(UnavailableError("the WAL cannot be written", retry_after=5))
+                continue
+            written.append((envelope, keylog, replay))
+        if not written:
+            return
+        failed: set[str] = set()
+        if self.context.settings.wal.fsync == "always":
+            # Group commit: one fsync per touched log covers every request written above
+            # (and any that queued up while it ran, in the next round).
+            failed = await self._sync_all({id(kl): kl for _, kl, _ in written}.values())
+        for envelope, keylog, replay in written:
+            if keylog.name in failed:
+                envelope.reject(UnavailableError("the WAL fsync failed", retry_after=5))
+                continue
+            if replay is not None:
+                envelope.reply.resolve(replay)
+                continue
+            count = len(envelope.entries or ())
+            envelope.accept(count)
+            metrics.logs_ingested.labels(token=keylog.name).inc(count)
+        # Tell the batcher which keys grew; it reads the WAL itself, so a full channel
+        # just means it is busy: never wait for it.
+        try:
+            outbox.send_nowait(sorted({kl.name for _, kl, _ in written}))
+        except trio.WouldBlock:
+            pass
+
+    async def _maintain(self) -> None:
+        """Timers: ADR-002 rotation (age, idle, forced) and, in ``fsync: interval`` mode,
+        the periodic fsync. Rotation is driven by the clock, not only by the next write."""
+        while True:
+            wal = self.context.settings.wal
+            interval_mode = wal.fsync == "interval"
+            await trio.sleep(wal.fsync_interval_ms / 1000 if interval_mode else ROTATION_CHECK_S)
+            rotated = []
+            for keylog in list(self.store.logs.values()):
+                reason = keylog.rotation_due(
+                    max_age_s=wal.segment_max_age_s,
+                    min_rotate_bytes=wal.segment_min_rotate_bytes,
+                    idle_s=wal.segment_idle_s,
+                    force_s=wal.segment_force_s,
+                )
+                if reason is not None and keylog.rotate(reason):
+                    rotated.append(keylog)
+            logs = list(self.store.logs.values()) if interval_mode else rotated
+            await self._sync_all(logs)
+            for keylog in rotated:
+                keylog.delete_delivered()
 
     async def _sync_all(self, logs: Any) -> set[str]:
         """fsync every touched log concurrently; return the names whose fsync failed."""
         failed: set[str] = set()
+        synced: list[str] = []
         health = self.context.health
         metrics = self.context.metrics
 
         async def sync_one(keylog: KeyLog) -> None:
+            if keylog.synced_end >= keylog.end:
+                return
             started = time.perf_counter()
             try:
                 await keylog.sync()
@@ -182,13 +214,14 @@ class WalAppendStage(Stage):
                 health.wal_last_error = str(exc)
                 log.error("WAL fsync failed", extra={"token": keylog.name, "error": str(exc)})
                 return
+            synced.append(keylog.name)
             metrics.wal_fsyncs.inc()
             metrics.wal_fsync_duration.observe(time.perf_counter() - started)
 
         async with trio.open_nursery() as nursery:
             for keylog in logs:
                 nursery.start_soon(sync_one, keylog)
-        if not failed:
+        if synced and not failed:
             health.wal_writable = True
             health.wal_last_error = None
         return failed
