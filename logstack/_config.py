@@ -48,7 +48,9 @@ class ServerSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     debug: bool = Field(False, description="Verbose service logs.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Service log level (case-insensitive)."
+    )
     log_format: Literal["json", "text"] = Field("json", description="Service log format.")
     max_body_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest decoded request body accepted (413 above)."
@@ -74,18 +76,26 @@ class ApiKey(_Strict):
     """One API key. The token itself is the mapping key in ``security.api_keys``."""
 
     name: str = Field(pattern=KEY_NAME_PATTERN, description="Names the key in logs, metrics, WAL.")
-    active: bool = True
-    description: str = ""
-    rate_limit_rps: float | None = Field(None, gt=0)
-    rate_limit_burst: float | None = Field(None, gt=0)
+    active: bool = Field(True, description="Inactive keys are refused with 401.")
+    description: str = Field("", description="Free text for operators.")
+    rate_limit_rps: float | None = Field(
+        None, gt=0, description="Overrides security.rate_limit_rps for this key."
+    )
+    rate_limit_burst: float | None = Field(
+        None, gt=0, description="Overrides security.rate_limit_burst for this key."
+    )
     loki_tenant: str | None = Field(None, description="X-Scope-OrgID sent for this key.")
 
 
 class SecuritySettings(_Strict):
     rate_limit_rps: float = Field(100.0, gt=0, description="Token-bucket refill per key.")
     rate_limit_burst: float = Field(200.0, gt=0, description="Token-bucket size per key.")
-    admin_token: str | None = Field(None, min_length=16)
-    api_keys: dict[str, ApiKey] = Field(default_factory=dict)
+    admin_token: str | None = Field(
+        None, min_length=16, description="Bearer token of the admin endpoints (not an API key)."
+    )
+    api_keys: dict[str, ApiKey] = Field(
+        default_factory=dict, description="Token → key; see the API-key sources below."
+    )
 
     @model_validator(mode="after")
     def _check_keys(self) -> SecuritySettings:
@@ -100,21 +110,23 @@ class SecuritySettings(_Strict):
 
 
 class PartialRule(_Strict):
-    keep_prefix: int = Field(0, ge=0)
-    keep_suffix: int = Field(0, ge=0)
-    mask_email: bool = False
-    hash: bool = False
+    keep_prefix: int = Field(0, ge=0, description="Keep this many leading characters.")
+    keep_suffix: int = Field(0, ge=0, description="Keep this many trailing characters.")
+    mask_email: bool = Field(False, description="example@email.com → e*****e@email.com.")
+    hash: bool = Field(False, description="Replace by HMAC-SHA256 (stable, for correlation).")
 
 
 class KeyMaskingOverride(_Strict):
     keys: list[str] = Field(default_factory=list, description="Extra keys masked for this key.")
-    partial_rules: dict[str, PartialRule] = Field(default_factory=dict)
+    partial_rules: dict[str, PartialRule] = Field(
+        default_factory=dict, description="Extra partial rules for this key."
+    )
 
 
 class ValueDetector(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9_]+$")
-    pattern: str
-    replacement: str = "****"
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="Counted as detector:<name>.")
+    pattern: str = Field(description="Python regular expression; every match is replaced.")
+    replacement: str = Field("****", description="Text put in place of each match.")
 
     @field_validator("pattern")
     @classmethod
@@ -131,12 +143,16 @@ BUILTIN_DETECTORS: tuple[BuiltinDetector, ...] = ("email", "card_number", "jwt",
 
 
 class MaskingSettings(_Strict):
-    baseline_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINE_KEYS))
+    baseline_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BASELINE_KEYS),
+        description="Keys masked for every API key (may be extended, never reduced).",
+    )
     partial_rules: dict[str, PartialRule] = Field(
         default_factory=lambda: {
             "authorization": PartialRule(keep_prefix=5),
             "email": PartialRule(mask_email=True),
-        }
+        },
+        description="Key → partial rule; keys without one become ****.",
     )
     hash_secret: str = Field("", description="HMAC key for `hash: true` rules.")
     overrides: dict[str, KeyMaskingOverride] = Field(
@@ -146,7 +162,9 @@ class MaskingSettings(_Strict):
         default_factory=lambda: list(BUILTIN_DETECTORS),
         description="Value detectors scanning message and string values.",
     )
-    detectors: list[ValueDetector] = Field(default_factory=list)
+    detectors: list[ValueDetector] = Field(
+        default_factory=list, description="User value detectors (name, pattern, replacement)."
+    )
 
     @model_validator(mode="after")
     def _baseline_kept(self) -> MaskingSettings:
@@ -158,46 +176,71 @@ class MaskingSettings(_Strict):
 
 class SchemaSettings(_Strict):
     label_allowlist: list[str] = Field(
-        default_factory=lambda: ["region", "tenant", "schema_version", "version"]
+        default_factory=lambda: ["region", "tenant", "schema_version", "version"],
+        description="Entry labels allowed (service, env, level are always accepted, ignored).",
     )
-    max_entries: int = Field(500, gt=0)
-    max_entry_bytes: int = Field(32 * 1024, gt=0)
-    max_message_chars: int = Field(8192, gt=0)
-    max_labels: int = Field(6, ge=0)
-    max_metadata_depth: int = Field(5, gt=0)
+    max_entries: int = Field(500, gt=0, description="Most entries in one request.")
+    max_entry_bytes: int = Field(32 * 1024, gt=0, description="Largest entry, JSON-encoded.")
+    max_message_chars: int = Field(8192, gt=0, description="Longest message.")
+    max_labels: int = Field(6, ge=0, description="Most allowed labels per entry.")
+    max_metadata_depth: int = Field(5, gt=0, description="Deepest metadata nesting.")
 
 
 class WalSettings(_Strict):
     root_path: Path = Field(Path("./wal"), description="Directory holding one folder per key.")
-    segment_max_bytes: int = Field(128 * 1024 * 1024, ge=4096)
-    segment_max_age_s: float = Field(300.0, gt=0)
-    segment_min_rotate_bytes: int = Field(64 * 1024, ge=0)
-    segment_idle_s: float = Field(3600.0, gt=0)
-    segment_force_s: float = Field(6 * 3600.0, gt=0)
-    quota_bytes: int = Field(2 * 1024**3, gt=0)
-    quota_age_s: float = Field(24 * 3600.0, gt=0)
-    quota_soft_ratio: float = Field(0.8, gt=0, le=1)
-    min_free_disk_ratio: float = Field(0.2, ge=0, lt=1)
-    fsync: Literal["always", "interval"] = "always"
-    fsync_interval_ms: int = Field(100, gt=0)
+    segment_max_bytes: int = Field(
+        128 * 1024 * 1024, ge=4096, description="Rotate the active segment at this size."
+    )
+    segment_max_age_s: float = Field(
+        300.0, gt=0, description="Rotate an active segment this old (if ≥ min_rotate_bytes)."
+    )
+    segment_min_rotate_bytes: int = Field(
+        64 * 1024, ge=0, description="Age rotation only for segments at least this large."
+    )
+    segment_idle_s: float = Field(3600.0, gt=0, description="Rotate after this long unwritten.")
+    segment_force_s: float = Field(6 * 3600.0, gt=0, description="Always rotate at this age.")
+    quota_bytes: int = Field(2 * 1024**3, gt=0, description="WAL bytes quota per key.")
+    quota_age_s: float = Field(
+        24 * 3600.0, gt=0, description="Age quota of the oldest undelivered entry per key."
+    )
+    quota_soft_ratio: float = Field(
+        0.8, gt=0, le=1, description="Share of a quota at which the key gets 429."
+    )
+    min_free_disk_ratio: float = Field(
+        0.2, ge=0, lt=1, description="Below this free share of the WAL disk, ingest gets 503."
+    )
+    fsync: Literal["always", "interval"] = Field(
+        "always", description="always: 202 after fsync. interval: fsync every fsync_interval_ms."
+    )
+    fsync_interval_ms: int = Field(100, gt=0, description="Period of fsync: interval.")
 
 
 class LokiSettings(_Strict):
     base_url: str | None = Field("http://localhost:3100", description="One Loki URL.")
     urls: list[str] = Field(default_factory=list, description="Several Loki URLs, round-robin.")
-    push_path: str = "/loki/api/v1/push"
-    push_format: Literal["protobuf", "json"] = "json"
-    gzip: bool = False
-    timeout_s: float = Field(30.0, gt=0)
-    batch_max_entries: int = Field(1000, gt=0)
-    batch_max_bytes: int = Field(1024 * 1024, gt=0)
-    batch_max_wait_s: float = Field(1.0, gt=0)
-    burst_limit_bytes: int = Field(6 * 1024 * 1024, gt=0)
-    backoff_min_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
-    max_concurrent_pushes: int = Field(4, gt=0)
-    ready_probe_interval_s: float = Field(10.0, gt=0)
-    ready_window_s: float = Field(60.0, gt=0)
+    push_path: str = Field("/loki/api/v1/push", description="Loki's push API path.")
+    push_format: Literal["protobuf", "json"] = Field(
+        "json", description="protobuf (+snappy) or json."
+    )
+    gzip: bool = Field(False, description="gzip JSON pushes.")
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one push.")
+    batch_max_entries: int = Field(1000, gt=0, description="Flush a push at this many entries.")
+    batch_max_bytes: int = Field(1024 * 1024, gt=0, description="Flush a push at this size.")
+    batch_max_wait_s: float = Field(
+        1.0, gt=0, description="Flush once the oldest entry waited this long."
+    )
+    burst_limit_bytes: int = Field(
+        6 * 1024 * 1024, gt=0, description="Loki's ingestion_burst_size_mb: no push is larger."
+    )
+    backoff_min_s: float = Field(0.5, gt=0, description="First retry delay.")
+    backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
+    max_concurrent_pushes: int = Field(4, gt=0, description="Pushes in flight at once.")
+    ready_probe_interval_s: float = Field(
+        10.0, gt=0, description="Probe Loki's /ready when no push succeeded for this long."
+    )
+    ready_window_s: float = Field(
+        60.0, gt=0, description="/readyz fails when Loki answered nothing for this long."
+    )
 
     def endpoints(self) -> list[str]:
         urls = list(self.urls) or ([self.base_url] if self.base_url else [])
@@ -234,7 +277,9 @@ class Settings(_Strict):
     wal: WalSettings = Field(default_factory=WalSettings)
     loki: LokiSettings = Field(default_factory=LokiSettings)
     pipeline: list[StageSpec] = Field(
-        default_factory=lambda: [StageSpec(type=t) for t in DEFAULT_PIPELINE]
+        default_factory=lambda: [StageSpec(type=t) for t in DEFAULT_PIPELINE],
+        min_length=1,
+        description="Stages in order; default auth, mask, validate, wal_append, batch, forward_loki.",
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

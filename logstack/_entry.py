@@ -2,7 +2,7 @@
 
 ``LogEntry`` is an ``array_like`` msgspec struct, so its field order is part of the on-disk
 WAL format: append new fields at the end with defaults, never reorder (golden-bytes tests in
-``tests/wal`` guard this).
+``tests/core/test_wal_format.py`` guard this).
 """
 
 from __future__ import annotations

@@ -108,6 +108,12 @@ class Envelope:
             self.content_encoding = "identity"
         try:
             doc = _json_decoder.decode(self.body)
+        except RecursionError:
+            raise ValidationError(
+                "request body is nested too deeply",
+                details={"errors": [{"field": "body", "message": "JSON nested too deeply"}]},
+                reason="malformed_json",
+            ) from None
         except msgspec.DecodeError as exc:
             raise ValidationError(
                 "request body is not valid JSON",

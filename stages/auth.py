@@ -23,10 +23,14 @@ class TokenBucket:
     tokens: float
     updated: float
 
-    def take(self, now: float) -> float:
-        """Take one token; return 0 if allowed, else the seconds until one is available."""
+    def refill(self, now: float) -> None:
+        """Add what accrued since the last update at the current rate (capped at burst)."""
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def take(self, now: float) -> float:
+        """Take one token; return 0 if allowed, else the seconds until one is available."""
+        self.refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -55,10 +59,14 @@ class AuthStage(Stage):
         }
         self._default_rate = settings.security.rate_limit_rps
         self._default_burst = settings.security.rate_limit_burst
-        for token, key in settings.security.api_keys.items():
-            del token
+        names = {key.name for key in settings.security.api_keys.values()}
+        for gone in set(self._buckets) - names:
+            del self._buckets[gone]  # a removed key leaves no state behind
+        for key in settings.security.api_keys.values():
             bucket = self._buckets.get(key.name)
             if bucket is not None:
+                # Settle what accrued at the old rate before the new limits apply.
+                bucket.refill(self._clock())
                 bucket.rate, bucket.burst = self._limits(key)
                 bucket.tokens = min(bucket.tokens, bucket.burst)
 

@@ -107,7 +107,9 @@ class BatchStage(Stage):
                 entries >= loki.batch_max_entries
                 or size >= loki.batch_max_bytes
                 or trio.current_time() >= deadline
+                or keylog.flush_requested
             ):
+                keylog.flush_requested = False
                 break
             with trio.move_on_at(deadline):
                 await keylog.wait_changed()

@@ -1,0 +1,84 @@
+"""Run the Loki-compatible receiver as its own process (crash tests, benchmarks).
+
+    python -m logstack.testing.loki --host 127.0.0.1 --port 0 --port-file PATH [--dump PATH]
+
+Once listening, the bound port is written to ``--port-file`` (atomically: a reader never
+sees a partial file). SIGTERM or SIGINT stops it cleanly; ``--dump`` then gets every stored
+entry as a JSON line. While it runs, ``GET /_receiver/entries`` answers the same records as
+a JSON array, ``GET /_receiver/stats`` the counters, and ``POST /_receiver/control`` flips
+the switches (``{"fail_next_status": 503, "fail_next_count": 2}``, ``{"ready": false}``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from ._loki import LokiReceiver
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m logstack.testing.loki",
+        description="A Loki-compatible push receiver for tests and benchmarks.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    p.add_argument("--dump", type=Path, help="write stored entries as JSON lines on exit")
+    p.add_argument("--max-line-size-bytes", type=int, default=256 * 1024)
+    p.add_argument("--burst-limit-bytes", type=int, default=6 * 1024 * 1024)
+    p.add_argument("--ingestion-rate-bytes-per-s", type=float, default=None)
+    p.add_argument(
+        "--out-of-order-window-s",
+        type=float,
+        default=3600.0,
+        help="negative: accept any order",
+    )
+    p.add_argument("--delay-s", type=float, default=0.0)
+    return p
+
+
+async def _run(args: argparse.Namespace) -> None:
+    rx = LokiReceiver(
+        max_line_size_bytes=args.max_line_size_bytes,
+        burst_limit_bytes=args.burst_limit_bytes,
+        ingestion_rate_bytes_per_s=args.ingestion_rate_bytes_per_s,
+        out_of_order_window_s=None
+        if args.out_of_order_window_s < 0
+        else args.out_of_order_window_s,
+    )
+    rx.delay_s = args.delay_s
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rx.serve, args.host, args.port)
+            if args.port_file is not None:
+                _write_atomically(args.port_file, f"{rx.port}\n".encode())
+            print(f"loki receiver listening on {rx.url}", file=sys.stderr, flush=True)
+            async for _ in signals:
+                break
+            rx.stop()
+    if args.dump is not None:
+        _write_atomically(args.dump, rx.dump_json_lines())
+    print(f"loki receiver stopped: {rx!r}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    trio.run(_run, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``python -m logstack check-config`` and ``stages list`` as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logstack import _cli
+from logstack._config import DEFAULT_PIPELINE
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_CONFIG = REPO / "config.yaml"
+SECRET = "logstack_secret_0123456789abcdef"
+
+
+def logstack(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOGSTACK_")}
+    return subprocess.run(
+        [sys.executable, "-m", "logstack", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_config_passes(tmp_path: Path) -> None:
+    result = logstack("check-config", str(SHIPPED_CONFIG), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "api keys: 2 (2 active)" in result.stdout
+    assert "pipeline: " + " -> ".join(DEFAULT_PIPELINE) in result.stdout
+    assert result.stderr == ""
+    # Nothing was created: check-config only reads.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_option_and_environment_variable(tmp_path: Path) -> None:
+    by_option = logstack("check-config", "--config", str(SHIPPED_CONFIG), cwd=tmp_path)
+    assert by_option.returncode == 0, by_option.stderr
+    by_env = logstack("check-config", cwd=tmp_path, LOGSTACK_CONFIG=str(SHIPPED_CONFIG))
+    assert by_env.returncode == 0, by_env.stderr
+    assert "api keys: 2 (2 active)" in by_env.stdout
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    result = logstack("check-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(defaults)" in result.stdout
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+server:
+  prot: 8000
+wal:
+  segment_max_bytes: 12
+security:
+  api_keys:
+    "{SECRET}":
+      name: "has spaces"
+""",
+    )
+    result = logstack("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "server.prot: unknown key" in result.stderr
+    assert "wal.segment_max_bytes" in result.stderr
+    assert "security.api_keys.<token" in result.stderr
+    assert SECRET not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_override_error_names_the_variable(tmp_path: Path) -> None:
+    result = logstack(
+        "check-config", str(SHIPPED_CONFIG), cwd=tmp_path, LOGSTACK_LOKI_TIMEOUT_S="soon"
+    )
+    assert result.returncode == 2
+    assert "loki.timeout_s" in result.stderr
+    assert "LOGSTACK_LOKI_TIMEOUT_S" in result.stderr
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    result = logstack("check-config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no such file" in result.stderr
+
+
+def test_bad_pipeline_exits_2_listing_every_problem(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+pipeline:
+  - type: auth
+  - type: acme_nope
+  - type: mask
+    options: {patern: "x"}
+  - type: auth
+""",
+    )
+    result = logstack("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "pipeline[1] (acme_nope): unknown stage type 'acme_nope'" in result.stderr
+    assert "pipeline[2] (mask): unknown field 'patern'" in result.stderr
+    assert "pipeline[3] (auth): duplicate stage name 'auth'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stages_list_shows_the_builtins(tmp_path: Path) -> None:
+    result = logstack("stages", "list", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "SUMMARY"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    for name in DEFAULT_PIPELINE:
+        assert rows[name][1] == "logstack", rows[name]
+        assert rows[name][2] == "0.1.0"
+        assert "ERROR" not in rows[name][3:]
+
+
+def test_stages_list_json(tmp_path: Path) -> None:
+    result = logstack("stages", "list", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    for name in DEFAULT_PIPELINE:
+        assert rows[name]["distribution"] == "logstack"
+        assert rows[name]["summary"]
+        assert isinstance(rows[name]["options"], dict)
+        assert "error" not in rows[name]
+
+
+def test_stages_list_rows_without_summary_or_with_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"name": "acme_quiet", "distribution": "logstack-acme", "version": "1.0", "summary": ""},
+        {"name": "acme_bad", "distribution": "logstack-acme", "version": "1.0", "error": "boom"},
+        {"name": "?", "error": "logstack-b[acme_dup]: stage name 'acme_dup' is already ..."},
+    ]
+    monkeypatch.setattr(_cli, "describe_stages", lambda: rows)
+    assert _cli.main(["stages", "list"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["acme_quiet", "logstack-acme", "1.0"]  # no "ERROR: None"
+    assert out[2].split()[3:] == ["ERROR:", "boom"]
+    assert out[3].split()[:3] == ["?", "?", "?"]
+    assert "ERROR: logstack-b[acme_dup]" in out[3]

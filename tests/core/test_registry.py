@@ -1,0 +1,534 @@
+"""Stage discovery and validation (``logstack._registry``), driven by fake entry points.
+
+Fake ``EntryPoint`` objects point at classes in a helper module written to ``tmp_path``; a
+small stand-in plays the distribution (``EntryPoint._for(dist)`` sets ``ep.dist``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from logstack._config import DEFAULT_PIPELINE, Settings, StageSpec, load_settings
+from logstack._errors import ConfigError, PluginError
+from logstack._registry import (
+    GROUP,
+    check_stage_class,
+    describe_stages,
+    discover,
+    load_stage_class,
+    resolve_pipeline,
+)
+from logstack._stage import Stage, StageConfig
+
+PLUGIN_SOURCE = '''
+from pydantic import Field
+
+from logstack import Stage, StageConfig
+
+
+class AcmeConfig(StageConfig):
+    pattern: str = Field("[0-9]+", description="Regular expression of what to mask.")
+    max_hits: int = Field(10, description="Most replacements per entry.")
+
+
+class GoodStage(Stage):
+    """Mask things the acme way.
+
+    A longer description that ``stages list`` does not show.
+    """
+
+    Config = AcmeConfig
+
+    def process(self, envelope):
+        pass
+
+
+class OtherGoodStage(Stage):
+    def process(self, envelope):
+        pass
+
+
+class RunStage(Stage):
+    """A stage with its own loop."""
+
+    async def run(self, inbox, outbox):
+        async with inbox, outbox:
+            async for batch in inbox:
+                await outbox.send(batch)
+
+
+class NotAStage:
+    def process(self, envelope):
+        pass
+
+
+class PlainConfig:
+    pattern: str = "x"
+
+
+class BadConfigStage(Stage):
+    Config = PlainConfig
+
+    def process(self, envelope):
+        pass
+
+
+class NothingStage(Stage):
+    """Implements neither process nor run."""
+
+
+class SyncRunStage(Stage):
+    def run(self, inbox, outbox):
+        pass
+
+
+class AsyncProcessStage(Stage):
+    async def process(self, envelope):
+        pass
+
+
+class BadRunSignatureStage(Stage):
+    async def run(self, receive, send):
+        pass
+
+
+not_a_class = 42
+'''
+
+BROKEN_SOURCE = """
+raise RuntimeError("kaboom at import")
+"""
+
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class FakeDist:
+    """Just what ``discover()`` reads from ``ep.dist``."""
+
+    name: str
+    version: str = "1.2.3"
+
+
+@dataclass(frozen=True)
+class Modules:
+    plugin: str
+    broken: str
+    imported: Callable[[str], bool]
+
+
+@pytest.fixture
+def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Modules]:
+    """A plugin module and a module that raises at import, with names unique to the test."""
+    n = next(_counter)
+    plugin, broken = f"lstest_plugin_{n}", f"lstest_broken_{n}"
+    (tmp_path / f"{plugin}.py").write_text(textwrap.dedent(PLUGIN_SOURCE), encoding="utf-8")
+    (tmp_path / f"{broken}.py").write_text(BROKEN_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield Modules(plugin, broken, lambda name: name in sys.modules)
+    for name in (plugin, broken):
+        sys.modules.pop(name, None)
+
+
+def ep(
+    name: str, value: str, dist: str | None = "logstack-acme", version: str = "1.2.3"
+) -> EntryPoint:
+    point = EntryPoint(name=name, value=value, group=GROUP)
+    return point._for(FakeDist(dist, version)) if dist is not None else point
+
+
+def settings_with(*specs: dict[str, Any]) -> Settings:
+    return Settings.model_validate({"pipeline": list(specs)})
+
+
+def problems_of(settings: Settings, eps: list[EntryPoint]) -> list[str]:
+    with pytest.raises(PluginError) as info:
+        resolve_pipeline(settings, eps)
+    assert isinstance(info.value, ConfigError)
+    # Every problem is also in the message, one per line.
+    for problem in info.value.problems:
+        assert problem in str(info.value)
+    return info.value.problems
+
+
+def only(problems: list[str]) -> str:
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# --------------------------------------------------------------------------------------
+# The real installed metadata
+# --------------------------------------------------------------------------------------
+
+
+def test_default_pipeline_resolves_from_installed_metadata() -> None:
+    resolved = resolve_pipeline(load_settings(env={}))
+    assert [r.spec.instance_name for r in resolved] == list(DEFAULT_PIPELINE)
+    assert [r.spec.instance_name for r in resolved] == [
+        "auth",
+        "mask",
+        "validate",
+        "wal_append",
+        "batch",
+        "forward_loki",
+    ]
+    for item in resolved:
+        assert item.plugin.distribution == "logstack"
+        assert item.plugin.culprit == f"logstack[{item.spec.type}]"
+        assert issubclass(item.stage_cls, Stage)
+        assert isinstance(item.config, item.stage_cls.Config)
+        assert check_stage_class(item.stage_cls) == []
+
+
+def test_installed_builtins_are_discovered_without_problems() -> None:
+    found, problems = discover()
+    assert problems == []
+    for name in DEFAULT_PIPELINE:
+        assert found[name].distribution == "logstack"
+
+
+# --------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------
+
+
+def test_good_plugin_resolves_with_options(modules: Modules) -> None:
+    eps = [ep("acme_mask", f"{modules.plugin}:GoodStage")]
+    settings = settings_with({"type": "acme_mask", "options": {"pattern": "[a-z]+", "max_hits": 3}})
+    [item] = resolve_pipeline(settings, eps)
+    assert item.stage_cls.__name__ == "GoodStage"
+    assert item.plugin.culprit == "logstack-acme[acme_mask]"
+    assert item.plugin.version == "1.2.3"
+    assert item.config.pattern == "[a-z]+"  # type: ignore[attr-defined]
+    assert item.config.max_hits == 3  # type: ignore[attr-defined]
+
+
+def test_discover_imports_nothing_and_only_used_stages_are_imported(modules: Modules) -> None:
+    eps = [
+        ep("acme_mask", f"{modules.plugin}:GoodStage"),
+        ep("acme_broken", f"{modules.broken}:Anything"),
+    ]
+    found, problems = discover(eps)
+    assert problems == []
+    assert set(found) == {"acme_mask", "acme_broken"}
+    assert not modules.imported(modules.plugin)
+    # The broken module is installed but unused: the pipeline still resolves.
+    resolve_pipeline(settings_with({"type": "acme_mask"}), eps)
+    assert modules.imported(modules.plugin)
+    assert not modules.imported(modules.broken)
+
+
+def test_unknown_stage_type_lists_installed(modules: Modules) -> None:
+    eps = [ep("acme_mask", f"{modules.plugin}:GoodStage")]
+    problem = only(problems_of(settings_with({"type": "acme_nope"}), eps))
+    assert problem.startswith("pipeline[0] (acme_nope): unknown stage type 'acme_nope'")
+    assert "acme_mask" in problem
+
+
+@pytest.mark.parametrize("bad", ["Acme", "a", "1acme", "acme-mask", "acme.mask", "x" * 65])
+def test_bad_stage_name_pattern(modules: Modules, bad: str) -> None:
+    eps = [ep(bad, f"{modules.plugin}:GoodStage")]
+    found, problems = discover(eps)
+    assert bad not in found
+    problem = only(problems)
+    assert problem.startswith(f"logstack-acme[{bad}]: stage name must match")
+    # Reported at start-up even though the pipeline does not use it.
+    all_problems = problems_of(
+        settings_with({"type": "acme_good"}),
+        [
+            *eps,
+            ep("acme_good", f"{modules.plugin}:GoodStage"),
+        ],
+    )
+    assert all_problems == [problem]
+
+
+def test_entry_point_without_distribution(modules: Modules) -> None:
+    found, problems = discover([ep("acme_mask", f"{modules.plugin}:GoodStage", dist=None)])
+    assert problems == []
+    assert found["acme_mask"].culprit == "<unknown>[acme_mask]"
+
+
+def test_duplicate_registration_by_two_distributions(modules: Modules) -> None:
+    eps = [
+        ep("acme_mask", f"{modules.plugin}:GoodStage", dist="logstack-acme"),
+        ep("acme_mask", f"{modules.plugin}:OtherGoodStage", dist="logstack-evil"),
+    ]
+    problem = only(discover(eps)[1])
+    assert "logstack-evil[acme_mask]" in problem
+    assert "logstack-acme[acme_mask]" in problem
+    assert "already registered" in problem
+    # A pipeline using the name fails too (not silently first-wins).
+    assert problems_of(settings_with({"type": "acme_mask"}), eps) == [problem]
+
+
+def test_duplicate_registration_of_the_same_value_by_two_distributions(
+    modules: Modules,
+) -> None:
+    eps = [
+        ep("acme_mask", f"{modules.plugin}:GoodStage", dist="logstack-acme"),
+        ep("acme_mask", f"{modules.plugin}:GoodStage", dist="logstack-acme-fork"),
+    ]
+    problem = only(discover(eps)[1])
+    assert "logstack-acme-fork[acme_mask]" in problem
+    assert "logstack-acme[acme_mask]" in problem
+
+
+def test_same_distribution_seen_twice_is_not_a_duplicate(modules: Modules) -> None:
+    eps = [
+        ep("acme_mask", f"{modules.plugin}:GoodStage"),
+        ep("acme_mask", f"{modules.plugin}:GoodStage"),
+    ]
+    found, problems = discover(eps)
+    assert problems == []
+    assert list(found) == ["acme_mask"]
+
+
+# --------------------------------------------------------------------------------------
+# Loading and validating the class
+# --------------------------------------------------------------------------------------
+
+
+def test_import_error_names_culprit_and_exception(modules: Modules) -> None:
+    eps = [ep("acme_broken", f"{modules.broken}:Anything")]
+    problem = only(problems_of(settings_with({"type": "acme_broken"}), eps))
+    assert problem.startswith("pipeline[0] (acme_broken): logstack-acme[acme_broken]: ")
+    assert "cannot import" in problem
+    assert "RuntimeError: kaboom at import" in problem
+
+
+def test_missing_attribute_is_an_import_problem(modules: Modules) -> None:
+    eps = [ep("acme_gone", f"{modules.plugin}:DoesNotExist")]
+    problem = only(problems_of(settings_with({"type": "acme_gone"}), eps))
+    assert "logstack-acme[acme_gone]: cannot import" in problem
+    assert "AttributeError" in problem
+
+
+def test_missing_module_is_an_import_problem(modules: Modules) -> None:
+    eps = [ep("acme_gone", "lstest_no_such_module_anywhere:Stage")]
+    problem = only(problems_of(settings_with({"type": "acme_gone"}), eps))
+    assert "logstack-acme[acme_gone]: cannot import" in problem
+    assert "ModuleNotFoundError" in problem
+
+
+@pytest.mark.parametrize("attr", ["NotAStage", "not_a_class"])
+def test_not_a_stage_subclass(modules: Modules, attr: str) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:{attr}")]
+    problem = only(problems_of(settings_with({"type": "acme_x"}), eps))
+    assert problem.startswith("pipeline[0] (acme_x): logstack-acme[acme_x]: ")
+    assert "is not a subclass of logstack.Stage" in problem
+
+
+def test_config_not_a_stage_config(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:BadConfigStage")]
+    problem = only(problems_of(settings_with({"type": "acme_x"}), eps))
+    assert problem == (
+        "pipeline[0] (acme_x): logstack-acme[acme_x]: "
+        "Config must be a subclass of logstack.StageConfig"
+    )
+
+
+def test_neither_process_nor_run(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:NothingStage")]
+    problem = only(problems_of(settings_with({"type": "acme_x"}), eps))
+    assert problem.endswith(
+        "logstack-acme[acme_x]: implements neither process(envelope) nor run(inbox, outbox)"
+    )
+
+
+def test_non_async_run(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:SyncRunStage")]
+    problem = only(problems_of(settings_with({"type": "acme_x"}), eps))
+    assert problem.endswith("logstack-acme[acme_x]: run must be an async function")
+
+
+def test_async_process_and_bad_run_signature(modules: Modules) -> None:
+    eps = [
+        ep("acme_p", f"{modules.plugin}:AsyncProcessStage"),
+        ep("acme_r", f"{modules.plugin}:BadRunSignatureStage"),
+    ]
+    problems = problems_of(settings_with({"type": "acme_p"}, {"type": "acme_r"}), eps)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("pipeline[0] (acme_p): logstack-acme[acme_p]: ")
+    assert "process must be a plain (non-async) function" in problems[0]
+    assert problems[1].startswith("pipeline[1] (acme_r): logstack-acme[acme_r]: ")
+    assert "run(self, inbox, outbox)" in problems[1]
+
+
+def test_stage_with_own_run_is_valid(modules: Modules) -> None:
+    eps = [ep("acme_run", f"{modules.plugin}:RunStage")]
+    [item] = resolve_pipeline(settings_with({"type": "acme_run"}), eps)
+    assert item.stage_cls.__name__ == "RunStage"
+    assert type(item.config) is StageConfig
+
+
+def test_load_stage_class_raises_plugin_error_naming_culprit(modules: Modules) -> None:
+    found, _ = discover([ep("acme_x", f"{modules.plugin}:NothingStage", dist="logstack-x")])
+    with pytest.raises(PluginError) as info:
+        load_stage_class(found["acme_x"])
+    assert info.value.problems == [
+        "logstack-x[acme_x]: implements neither process(envelope) nor run(inbox, outbox)"
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Options and pipeline shape
+# --------------------------------------------------------------------------------------
+
+
+def test_unknown_option_field(modules: Modules) -> None:
+    eps = [
+        ep("auth_like", f"{modules.plugin}:OtherGoodStage"),
+        ep("noop", f"{modules.plugin}:OtherGoodStage"),
+        ep("acme_x", f"{modules.plugin}:GoodStage"),
+    ]
+    settings = settings_with(
+        {"type": "auth_like"},
+        {"type": "noop"},
+        {"type": "acme_x", "options": {"patern": "[0-9]+"}},
+    )
+    assert only(problems_of(settings, eps)) == "pipeline[2] (acme_x): unknown field 'patern'"
+
+
+def test_option_of_the_wrong_type(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:GoodStage")]
+    settings = settings_with({"type": "acme_x", "options": {"max_hits": "many"}})
+    problem = only(problems_of(settings, eps))
+    assert problem.startswith("pipeline[0] (acme_x): max_hits: ")
+    assert "integer" in problem
+
+
+def test_options_on_a_stage_without_options(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:OtherGoodStage")]
+    settings = settings_with({"type": "acme_x", "options": {"anything": 1}})
+    assert only(problems_of(settings, eps)) == "pipeline[0] (acme_x): unknown field 'anything'"
+
+
+def test_duplicate_instance_names(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:GoodStage")]
+    settings = settings_with({"type": "acme_x"}, {"type": "acme_x"})
+    problem = only(problems_of(settings, eps))
+    assert problem.startswith("pipeline[1] (acme_x): duplicate stage name 'acme_x'")
+    assert "pipeline[0]" in problem
+    # A distinct ``name`` makes two instances of one type legal.
+    resolved = resolve_pipeline(
+        settings_with({"type": "acme_x"}, {"type": "acme_x", "name": "acme_x_again"}), eps
+    )
+    assert [r.spec.instance_name for r in resolved] == ["acme_x", "acme_x_again"]
+
+
+def test_explicit_name_clashing_with_a_type(modules: Modules) -> None:
+    eps = [
+        ep("acme_x", f"{modules.plugin}:GoodStage"),
+        ep("acme_y", f"{modules.plugin}:OtherGoodStage"),
+    ]
+    settings = settings_with({"type": "acme_x"}, {"type": "acme_y", "name": "acme_x"})
+    assert "duplicate stage name 'acme_x'" in only(problems_of(settings, eps))
+
+
+def test_every_problem_is_reported_in_one_error(modules: Modules) -> None:
+    eps = [
+        ep("acme_good", f"{modules.plugin}:GoodStage"),
+        ep("acme_broken", f"{modules.broken}:Anything"),
+        ep("acme_notstage", f"{modules.plugin}:NotAStage"),
+        ep("acme_cfg", f"{modules.plugin}:BadConfigStage"),
+        ep("acme_nothing", f"{modules.plugin}:NothingStage"),
+        ep("acme_sync", f"{modules.plugin}:SyncRunStage"),
+        ep("acme_dup", f"{modules.plugin}:GoodStage", dist="logstack-one"),
+        ep("acme_dup", f"{modules.plugin}:OtherGoodStage", dist="logstack-two"),
+        ep("Bad-Name", f"{modules.plugin}:GoodStage"),
+    ]
+    settings = settings_with(
+        {"type": "acme_good"},
+        {"type": "acme_unknown"},
+        {"type": "acme_broken"},
+        {"type": "acme_notstage"},
+        {"type": "acme_cfg"},
+        {"type": "acme_nothing"},
+        {"type": "acme_sync"},
+        {"type": "acme_good", "name": "second", "options": {"patern": "x", "max_hits": "lots"}},
+        {"type": "acme_good"},
+    )
+    problems = problems_of(settings, eps)
+    expected_fragments = [
+        "logstack-two[acme_dup]",  # discovery problems come first
+        "logstack-acme[Bad-Name]",
+        "pipeline[1] (acme_unknown): unknown stage type",
+        "pipeline[2] (acme_broken): logstack-acme[acme_broken]: cannot import",
+        "pipeline[3] (acme_notstage): logstack-acme[acme_notstage]: ",
+        "pipeline[4] (acme_cfg): logstack-acme[acme_cfg]: Config must be",
+        "pipeline[5] (acme_nothing): logstack-acme[acme_nothing]: implements neither",
+        "pipeline[6] (acme_sync): logstack-acme[acme_sync]: run must be an async function",
+        "pipeline[7] (acme_good): unknown field 'patern'",
+        "pipeline[7] (acme_good): max_hits: ",
+        "pipeline[8] (acme_good): duplicate stage name 'acme_good'",
+    ]
+    assert len(problems) == len(expected_fragments), problems
+    for fragment in expected_fragments:
+        assert sum(fragment in p for p in problems) == 1, (fragment, problems)
+    assert not any(p.startswith("pipeline[0]") for p in problems)
+
+
+def test_stage_spec_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="opts"):
+        StageSpec.model_validate({"type": "mask", "opts": {}})
+
+
+# --------------------------------------------------------------------------------------
+# describe_stages
+# --------------------------------------------------------------------------------------
+
+
+def test_describe_stages(modules: Modules) -> None:
+    eps = [
+        ep("acme_mask", f"{modules.plugin}:GoodStage", version="2.0.1"),
+        ep("acme_plain", f"{modules.plugin}:OtherGoodStage", dist="logstack-plain"),
+        ep("acme_broken", f"{modules.broken}:Anything"),
+        ep("acme_dup", f"{modules.plugin}:GoodStage", dist="logstack-one"),
+        ep("acme_dup", f"{modules.plugin}:RunStage", dist="logstack-two"),
+    ]
+    rows = describe_stages(eps)
+    by_name = {row["name"]: row for row in rows if row["name"] != "?"}
+    assert list(by_name) == ["acme_broken", "acme_dup", "acme_mask", "acme_plain"]  # sorted
+    assert by_name["acme_mask"] == {
+        "name": "acme_mask",
+        "distribution": "logstack-acme",
+        "version": "2.0.1",
+        "summary": "Mask things the acme way.",
+        "options": {
+            "pattern": "Regular expression of what to mask.",
+            "max_hits": "Most replacements per entry.",
+        },
+    }
+    # No docstring of its own: no summary (not the docstring of the ``Stage`` base class).
+    assert by_name["acme_plain"]["summary"] == ""
+    assert by_name["acme_plain"]["distribution"] == "logstack-plain"
+    assert by_name["acme_plain"]["options"] == {}
+    assert "error" not in by_name["acme_plain"]
+    broken = by_name["acme_broken"]
+    assert "summary" not in broken
+    assert "logstack-acme[acme_broken]: cannot import" in broken["error"]
+    assert "RuntimeError: kaboom at import" in broken["error"]
+    [dup] = [row for row in rows if row["name"] == "?"]
+    assert "logstack-two[acme_dup]" in dup["error"]
+    assert "logstack-one[acme_dup]" in dup["error"]
+
+
+def test_describe_installed_builtins() -> None:
+    rows = {row["name"]: row for row in describe_stages()}
+    for name in DEFAULT_PIPELINE:
+        row = rows[name]
+        assert row["distribution"] == "logstack"
+        assert row["version"]
+        assert row["summary"]
+        assert "error" not in row
+        assert isinstance(row["options"], dict)
