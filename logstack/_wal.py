@@ -20,7 +20,7 @@ import mmap
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,14 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
+async def fsync_in_thread(fds: list[int]) -> None:
+    """How key logs fsync by default: in a worker thread, so the trio loop keeps serving."""
+    await trio.to_thread.run_sync(_fdatasync_all, fds)
+
+
+FsyncRunner = Callable[[list[int]], Awaitable[None]]
+
+
 @dataclass(eq=False)
 class Segment:
     seq: int
@@ -86,6 +94,8 @@ class Segment:
     """When the segment was started, in the log's clock (for age rotation)."""
     content_start: int = HEADER_SIZE
     """Offset after the records carried over at rotation: below it there is no new data."""
+    last_entry_end: int | None = None
+    """End of the last entry batch in this segment (None: unknown, assume the whole file)."""
 
     @property
     def has_new_data(self) -> bool:
@@ -114,6 +124,9 @@ class KeyLog:
     segment_max_bytes: int
     metrics: Metrics
     clock: Clock = _monotonic
+    fsync_runner: FsyncRunner = fsync_in_thread
+    """Replaced only by timer tests on trio's autojump clock, where a thread would let the
+    clock jump while the fsync runs."""
     segments: list[Segment] = field(default_factory=list)
     delivered: Position = (0, HEADER_SIZE)
     """Everything before this position reached Loki (or the DLQ); the checkpoint is durable."""
@@ -172,6 +185,7 @@ class KeyLog:
         end = self.append_bytes(buffer)
         if has_entries:
             self.last_entry_end = end
+            self.active.last_entry_end = end[1]
         return end
 
     def append_bytes(self, framed: bytes | bytearray) -> Position:
@@ -209,7 +223,7 @@ class KeyLog:
             end = self.end
             self._syncing = done = trio.Event()
             try:
-                await trio.to_thread.run_sync(_fdatasync_all, fds)
+                await self.fsync_runner(fds)
             except OSError as exc:
                 self._retired = retired + self._retired
                 raise WalError(
@@ -303,16 +317,21 @@ class KeyLog:
             self.delivered = position
         self.delete_delivered()
 
+    def _wholly_delivered(self, segment: Segment) -> bool:
+        """Whether every entry batch of a sealed segment lies before the checkpoint (the
+        bookkeeping records after it — such as that checkpoint itself — do not count)."""
+        if not segment.sealed or segment.seq >= self.synced_end[0]:
+            return False
+        delivered = self._normalise(self.delivered)
+        if delivered[0] > segment.seq:
+            return True
+        entries_end = segment.size if segment.last_entry_end is None else segment.last_entry_end
+        return delivered[0] == segment.seq and delivered[1] >= entries_end
+
     def delete_delivered(self) -> int:
         """Delete sealed segments that lie wholly before the durable checkpoint."""
-        delivered = self._normalise(self.delivered)
         deleted = 0
-        while (
-            len(self.segments) > 1
-            and self.segments[0].sealed
-            and self.segments[0].seq < delivered[0]
-            and self.segments[0].seq < self.synced_end[0]
-        ):
+        while len(self.segments) > 1 and self._wholly_delivered(self.segments[0]):
             done = self.segments.pop(0)
             fd = self._read_fds.pop(done.seq, None)
             if fd is not None:
@@ -667,6 +686,7 @@ def recover_key_log(
             name, segment.path, segment.seq, metrics, keylog.idempotency, keylog._damage_seen
         )
         segment.size = result.size
+        segment.last_entry_end = result.last_entry_end or HEADER_SIZE
         if last_entry_end is None and result.last_entry_end is not None:
             last_entry_end = (segment.seq, result.last_entry_end)
         if result.checkpoint is not None:
@@ -699,21 +719,29 @@ class WalStore:
     """All key logs under one root directory, opened lazily per key name."""
 
     def __init__(
-        self, root: Path, segment_max_bytes: int, metrics: Metrics, clock: Clock = _monotonic
+        self,
+        root: Path,
+        segment_max_bytes: int,
+        metrics: Metrics,
+        clock: Clock = _monotonic,
+        fsync_runner: FsyncRunner = fsync_in_thread,
     ) -> None:
         self.root = root
         self.segment_max_bytes = segment_max_bytes
         self.metrics = metrics
         self.clock = clock
+        self.fsync_runner = fsync_runner
         self.logs: dict[str, KeyLog] = {}
 
     def open(self) -> None:
         """Recover every key directory under the root (blocking: run it in a thread)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            self.logs[directory.name] = recover_key_log(
+            keylog = recover_key_log(
                 directory.name, directory, self.segment_max_bytes, self.metrics, self.clock
             )
+            keylog.fsync_runner = self.fsync_runner
+            self.logs[directory.name] = keylog
 
     def log_for(self, name: str) -> KeyLog:
         keylog = self.logs.get(name)
@@ -721,7 +749,14 @@ class WalStore:
             directory = self.root / name
             directory.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.root)
-            keylog = KeyLog(name, directory, self.segment_max_bytes, self.metrics, clock=self.clock)
+            keylog = KeyLog(
+                name,
+                directory,
+                self.segment_max_bytes,
+                self.metrics,
+                clock=self.clock,
+                fsync_runner=self.fsync_runner,
+            )
             keylog._update_gauges()
             self.logs[name] = keylog
         return keylog

@@ -1,0 +1,211 @@
+"""The wal_append stage: group commit, quotas, idempotency, ADR-002 rotation on the clock."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from logstack._config import ApiKey, load_settings
+from logstack._context import StageContext
+from logstack._entry import LogEntry
+from logstack._envelope import Accepted, Envelope
+from logstack._errors import QuotaExceededError, UnavailableError
+from logstack._wal import WalStore
+from stages.wal_append import WalAppendStage
+
+
+async def fsync_inline(fds: list[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
+
+
+ENTRY = LogEntry(1_700_000_000_000_000_000, "INFO", "hello", "svc", "prod")
+
+
+class Harness:
+    def __init__(self, stage: WalAppendStage, head: trio.MemorySendChannel[Any]) -> None:
+        self.stage = stage
+        self.head = head
+        self.context: StageContext = stage.context
+        self.store: WalStore = stage.store
+
+    async def post(
+        self, key: str = "alpha", n: int = 1, idempotency_key: str | None = None
+    ) -> Accepted | Exception:
+        envelope = Envelope(f"req-{trio.current_time()}", None, b"", idempotency_key)
+        envelope.key = ApiKey(name=key)
+        envelope.entries = [ENTRY] * n
+        await self.head.send([envelope])
+        return await envelope.reply.wait()
+
+    def rotations(self, reason: str, key: str = "alpha") -> float:
+        value = self.context.metrics.registry.get_sample_value(
+            "segment_rotations_total", {"token": key, "reason": reason}
+        )
+        return value or 0.0
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, clock: Any = None, **wal: Any) -> AsyncIterator[Harness]:
+    env = {f"LOGSTACK_WAL_{k.upper()}": str(v) for k, v in wal.items()}
+    env["LOGSTACK_WAL_ROOT_PATH"] = str(tmp_path / "wal")
+    settings = load_settings(env=env)
+    context = StageContext(settings)
+    store = WalStore(settings.wal.root_path, settings.wal.segment_max_bytes, context.metrics)
+    if clock is not None:
+        # On the autojump clock, time jumps whenever every task waits, also while an
+        # fsync thread runs: fsync inline (still a real fsync) to keep timers exact.
+        store.clock = trio.current_time
+        store.fsync_runner = fsync_inline
+    store.open()
+    context.services["wal"] = store
+    stage = WalAppendStage(WalAppendStage.Config(), context)
+    head_send, head_receive = trio.open_memory_channel[Any](16)
+    out_send, out_receive = trio.open_memory_channel[Any](1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stage.run, head_receive, out_send)
+        try:
+            yield Harness(stage, head_send)
+        finally:
+            await head_send.aclose()
+    await out_receive.aclose()
+    store.close()
+
+
+async def test_ack_after_fsync_and_hint_downstream(tmp_path: Path) -> None:
+    async with running(tmp_path) as h:
+        answer = await h.post(n=3)
+        assert isinstance(answer, Accepted) and answer.entries_accepted == 3
+        keylog = h.store.logs["alpha"]
+        assert keylog.synced_end == keylog.end  # durable before the answer
+        value = h.context.metrics.registry.get_sample_value(
+            "logs_ingested_total", {"token": "alpha"}
+        )
+        assert value == 3
+
+
+async def test_concurrent_requests_share_fsyncs(tmp_path: Path) -> None:
+    async with running(tmp_path) as h:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(h.post, "alpha" if i % 2 else "beta")
+        fsyncs = h.context.metrics.registry.get_sample_value("wal_fsyncs_total")
+        assert fsyncs is not None and fsyncs < 50, fsyncs  # group commit: fewer fsyncs
+
+
+async def test_idempotent_retry_is_answered_once_and_stored_once(tmp_path: Path) -> None:
+    async with running(tmp_path) as h:
+        first = await h.post(n=2, idempotency_key="abc")
+        again = await h.post(n=2, idempotency_key="abc")
+        other_key = await h.post(key="beta", n=2, idempotency_key="abc")
+        assert isinstance(first, Accepted) and isinstance(again, Accepted)
+        assert again == first
+        assert isinstance(other_key, Accepted) and other_key.request_id != first.request_id
+        keylog = h.store.logs["alpha"]
+        batches = keylog.read(keylog.delivered, 10_000, 1 << 30).batches
+        assert sum(len(b.entries) for b in batches) == 2
+
+
+async def test_quota_rejects_one_key_only(tmp_path: Path) -> None:
+    async with running(tmp_path, quota_bytes=8192) as h:
+        answers = [await h.post(n=20) for _ in range(30)]
+        assert any(isinstance(a, QuotaExceededError) for a in answers)
+        refused = next(a for a in answers if isinstance(a, QuotaExceededError))
+        assert refused.retry_after is not None and refused.retry_after >= 1
+        # Nothing refused costs WAL space: the log stopped growing at the soft limit.
+        assert h.store.logs["alpha"].disk_bytes < 8192
+        assert isinstance(await h.post(key="beta"), Accepted)
+
+
+async def test_disk_pressure_rejects_everyone_with_503(tmp_path: Path) -> None:
+    async with running(tmp_path, min_free_disk_ratio=0.999) as h:
+        for key in ("alpha", "beta"):
+            answer = await h.post(key=key)
+            assert isinstance(answer, UnavailableError)
+            assert answer.reason == "disk_pressure" and answer.retry_after
+
+
+async def test_fsync_interval_mode_acks_before_the_fsync(tmp_path: Path) -> None:
+    async with running(tmp_path, fsync="interval", fsync_interval_ms=50) as h:
+        assert isinstance(await h.post(), Accepted)
+        keylog = h.store.logs["alpha"]
+        with trio.fail_after(5):
+            while keylog.synced_end < keylog.end:
+                await trio.sleep(0.01)
+
+
+# --------------------------------------------------------------- ADR-002 rotation
+@pytest.mark.parametrize(
+    ("wal", "wait_s", "reason"),
+    [
+        # Active ≥ 5 min and ≥ 64 KiB (here: any size) → "age".
+        ({"segment_min_rotate_bytes": 0}, 300, "age"),
+        # Too small for age rotation, but unwritten for 1 h → "idle".
+        ({"segment_min_rotate_bytes": 1 << 30}, 3600, "idle"),
+    ],
+)
+async def test_rotation_on_the_clock(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    wal: dict[str, Any],
+    wait_s: float,
+    reason: str,
+) -> None:
+    async with running(tmp_path, clock=autojump_clock, **wal) as h:
+        await h.post()
+        await trio.sleep(wait_s - 3)
+        assert h.rotations(reason) == 0
+        await trio.sleep(5)
+        assert h.rotations(reason) == 1
+        keylog = h.store.logs["alpha"]
+        assert len(keylog.segments) == 2 and keylog.segments[0].sealed
+        # Nothing new since: no further rotation of the fresh segment.
+        await trio.sleep(wait_s * 3)
+        assert h.rotations(reason) == 1
+
+
+async def test_forced_rotation_of_a_busy_small_segment(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(tmp_path, clock=autojump_clock, segment_min_rotate_bytes=1 << 30) as h:
+        # A write every 10 minutes: never idle, never big enough for age rotation.
+        for _ in range(6 * 6 - 1):
+            await h.post()
+            await trio.sleep(600)
+        assert h.rotations("forced") == 0
+        await h.post()
+        await trio.sleep(700)
+        assert h.rotations("forced") == 1
+        assert h.rotations("idle") == 0 and h.rotations("age") == 0
+
+
+async def test_size_rotation(tmp_path: Path) -> None:
+    async with running(tmp_path, segment_max_bytes=4096) as h:
+        for _ in range(60):
+            await h.post(n=5)
+        assert h.rotations("size") >= 3
+        keylog = h.store.logs["alpha"]
+        assert all(s.size <= 4096 for s in keylog.segments)
+
+
+async def test_rotation_deletes_a_fully_delivered_segment(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(tmp_path, clock=autojump_clock, segment_min_rotate_bytes=0) as h:
+        await h.post(n=2)
+        keylog = h.store.logs["alpha"]
+        first_file = keylog.segments[0].path
+        result = keylog.read(keylog.delivered, 10_000, 1 << 30)
+        await keylog.commit_delivered(result.end)
+        assert first_file.exists()  # still the active segment
+        await trio.sleep(302)
+        assert h.rotations("age") == 1
+        assert not first_file.exists()
+        assert [s.seq for s in keylog.segments] == [2]
