@@ -1,0 +1,1 @@
+"""``python -m logstack.bench``: see ``logstack.bench._cli``."""

@@ -1,0 +1,435 @@
+"""``python -m logstack.bench``: the real server, the real receiver, load over real HTTP.
+
+Each scenario starts ``logstack serve`` (Hypercorn, real WAL with fsync) and the
+Loki-compatible receiver from ``logstack.testing`` as child processes on 127.0.0.1, drives
+keep-alive connections at it, waits for delivery, and reports throughput, latency, CPU,
+memory and whether every accepted line reached the receiver. Ratios against the bare
+Hypercorn + Quart-Trio endpoint (``ceiling``) are measured in the same run, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ..testing._process import (
+    TEST_TOKEN,
+    ChildProcess,
+    LogstackProcess,
+    LokiReceiverProcess,
+    make_test_config,
+)
+from ._load import BodyFactory, LoadResult, run_load
+from ._procstat import cpu_seconds, rss_mib
+
+PLACEHOLDER = b"@@@@@@@@@"
+
+
+def body_factory(lines: int, *, masking_heavy: bool = False) -> BodyFactory:
+    """Unique bodies cheaply: one pre-encoded template, the request number patched in."""
+    entries = []
+    for i in range(lines):
+        entry: dict[str, Any] = {
+            "timestamp": "2026-11-26T12:00:00.123456789Z",
+            "level": "INFO" if i % 10 else "ERROR",
+            "message": f"GET /api/v1/orders/@@@@@@@@@-{i} 200 12ms",
+            "service": "bench-api",
+            "env": "bench",
+            "labels": {"region": "eu-west-1"},
+            "metadata": {"order_id": "@@@@@@@@@", "duration_ms": 12, "path": "/api/v1/orders"},
+        }
+        if masking_heavy:
+            entry["message"] = (
+                f"payment @@@@@@@@@-{i} by jane.doe@example.com card 4111 1111 1111 1111 "
+                "auth Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+            )
+            entry["metadata"] = {
+                "order_id": "@@@@@@@@@",
+                "password": "hunter2",
+                "user": {"email": "jane.doe@example.com", "apiKey": "ak_live_123456"},
+                "cards": [{"card_number": "4111111111111111"}],
+                "note": "contact ops@example.org",
+            }
+        entries.append(entry)
+    template = json.dumps({"entries": entries}, separators=(",", ":")).encode()
+
+    def make(n: int) -> bytes:
+        return template.replace(PLACEHOLDER, b"%09d" % n)
+
+    return make
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    lines_per_request: int
+    load: LoadResult
+    cpu_s: float = 0.0
+    peak_rss_mib: float = 0.0
+    wal_bytes: int = 0
+    delivered: int = 0
+    delivered_all: bool | None = None
+    delivery_wait_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        load = self.load
+        lines = load.accepted_lines
+        out: dict[str, Any] = {
+            "scenario": self.name,
+            "lines_per_request": self.lines_per_request,
+            "duration_s": round(load.duration_s, 2),
+            "lines_per_s": round(lines / load.duration_s) if load.duration_s else 0,
+            "requests_per_s": round(load.accepted_requests / load.duration_s)
+            if load.duration_s
+            else 0,
+            "ack_p50_ms": round(load.percentile(0.50) * 1000, 2),
+            "ack_p95_ms": round(load.percentile(0.95) * 1000, 2),
+            "ack_p99_ms": round(load.percentile(0.99) * 1000, 2),
+            "cpu_s_per_100k_lines": round(self.cpu_s / lines * 1e5, 2) if lines else None,
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "wal_bytes_per_line": round(self.wal_bytes / lines, 1) if lines else None,
+            "4xx": load.count_4xx,
+            "5xx": load.count_5xx,
+            "statuses": dict(sorted(load.statuses.items())),
+            "accepted_lines": lines,
+            "delivered_lines": self.delivered,
+            "all_delivered": self.delivered_all,
+        }
+        out.update(self.extra)
+        return out
+
+
+def _progress(name: str) -> Callable[[LoadResult, float], None]:
+    def show(result: LoadResult, elapsed: float) -> None:
+        rate = result.accepted_lines / elapsed if elapsed else 0
+        statuses = " ".join(f"{k}:{v}" for k, v in sorted(result.statuses.items()))
+        print(f"  {name:<16} {elapsed:5.1f}s  {rate:>10,.0f} lines/s  [{statuses}]", flush=True)
+
+    return show
+
+
+async def _start(proc: ChildProcess) -> str:
+    return await trio.to_thread.run_sync(proc.start)
+
+
+async def _stop(proc: ChildProcess) -> None:
+    await trio.to_thread.run_sync(proc.stop)
+
+
+async def _receiver_entries(url: str) -> int:
+    async with httpx.AsyncClient(timeout=10) as client:
+        stats = (await client.get(url + "/_receiver/stats")).json()
+    return int(stats["entries"])
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = Path(tempfile.mkdtemp(prefix="logstack-bench-"))
+        self.runs = 0
+        self.headers = {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "application/json"}
+
+    def _server(self, loki_url: str, **sections: Any) -> LogstackProcess:
+        self.runs += 1
+        workdir = self.workdir / f"run-{self.runs}"
+        config = make_test_config(
+            workdir,
+            loki_url,
+            **_merge(
+                {
+                    "server": {"log_level": "WARNING"},
+                    "security": {"rate_limit_rps": 1e9, "rate_limit_burst": 1e9},
+                    "wal": {"segment_max_bytes": 1 << 30, "quota_bytes": 64 << 30},
+                    "loki": {"push_format": "protobuf", "batch_max_wait_s": 0.5},
+                },
+                sections,
+            ),
+        )
+        return LogstackProcess(workdir, config)
+
+    async def ceiling(self, lines: int) -> float:
+        """Lines/s of the bare Hypercorn + Quart-Trio endpoint (decode only)."""
+        proc = _CeilingProcess(self.workdir / f"ceiling-{self.runs}")
+        self.runs += 1
+        url = await _start(proc)
+        try:
+            load = await run_load(
+                url + "/v1/logs:ingest",
+                body_factory(lines),
+                lines_per_request=lines,
+                headers=self.headers,
+                connections=self.args.connections,
+                duration_s=self.args.duration,
+                on_progress=_progress(f"ceiling-{lines}"),
+            )
+        finally:
+            await _stop(proc)
+        return load.accepted_lines / load.duration_s
+
+    async def scenario(
+        self,
+        name: str,
+        lines: int,
+        *,
+        masking_heavy: bool = False,
+        rate_per_s: float | None = None,
+        connections: int | None = None,
+        server_sections: dict[str, Any] | None = None,
+    ) -> ScenarioResult:
+        receiver = LokiReceiverProcess(self.workdir / f"loki-{self.runs}")
+        loki_url = await _start(receiver)
+        server = self._server(loki_url, **(server_sections or {}))
+        url = await _start(server)
+        assert server.proc is not None
+        pid = server.proc.pid
+        try:
+            cpu0 = cpu_seconds(pid)
+            load = await run_load(
+                url + "/v1/logs:ingest",
+                body_factory(lines, masking_heavy=masking_heavy),
+                lines_per_request=lines,
+                headers=self.headers,
+                connections=connections or self.args.connections,
+                duration_s=self.args.duration,
+                rate_per_s=rate_per_s,
+                on_progress=_progress(name),
+            )
+            cpu = cpu_seconds(pid) - cpu0
+            result = ScenarioResult(name, lines, load, cpu_s=cpu)
+            result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
+            t0 = time.perf_counter()
+            with trio.move_on_after(self.args.delivery_timeout):
+                while await _receiver_entries(loki_url) < load.accepted_lines:
+                    await trio.sleep(0.2)
+            result.delivery_wait_s = round(time.perf_counter() - t0, 2)
+            result.delivered = await _receiver_entries(loki_url)
+            result.delivered_all = result.delivered >= load.accepted_lines
+            result.peak_rss_mib = rss_mib(pid, "VmHWM")
+        finally:
+            await _stop(server)
+            await _stop(receiver)
+        return result
+
+    async def outage(self) -> ScenarioResult:
+        """Loki down while load runs; then up: how fast does the backlog drain?"""
+        receiver = LokiReceiverProcess(self.workdir / f"loki-{self.runs}")
+        loki_url = await _start(receiver)
+        await _stop(receiver)  # down from the start, on a known port
+        server = self._server(loki_url, loki={"backoff_max_s": 1.0})
+        url = await _start(server)
+        assert server.proc is not None
+        pid = server.proc.pid
+        try:
+            load = await run_load(
+                url + "/v1/logs:ingest",
+                body_factory(100),
+                lines_per_request=100,
+                headers=self.headers,
+                connections=self.args.connections,
+                duration_s=self.args.duration,
+                on_progress=_progress("outage (down)"),
+            )
+            result = ScenarioResult("outage-recovery", 100, load)
+            await _start(receiver)
+            t0 = time.perf_counter()
+            with trio.move_on_after(self.args.delivery_timeout * 4):
+                while await _receiver_entries(loki_url) < load.accepted_lines:
+                    await trio.sleep(0.2)
+            drain_s = time.perf_counter() - t0
+            result.delivered = await _receiver_entries(loki_url)
+            result.delivered_all = result.delivered >= load.accepted_lines
+            result.peak_rss_mib = rss_mib(pid, "VmHWM")
+            ingest_rate = load.accepted_lines / load.duration_s
+            drain_rate = result.delivered / drain_s if drain_s else 0.0
+            result.extra = {
+                "drain_s": round(drain_s, 2),
+                "drain_lines_per_s": round(drain_rate),
+                "drain_over_ingest": round(drain_rate / ingest_rate, 2) if ingest_rate else None,
+            }
+        finally:
+            await _stop(server)
+            await _stop(receiver)
+        return result
+
+
+class _CeilingProcess(ChildProcess):
+    name = "ceiling"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "logstack.bench._ceiling", "--port-file", str(self.port_file)]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+SCENARIOS = ("lines-1", "batch-100", "batch-500", "masking-heavy", "overload", "outage")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args)
+    report: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m logstack.bench " + " ".join(sys.argv[1:]),
+        "scenarios": [],
+    }
+    try:
+        if args.target:
+            load = await run_load(
+                args.target,
+                body_factory(args.lines),
+                lines_per_request=args.lines,
+                headers={**bench.headers, **dict(h.split(":", 1) for h in args.header)},
+                connections=args.connections,
+                duration_s=args.duration,
+                on_progress=_progress("target"),
+            )
+            report["scenarios"].append(ScenarioResult("target", args.lines, load).summary())
+            return report
+        wanted = args.scenario or list(SCENARIOS)
+        ratios: dict[str, list[float]] = {}
+        for name in wanted:
+            print(f"scenario {name}", flush=True)
+            if name in ("lines-1", "batch-100"):
+                lines = 1 if name == "lines-1" else 100
+                results = []
+                for _ in range(args.pairs):
+                    ceiling = await bench.ceiling(lines)
+                    result = await bench.scenario(name, lines)
+                    results.append(result)
+                    ratios.setdefault(name, []).append(
+                        result.load.accepted_lines / result.load.duration_s / ceiling
+                    )
+                best = results[-1]
+                best.extra = {
+                    "ceiling_ratio_median": round(statistics.median(ratios[name]), 3),
+                    "ceiling_ratios": [round(r, 3) for r in ratios[name]],
+                }
+                report["scenarios"].append(best.summary())
+            elif name == "batch-500":
+                report["scenarios"].append((await bench.scenario(name, 500)).summary())
+            elif name == "masking-heavy":
+                result = await bench.scenario(name, 100, masking_heavy=True)
+                report["scenarios"].append(result.summary())
+            elif name == "overload":
+                # Capacity first, then twice that rate at a key limited to the capacity:
+                # the excess must be refused cheaply (429), memory must stay bounded.
+                probe = await bench.scenario("capacity-probe", 100)
+                capacity_rps = probe.load.accepted_requests / probe.load.duration_s
+                result = await bench.scenario(
+                    name,
+                    100,
+                    rate_per_s=2 * capacity_rps,
+                    connections=max(64, args.connections * 4),
+                    server_sections={
+                        "security": {
+                            "rate_limit_rps": capacity_rps,
+                            "rate_limit_burst": capacity_rps,
+                        }
+                    },
+                )
+                result.extra = {"offered_requests_per_s": round(2 * capacity_rps)}
+                report["scenarios"].append(result.summary())
+            elif name == "outage":
+                report["scenarios"].append((await bench.outage()).summary())
+            else:
+                raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+    return report
+
+
+COLUMNS = (
+    ("scenario", "scenario", 16),
+    ("lines/s", "lines_per_s", 10),
+    ("req/s", "requests_per_s", 8),
+    ("p50 ms", "ack_p50_ms", 8),
+    ("p99 ms", "ack_p99_ms", 8),
+    ("CPU s/100k", "cpu_s_per_100k_lines", 10),
+    ("RSS MiB", "peak_rss_mib", 8),
+    ("WAL B/line", "wal_bytes_per_line", 10),
+    ("4xx", "4xx", 7),
+    ("5xx", "5xx", 6),
+    ("delivered", "all_delivered", 9),
+)
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [" ".join(f"{title:>{width}}" for title, _, width in COLUMNS)]
+    for row in report["scenarios"]:
+        cells = []
+        for _, key, width in COLUMNS:
+            value = row.get(key)
+            text = (
+                f"{value:,}"
+                if isinstance(value, int) and not isinstance(value, bool)
+                else str(value)
+            )
+            cells.append(f"{text:>{width}}")
+        lines.append(" ".join(cells))
+    for row in report["scenarios"]:
+        for key in (
+            "ceiling_ratio_median",
+            "drain_lines_per_s",
+            "drain_over_ingest",
+            "offered_requests_per_s",
+        ):
+            if key in row:
+                lines.append(f"  {row['scenario']}: {key} = {row[key]}")
+    lines.append(f"  ({report['machine']['cores']} cores, {report['date']}: {report['command']})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m logstack.bench", description=__doc__)
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable); default: all",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run")
+    parser.add_argument("--connections", type=int, default=16, help="keep-alive connections")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=2,
+        help="alternating ceiling/logstack pairs for the ratio (median)",
+    )
+    parser.add_argument("--delivery-timeout", type=float, default=60.0)
+    parser.add_argument("--target", help="drive load at this ingest URL instead")
+    parser.add_argument("--lines", type=int, default=100, help="lines per request (--target)")
+    parser.add_argument("--header", action="append", default=[], help="extra header (--target)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = trio.run(run, args)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if all(r.get("all_delivered") is not False for r in report["scenarios"]) else 1
