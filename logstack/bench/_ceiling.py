@@ -58,7 +58,7 @@ async def main(port_file: Path) -> None:
                 create_app(), config, shutdown_trigger=shutdown.wait, task_status=task_status
             )
         )
-        port_file.write_text(binds[0] + "\n")
+        await trio.Path(port_file).write_text(binds[0] + "\n")
         await shutdown.wait()
         nursery.cancel_scope.cancel()
 
