@@ -321,6 +321,29 @@ def test_odd_input_never_raises(entry: Any) -> None:
         assert entry == before or entry is before
 
 
+def test_subclasses_of_json_types_are_walked_too() -> None:
+    class Text(str):
+        pass
+
+    class Mapping(dict[str, Any]):
+        pass
+
+    metadata = Mapping(note=Text("mail a.b@c.de"), inner=Mapping(token="t"), items=[Text("x@y.io")])
+    masked, counts = mask_metadata(metadata)
+    assert masked == {
+        "note": "mail a*****b@c.de",
+        "inner": {"token": MASK},
+        "items": ["*****@y.io"],
+    }
+    assert counts == {"detector:email": 2, "token": 1}
+
+
+def test_lone_surrogates_do_not_break_detectors() -> None:
+    masked, counts = scan("\ud800 card 4111 1111 1111 1111 \udfff")
+    assert masked == "\ud800 card ****1111 \udfff"
+    assert counts == {"detector:card_number": 1}
+
+
 def test_odd_input_is_still_masked() -> None:
     entry: dict[str, Any] = {
         "message": {"password": "x", "note": "a.b@c.de"},
@@ -418,6 +441,7 @@ JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJ
         ("a@b.io and cd@e.io", "*****@b.io and *****@e.io", {"email": 2}),
         ("mailto:someone@example.com.", "mailto:s*****e@example.com.", {"email": 1}),
         ("not an email: user@localhost", "not an email: user@localhost", {}),
+        ("a@b.c", "*****@b.c", {"email": 1}),  # the shortest string a built-in can match
         # card numbers (Luhn)
         ("card 4111 1111 1111 1111 ok", "card ****1111 ok", {"card_number": 1}),
         ("4111-1111-1111-1111", "****1111", {"card_number": 1}),
@@ -438,6 +462,7 @@ JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJ
             {"card_number": 2},
         ),
         ("1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6", "1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6", {}),
+        ("x" + "4111 " * 70 + "x", "x**** x", {"card_number": 1}),  # a digit flood: whole
         ("at 2024-01-01T12:00:00.123456789Z", "at 2024-01-01T12:00:00.123456789Z", {}),
         (
             "id 550e8400-e29b-41d4-a716-446655440000",
@@ -448,10 +473,14 @@ JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJ
         (f"token={JWT} end", "token=**** end", {"jwt": 1}),
         (f"{JWT}", "****", {"jwt": 1}),
         ("eyJ alone is fine", "eyJ alone is fine", {}),
+        ("xeyJhbGci.eyJzdWIi.sig", "xeyJhbGci.eyJzdWIi.sig", {}),  # not at a word start
         # bearer / basic
         ("Authorization: Bearer abc123xyz", "Authorization: Bearer ****", {"bearer": 1}),
         ("header Bearer abcdefghijkl, next", "header Bearer ****, next", {"bearer": 1}),
         ("BEARER SOMETOKEN1", "BEARER ****", {"bearer": 1}),
+        ("bearer   abc123xyz", "bearer   ****", {"bearer": 1}),
+        ("BeArEr abc123xyz", "BeArEr ****", {"bearer": 1}),
+        ("unbearer abc123xyz", "unbearer abc123xyz", {}),
         (f"Bearer {JWT}", "Bearer ****", {"bearer": 1}),
         ("the bearer of bad news", "the bearer of bad news", {}),
         ("Basic dXNlcjpwYXNz", "Basic ****", {"bearer": 1}),
@@ -548,6 +577,13 @@ def test_configured_detectors(
     assert found == {f"detector:{name}": n for name, n in counts.items()}
 
 
+def test_configured_detectors_scan_short_strings() -> None:
+    km = masker(detectors=[ValueDetector(name="pin", pattern=r"\b\d{4}\b")])
+    metadata, counts = mask_metadata({"code": "1234", "tag": "ab"}, km)
+    assert metadata == {"code": MASK, "tag": "ab"}
+    assert counts == {"detector:pin": 1}
+
+
 def test_configured_and_builtin_detectors_together() -> None:
     km = masker(detectors=[ValueDetector(name="ssn", pattern=r"\b\d{3}-\d{2}-\d{4}\b")])
     assert scan("a.b@c.de 123-45-6789", km)[0] == "a*****b@c.de ****"
@@ -567,6 +603,13 @@ def test_configured_and_builtin_detectors_together() -> None:
         "bearer " * 15_000,
         "Basic " * 15_000 + "dXNlcjpwYXNz",
         "@" * 100_000,
+        "a@" * 50_000,
+        " @b.co" * 20_000,
+        "a" * 100_000 + "@example.com",
+        "1234 " * 20_000,
+        "123 4 " * 20_000,
+        "4111 1111 1111 1111 x" * 5_000,
+        "1 " * 50_000,
     ],
 )
 def test_adversarial_strings_scan_in_linear_time(text: str) -> None:
@@ -728,3 +771,44 @@ def test_no_luhn_card_survives_in_a_message(body: str, separator: str, words: st
     assert grouped not in masked
     assert f"****{card[-4:]}" in masked
     assert counts == {"detector:card_number": 1}
+
+
+detector_soup = st.lists(
+    st.sampled_from(
+        [
+            "4111",
+            "1111",
+            "0",
+            "12",
+            " ",
+            "-",
+            "@",
+            ".",
+            "a",
+            "Z",
+            "_",
+            "eyJ",
+            "Bearer ",
+            "basic ",
+            "dXNlcjpwYXNz",
+            "=",
+            "\ud800",
+            "é",
+            "\x00",
+            "example.com",
+            "\n",
+        ]
+    ),
+    max_size=60,
+).map("".join)
+
+
+@settings(max_examples=300)
+@given(text=detector_soup)
+def test_any_text_scans_without_error(text: str) -> None:
+    km = masker(detectors=[ValueDetector(name="word", pattern=r"Z+")])
+    first, counts = scan(text, km)
+    again, _ = scan(text, km)
+    assert first == again  # deterministic
+    assert all(n > 0 for n in counts.values())
+    assert "Z" not in first  # the configured detector runs after the built-ins
