@@ -217,12 +217,20 @@ class WalSettings(_Strict):
 
 class LokiSettings(_Strict):
     base_url: str | None = Field("http://localhost:3100", description="One Loki URL.")
-    urls: list[str] = Field(default_factory=list, description="Several Loki URLs, round-robin.")
+    urls: list[str] = Field(
+        default_factory=list,
+        description="Several Loki URLs, used round-robin (unhealthy ones skipped); beats base_url.",
+    )
     push_path: str = Field("/loki/api/v1/push", description="Loki's push API path.")
     push_format: Literal["protobuf", "json"] = Field(
-        "json", description="protobuf (+snappy) or json."
+        "protobuf", description="protobuf (snappy-compressed) or json."
     )
     gzip: bool = Field(False, description="gzip JSON pushes.")
+    structured_metadata: bool = Field(
+        False,
+        description="Send trace_id/span_id as Loki structured metadata instead of in the line "
+        "(needs Loki 3 with allow_structured_metadata).",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Timeout of one push.")
     batch_max_entries: int = Field(1000, gt=0, description="Flush a push at this many entries.")
     batch_max_bytes: int = Field(1024 * 1024, gt=0, description="Flush a push at this size.")
@@ -230,13 +238,27 @@ class LokiSettings(_Strict):
         1.0, gt=0, description="Flush once the oldest entry waited this long."
     )
     burst_limit_bytes: int = Field(
-        6 * 1024 * 1024, gt=0, description="Loki's ingestion_burst_size_mb: no push is larger."
+        6 * 1024 * 1024,
+        gt=0,
+        description="Loki's ingestion_burst_size_mb in bytes: no push is larger (line + "
+        "structured metadata bytes, as Loki counts); a larger entry is dead-lettered.",
     )
     backoff_min_s: float = Field(0.5, gt=0, description="First retry delay.")
     backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
-    max_concurrent_pushes: int = Field(4, gt=0, description="Pushes in flight at once.")
+    max_concurrent_pushes: int = Field(
+        4, gt=0, description="Pushes in flight at once, over all keys and URLs."
+    )
+    endpoint_cooldown_s: float = Field(
+        5.0,
+        gt=0,
+        description="A URL that failed (network error or 5xx) is skipped this long, doubling "
+        "per consecutive failure up to backoff_max_s; /ready probes bring it back sooner.",
+    )
     ready_probe_interval_s: float = Field(
-        10.0, gt=0, description="Probe Loki's /ready when no push succeeded for this long."
+        10.0,
+        gt=0,
+        description="Probe /ready of failed URLs, and of all when no push succeeded lately, "
+        "this often.",
     )
     ready_window_s: float = Field(
         60.0, gt=0, description="/readyz fails when Loki answered nothing for this long."

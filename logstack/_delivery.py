@@ -1,40 +1,161 @@
-"""What flows through the delivery half: a push batch cut from one key's WAL range."""
+"""What flows through the delivery half, and what Loki's answers mean for it.
+
+- :class:`PushBatch`: the entries of one key's WAL range ``[start, end)``, each already turned
+  into a Loki stream (labels) and a Loki entry (timestamp, line, structured metadata).
+- :class:`LokiTransport`: the one small interface the forwarder talks to Loki through
+  (``httpx`` in production, :class:`logstack.testing.ReceiverTransport` in clock tests).
+- :func:`split_by_size`: never more than Loki's burst in one push, sized as Loki sizes it.
+- :func:`attribute_rejections`: which entries of a push a ``400`` refused, which Loki stored,
+  and which it did not say.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import trio
 
 from ._entry import LogEntry
+from ._errors import LogstackError
+from ._loki_proto import (
+    PushEntry,
+    PushRejection,
+    PushStream,
+    format_labels,
+    parse_push_error,
+    sanitize_label_name,
+)
+from ._metrics import Metrics
 from ._wal import Position
 from ._wal_format import EntryBatch
 
 _line_encoder = msgspec.json.Encoder()
+_NS = 1_000_000_000
+
+Labels = tuple[tuple[str, str], ...]
+"""A stream's label set, sorted by name: hashable, and cheap to compare."""
+Item = tuple[Labels, PushEntry]
+"""One entry of a push with the labels of its stream."""
+
+RESERVED_LABELS = ("service", "env", "level")
 
 
-def entry_line(entry: LogEntry) -> str:
-    """The Loki log line: compact JSON of the masked entry's content fields."""
+# ------------------------------------------------------------------------ entries → Loki
+
+
+def entry_line(entry: LogEntry, *, structured_metadata: bool = False) -> str:
+    """The Loki log line: compact JSON of the masked entry's content fields.
+
+    With ``structured_metadata`` the ``trace_id``/``span_id`` travel as Loki structured
+    metadata instead (see :func:`entry_metadata`) and are left out of the line.
+    """
     doc: dict[str, Any] = {"message": entry.message}
     if entry.metadata:
         doc["metadata"] = entry.metadata
-    if entry.trace_id is not None:
-        doc["trace_id"] = entry.trace_id
-    if entry.span_id is not None:
-        doc["span_id"] = entry.span_id
+    if not structured_metadata:
+        if entry.trace_id is not None:
+            doc["trace_id"] = entry.trace_id
+        if entry.span_id is not None:
+            doc["span_id"] = entry.span_id
     return _line_encoder.encode(doc).decode()
 
 
-def stream_key(entry: LogEntry) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(entry.stream_labels().items()))
+def entry_metadata(entry: LogEntry) -> dict[str, str]:
+    """Loki structured metadata of an entry: its ``trace_id`` and ``span_id`` if present."""
+    out: dict[str, str] = {}
+    if entry.trace_id is not None:
+        out["trace_id"] = entry.trace_id
+    if entry.span_id is not None:
+        out["span_id"] = entry.span_id
+    return out
+
+
+_sanitized: dict[str, str] = {}
+
+
+def loki_label_name(name: str) -> str:
+    """The stream label name sent for entry label ``name`` (see ``sanitize_label_name``)."""
+    out = _sanitized.get(name)
+    if out is None:
+        out = sanitize_label_name(name)
+        if len(_sanitized) < 4096:
+            _sanitized[name] = out
+    return out
+
+
+def stream_labels(entry: LogEntry) -> Labels:
+    """The entry's Loki stream: its allowed labels plus ``service``, ``env``, ``level``.
+
+    Label names Loki would refuse (``k8s.pod``) are sent sanitised (``k8s_pod``). Should two
+    names meet after sanitising, a name that was valid as written wins; the three reserved
+    labels always come from the entry's own fields.
+    """
+    labels: dict[str, str] = {}
+    renamed: list[tuple[str, str]] = []
+    for name, value in entry.labels.items():
+        loki_name = loki_label_name(name)
+        if loki_name == name:
+            labels[name] = value
+        else:
+            renamed.append((loki_name, value))
+    for loki_name, value in sorted(renamed):
+        labels.setdefault(loki_name, value)
+    labels["service"] = entry.service
+    labels["env"] = entry.env
+    labels["level"] = entry.level
+    return tuple(sorted(labels.items()))
+
+
+def loki_size(entry: PushEntry) -> int:
+    """Bytes Loki charges an entry against the tenant's rate limit and burst: the line plus
+    structured metadata names and values (``util.EntryTotalSize``)."""
+    line = entry.line
+    size = len(line) if line.isascii() else len(line.encode())
+    for name, value in entry.structured_metadata.items():
+        size += len(name.encode()) + len(value.encode())
+    return size
+
+
+def group_streams(items: Sequence[Item]) -> list[PushStream]:
+    """Items as Loki streams, each stream's entries in item order."""
+    streams: dict[Labels, list[PushEntry]] = {}
+    for labels, entry in items:
+        streams.setdefault(labels, []).append(entry)
+    return [PushStream(dict(labels), entries) for labels, entries in streams.items()]
+
+
+def split_by_size(items: Sequence[Item], limit: int) -> tuple[list[list[Item]], list[Item]]:
+    """Cut ``items`` (in order) into pushes of at most ``limit`` Loki bytes each.
+
+    Returns the pushes and the entries that alone exceed ``limit``: Loki answers 429 to a
+    push larger than the burst however long one waits, so those can never be delivered.
+    """
+    chunks: list[list[Item]] = []
+    oversized: list[Item] = []
+    current: list[Item] = []
+    used = 0
+    for item in items:
+        size = loki_size(item[1])
+        if size > limit:
+            oversized.append(item)
+            continue
+        if current and used + size > limit:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks, oversized
 
 
 @dataclass(eq=False)
 class PushBatch:
-    """Entries of one key's WAL range ``[start, end)``, grouped into Loki streams.
+    """Entries of one key's WAL range ``[start, end)``, ready for Loki, in WAL order.
 
     The batcher sends it to the forwarder and waits on ``done``; the forwarder sets it
     once the range is delivered (or dead-lettered) and the checkpoint is durable.
@@ -44,11 +165,18 @@ class PushBatch:
     tenant: str | None
     start: Position
     end: Position
-    streams: dict[tuple[tuple[str, str], ...], list[tuple[int, str]]]
-    entry_count: int
+    items: list[Item]
     oldest_received_ns: int
     done: trio.Event = field(default_factory=trio.Event)
     created: float = field(default_factory=time.monotonic)
+
+    @property
+    def entry_count(self) -> int:
+        return len(self.items)
+
+    @property
+    def streams(self) -> list[PushStream]:
+        return group_streams(self.items)
 
     @classmethod
     def from_wal(
@@ -58,20 +186,165 @@ class PushBatch:
         start: Position,
         end: Position,
         batches: list[EntryBatch],
+        *,
+        structured_metadata: bool = False,
     ) -> PushBatch:
-        streams: dict[tuple[tuple[str, str], ...], list[tuple[int, str]]] = {}
-        count = 0
+        items: list[Item] = []
         for batch in batches:
             for entry in batch.entries:
-                streams.setdefault(stream_key(entry), []).append(
-                    (entry.timestamp_ns, entry_line(entry))
-                )
-                count += 1
+                sm = entry_metadata(entry) if structured_metadata else {}
+                line = entry_line(entry, structured_metadata=structured_metadata)
+                items.append((stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
         oldest = batches[0].received_ns if batches else time.time_ns()
-        return cls(key_name, tenant, start, end, streams, count, oldest)
+        return cls(key_name, tenant, start, end, items, oldest)
 
     def __repr__(self) -> str:
         return (
-            f"<PushBatch {self.key_name} {self.start}->{self.end} streams={len(self.streams)} "
-            f"entries={self.entry_count} done={self.done.is_set()}>"
+            f"<PushBatch {self.key_name} {self.start}->{self.end} "
+            f"entries={len(self.items)} done={self.done.is_set()}>"
         )
+
+
+# ------------------------------------------------------------------------ the transport
+
+
+class LokiTransportError(LogstackError):
+    """A request to Loki got no HTTP answer (connection refused or reset, timeout, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LokiAnswer:
+    """Loki's HTTP answer: status, body text and (if sent) ``Retry-After`` in seconds."""
+
+    status: int
+    text: str = ""
+    retry_after_s: float | None = None
+
+
+class LokiTransport(Protocol):
+    """How the forwarder reaches Loki. Implementations translate their own errors into
+    :class:`LokiTransportError`; timeouts are applied by the caller (``trio.fail_after``)."""
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> LokiAnswer: ...
+
+    async def get(self, url: str) -> LokiAnswer: ...
+
+    async def aclose(self) -> None: ...
+
+
+# ------------------------------------------------------------------------ what a 400 means
+
+
+@dataclass(slots=True)
+class Attribution:
+    """The fate of each entry of a push Loki answered 400 (indices into the push's items)."""
+
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Entries Loki named as refused, with the message that named each."""
+    unconfirmed: list[int] = field(default_factory=list)
+    """Entries Loki's answer does not account for: it may or may not have stored them."""
+    stored: list[int] = field(default_factory=list)
+    """Entries Loki stored (the answer accounts for every refusal, and these are not one)."""
+    unexplained: list[str] = field(default_factory=list)
+    """Why some entries are unconfirmed (messages not understood or not matched)."""
+
+
+def _matches(rejection: PushRejection, entry: PushEntry) -> bool:
+    scope = rejection.scope
+    if scope == "entry":
+        return entry.timestamp_ns == rejection.value
+    if scope == "second":
+        return entry.timestamp_ns // _NS == rejection.value
+    if scope == "line_length":
+        return len(entry.line.encode()) == rejection.value
+    if scope == "structured_metadata":
+        return bool(entry.structured_metadata)
+    return True  # the whole stream
+
+
+def attribute_rejections(items: Sequence[Item], text: str) -> Attribution:
+    """Read Loki's 400 ``text`` against the push's ``items``.
+
+    Loki stored every valid line of the push. Its answer is complete when it is the
+    distributor's list of validation errors (every refusal, grouped). It is partial when an
+    ingester refused entries: then only the last such stream is reported, at most 10 of its
+    entries are listed, and the distributor's validation errors are dropped. Whatever the
+    answer does not account for is *unconfirmed*: Loki may or may not hold it.
+    """
+    report = parse_push_error(text)
+    result = Attribution()
+    by_stream: dict[str, list[int]] = {}
+    names: dict[Labels, str] = {}
+    for index, (labels, _) in enumerate(items):
+        name = names.get(labels)
+        if name is None:
+            name = names[labels] = format_labels(dict(labels))
+        by_stream.setdefault(name, []).append(index)
+    result.unexplained.extend(report.unrecognized)
+    for rejection in report.rejections:
+        matched = [
+            i for i in by_stream.get(rejection.stream, ()) if _matches(rejection, items[i][1])
+        ]
+        if len(matched) < rejection.count:
+            result.unexplained.append(rejection.message)
+        for i in matched:
+            result.rejected.setdefault(i, rejection.message)
+    if report.ingester_stream is not None:
+        named = by_stream.get(report.ingester_stream, [])
+        listed = [r for r in report.rejections if r.stream == report.ingester_stream]
+        complete = (
+            not report.unrecognized
+            and report.ingester_ignored == len(listed)
+            and report.ingester_total == len(named)
+            and len(by_stream) == 1
+        )
+        if not complete:
+            result.unexplained.append(
+                "an ingester refused entries: Loki then reports one stream only, at most 10 "
+                "of its entries, and drops the distributor's validation errors"
+            )
+    elif not report.rejections and not report.unrecognized:
+        result.unexplained.append("Loki answered 400 without naming what it refused")
+    certain = not result.unexplained
+    for index in range(len(items)):
+        if index in result.rejected:
+            continue
+        (result.stored if certain else result.unconfirmed).append(index)
+    return result
+
+
+# ------------------------------------------------------------------------ lag
+
+
+class DeliveryLag:
+    """``forwarder_lag_seconds{token}``: the age of each key's oldest undelivered entry.
+
+    The batcher records the acceptance time of the oldest entry it holds for a key and clears
+    it once that push is delivered; the gauge is computed at scrape time, so it keeps growing
+    while Loki is down.
+    """
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], int] = time.time_ns) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._oldest: dict[str, int] = {}
+        self._tracked: set[str] = set()
+
+    def track(self, name: str) -> None:
+        if name not in self._tracked:
+            self._tracked.add(name)
+            self._metrics.forwarder_lag.labels(token=name).set_function(lambda: self.seconds(name))
+
+    def hold(self, name: str, oldest_received_ns: int) -> None:
+        self.track(name)
+        self._oldest.setdefault(name, oldest_received_ns)
+
+    def release(self, name: str) -> None:
+        self._oldest.pop(name, None)
+
+    def seconds(self, name: str) -> float:
+        oldest = self._oldest.get(name)
+        return 0.0 if oldest is None else max(0.0, (self._clock() - oldest) / 1e9)
+
+    def __repr__(self) -> str:
+        return f"<DeliveryLag { ({k: round(self.seconds(k), 1) for k in self._oldest}) }>"

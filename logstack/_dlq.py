@@ -1,48 +1,344 @@
-"""Per-key dead-letter queue: pushes Loki refused for good, kept with the reason."""
+"""Per-key dead-letter queue: entries Loki refused for good, kept with the reason.
+
+One JSON-lines file per key, ``<wal root>/<key name>/dead-letters.jsonl``; one record per
+refused push (:class:`DeadLetter`): when, Loki's status and answer, the key's tenant, the WAL
+range it came from, and the entries grouped by stream, each with the message that refused it.
+Entries Loki's answer did not account for (it may have stored them) are kept too, marked
+``unconfirmed``: replaying them is safe, Loki drops exact duplicates it still holds.
+
+Appends are written and fsynced before the forwarder checkpoints past the range, so a crash
+in between re-delivers the range (and the same refusal is not recorded twice: records carry
+their WAL range). Replay removes records by rewriting the file (temp file, fsync, rename,
+fsync of the directory). All file work runs in worker threads, serialised per key.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import msgspec
+import trio
 
-from ._delivery import PushBatch
+from ._delivery import Item, Labels
+from ._errors import LogstackError
+from ._loki_proto import PushEntry, PushStream
+from ._wal import Position
 
 DLQ_FILE = "dead-letters.jsonl"
+MAX_REASON_CHARS = 16 * 1024
+"""Loki's answer is kept up to this many characters per record."""
+
+
+class ReplayBusyError(LogstackError):
+    """A replay of the same key's dead letters is already running."""
+
+
+class DeadEntry(msgspec.Struct, omit_defaults=True):
+    ts: str
+    """Nanoseconds since the epoch, as Loki's JSON push writes them."""
+    line: str
+    metadata: dict[str, str] = {}
+    """Structured metadata, if it was sent as such."""
+    reason: str = ""
+    """The message of Loki's answer that refused this entry (empty: see the record)."""
+    unconfirmed: bool = False
+    """Loki's answer did not say whether it stored this entry."""
+
+
+class DeadStream(msgspec.Struct, omit_defaults=True):
+    stream: dict[str, str]
+    entries: list[DeadEntry] = []
+    values: list[list[str]] = []
+    """Older records' ``[ts, line]`` pairs; read into ``entries``."""
+
+
+class DeadLetter(msgspec.Struct, omit_defaults=True):
+    """One refused push (or the refused part of one)."""
+
+    id: str = ""
+    key: str = ""
+    dead_lettered_at: str = ""
+    status: int | None = None
+    reason: str = ""
+    entries: int = 0
+    unconfirmed: int = 0
+    tenant: str | None = None
+    wal_start: list[int] | None = None
+    wal_end: list[int] | None = None
+    replay_attempts: int = 0
+    last_replay_error: str | None = None
+    streams: list[DeadStream] = []
+
+    def items(self) -> list[Item]:
+        """The entries as push items, in record order."""
+        out: list[Item] = []
+        for stream in self.streams:
+            labels: Labels = tuple(sorted(stream.stream.items()))
+            for e in stream.entries:
+                out.append((labels, PushEntry(int(e.ts), e.line, dict(e.metadata))))
+        return out
+
+    def push_streams(self) -> list[PushStream]:
+        streams: dict[Labels, list[PushEntry]] = {}
+        for labels, entry in self.items():
+            streams.setdefault(labels, []).append(entry)
+        return [PushStream(dict(k), v) for k, v in streams.items()]
+
+
+class DeadLetterHeader(msgspec.Struct):
+    """The fields of a record needed to list it (the entries are skipped while decoding)."""
+
+    id: str = ""
+    key: str = ""
+    dead_lettered_at: str = ""
+    status: int | None = None
+    reason: str = ""
+    entries: int = 0
+    unconfirmed: int = 0
+    tenant: str | None = None
+    replay_attempts: int = 0
+    last_replay_error: str | None = None
+    wal_start: list[int] | None = None
+    wal_end: list[int] | None = None
+
+
 _encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(DeadLetter)
+_header_decoder = msgspec.json.Decoder(DeadLetterHeader)
 
 
-def dead_letter(directory: Path, batch: PushBatch, reason: str, status: int | None) -> None:
-    """Append ``batch`` to the key's DLQ file durably (write + fsync)."""
-    record: dict[str, Any] = {
-        "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "reason": reason,
-        "status": status,
-        "entries": batch.entry_count,
-        "streams": [
-            {"stream": dict(labels), "values": [[str(ts), line] for ts, line in values]}
-            for labels, values in batch.streams.items()
-        ],
-    }
-    path = directory / DLQ_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, _encoder.encode(record) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def now_rfc3339() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e3):03d}Z"
 
 
-def read_dead_letters(directory: Path) -> list[dict[str, Any]]:
-    path = directory / DLQ_FILE
-    if not path.exists():
-        return []
-    out: list[dict[str, Any]] = []
-    with path.open("rb") as handle:
-        for line in handle:
-            if line.strip():
-                out.append(msgspec.json.decode(line))
-    return out
+def make_dead_letter(
+    key: str,
+    tenant: str | None,
+    status: int | None,
+    reason: str,
+    dead: Sequence[tuple[Item, str, bool]],
+    *,
+    wal_range: tuple[Position, Position] | None = None,
+) -> DeadLetter:
+    """A record for ``dead``: (item, the message that refused it, unconfirmed?) triples."""
+    streams: dict[Labels, list[DeadEntry]] = {}
+    unconfirmed = 0
+    for (labels, entry), why, unsure in dead:
+        unconfirmed += unsure
+        streams.setdefault(labels, []).append(
+            DeadEntry(
+                str(entry.timestamp_ns),
+                entry.line,
+                dict(entry.structured_metadata),
+                why if why != reason else "",
+                unsure,
+            )
+        )
+    return DeadLetter(
+        id=uuid.uuid4().hex,
+        key=key,
+        dead_lettered_at=now_rfc3339(),
+        status=status,
+        reason=reason[:MAX_REASON_CHARS],
+        entries=len(dead),
+        unconfirmed=unconfirmed,
+        tenant=tenant,
+        wal_start=list(wal_range[0]) if wal_range else None,
+        wal_end=list(wal_range[1]) if wal_range else None,
+        streams=[DeadStream(dict(labels), entries) for labels, entries in streams.items()],
+    )
+
+
+def _decode_record(line: bytes, key: str, number: int) -> DeadLetter:
+    record = _record_decoder.decode(line)
+    for stream in record.streams:
+        if stream.values and not stream.entries:
+            stream.entries = [DeadEntry(v[0], v[1]) for v in stream.values if len(v) >= 2]
+            stream.values = []
+    if not record.id:
+        record.id = f"line-{number}"
+    if not record.key:
+        record.key = key
+    return record
+
+
+class DeadLetterQueue:
+    """The dead-letter files of every key under ``root`` (the WAL root)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._locks: dict[str, trio.Lock] = {}
+        self._ranges: dict[str, set[tuple[int, int, int, int]]] = {}
+
+    def path(self, key: str) -> Path:
+        return self.root / key / DLQ_FILE
+
+    def lock(self, key: str) -> trio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = trio.Lock()
+        return lock
+
+    def keys(self) -> list[str]:
+        """Names of the keys that have a dead-letter file."""
+        try:
+            return sorted(p.name for p in self.root.iterdir() if (p / DLQ_FILE).is_file())
+        except FileNotFoundError:
+            return []
+
+    # ------------------------------------------------------------------ writing
+
+    async def append(self, record: DeadLetter) -> bool:
+        """Append ``record`` durably; ``False`` if the same WAL range is already recorded."""
+        async with self.lock(record.key):
+            ranges = self._ranges.get(record.key)
+            if ranges is None:
+                ranges = self._ranges[record.key] = await trio.to_thread.run_sync(
+                    self._load_ranges, record.key
+                )
+            span = _span(record)
+            if span is not None and span in ranges:
+                return False
+            await trio.to_thread.run_sync(self._append_sync, record)
+            if span is not None:
+                ranges.add(span)
+            return True
+
+    def _load_ranges(self, key: str) -> set[tuple[int, int, int, int]]:
+        out: set[tuple[int, int, int, int]] = set()
+        for _, line in self._lines(key):
+            try:
+                header = _header_decoder.decode(line)
+            except msgspec.DecodeError:
+                continue
+            span = _span(header)
+            if span is not None:
+                out.add(span)
+        return out
+
+    def _append_sync(self, record: DeadLetter) -> None:
+        path = self.path(record.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, _encoder.encode(record) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def rewrite(self, key: str, change: Callable[[DeadLetter], DeadLetter | None]) -> None:
+        """Rewrite ``key``'s file, replacing each record by ``change(record)`` (``None``
+        drops it), atomically. Records appended meanwhile wait for the lock."""
+        async with self.lock(key):
+            await trio.to_thread.run_sync(self._rewrite_sync, key, change)
+            self._ranges.pop(key, None)
+
+    def _rewrite_sync(self, key: str, change: Callable[[DeadLetter], DeadLetter | None]) -> None:
+        path = self.path(key)
+        if not path.exists():
+            return
+        kept: list[bytes] = []
+        for number, line in self._lines(key):
+            try:
+                record = _decode_record(line, key, number)
+            except msgspec.DecodeError:
+                kept.append(line)  # never drop what we cannot read
+                continue
+            new = change(record)
+            if new is not None:
+                kept.append(line if new is record else _encoder.encode(new))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            for line in kept:
+                handle.write(line + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if kept:
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
+            path.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ reading
+
+    def _lines(self, key: str) -> Iterator[tuple[int, bytes]]:
+        path = self.path(key)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            for number, line in enumerate(handle, 1):
+                line = line.strip()
+                if line:
+                    yield number, line
+
+    def read_sync(self, key: str) -> list[DeadLetter]:
+        """Every readable record of ``key`` (blocking: call from a worker thread)."""
+        out: list[DeadLetter] = []
+        for number, line in self._lines(key):
+            try:
+                out.append(_decode_record(line, key, number))
+            except msgspec.DecodeError:
+                continue
+        return out
+
+    async def read(self, key: str) -> list[DeadLetter]:
+        async with self.lock(key):
+            return await trio.to_thread.run_sync(self.read_sync, key)
+
+    def headers_sync(self, key: str) -> list[DeadLetterHeader]:
+        """Every record of ``key`` without its entries (blocking)."""
+        out: list[DeadLetterHeader] = []
+        for number, line in self._lines(key):
+            try:
+                header = _header_decoder.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if not header.id:
+                header.id = f"line-{number}"
+            header.key = header.key or key
+            out.append(header)
+        return out
+
+    def records_sync(self, key: str, ids: set[str]) -> dict[str, DeadLetter]:
+        """The full records of ``key`` whose id is in ``ids`` (blocking)."""
+        out: dict[str, DeadLetter] = {}
+        for number, line in self._lines(key):
+            try:
+                header = _header_decoder.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if (header.id or f"line-{number}") in ids:
+                out[header.id or f"line-{number}"] = _decode_record(line, key, number)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<DeadLetterQueue {self.root} keys={self.keys()}>"
+
+
+def _span(record: DeadLetter | DeadLetterHeader) -> tuple[int, int, int, int] | None:
+    start, end = record.wal_start, record.wal_end
+    if start is None or end is None or len(start) < 2 or len(end) < 2:
+        return None
+    return (start[0], start[1], end[0], end[1])
+
+
+def dead_letter_queue(services: dict[str, object], root: Path) -> DeadLetterQueue:
+    """The service's one :class:`DeadLetterQueue` (created on first use, shared by the
+    forwarder and the admin endpoints so that they share its per-key locks)."""
+    queue = services.get("dlq")
+    if not isinstance(queue, DeadLetterQueue):
+        queue = DeadLetterQueue(root)
+        services["dlq"] = queue
+    return queue

@@ -1,4 +1,12 @@
-"""The ``batch`` stage: follow each key's WAL and cut push batches (1 MiB, 1000 entries, 1 s)."""
+"""The ``batch`` stage: follow each key's WAL and cut push batches (1 MiB, 1000 entries, 1 s).
+
+One follower task per key reads the key's WAL from its delivery checkpoint (page cache while
+it keeps up, disk when it falls behind) and cuts a :class:`PushBatch` when
+``loki.batch_max_entries`` or ``loki.batch_max_bytes`` is reached, when the oldest entry it
+holds has waited ``loki.batch_max_wait_s``, or on an admin flush. It then waits until the
+forwarder has delivered (or dead-lettered) that batch and checkpointed: at most one push per
+key is in flight, which keeps each key's order and lets the forwarder serve keys fairly.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,8 @@ from typing import Any
 
 import trio
 
-from logstack._delivery import PushBatch
+from logstack._config import LokiSettings
+from logstack._delivery import DeliveryLag, PushBatch
 from logstack._stage import Stage, StageConfig
 from logstack._wal import KeyLog, Position, WalStore
 from logstack._wal_format import EntryBatch
@@ -25,6 +34,8 @@ class BatchStage(Stage):
     def __init__(self, config: StageConfig, context: Any) -> None:
         super().__init__(config, context)
         self.name = "batch"
+        self.lag = DeliveryLag(context.metrics)
+        """``forwarder_lag_seconds``: the oldest entry each follower holds undelivered."""
 
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Any], outbox: trio.MemorySendChannel[Any]
@@ -49,7 +60,8 @@ class BatchStage(Stage):
             nursery.cancel_scope.cancel()
 
     async def _follow(self, keylog: KeyLog, outbox: trio.MemorySendChannel[PushBatch]) -> None:
-        metrics = self.context.metrics
+        name = keylog.name
+        self.lag.track(name)
         cursor: Position = keylog.delivered
         async with outbox:
             while True:
@@ -58,21 +70,22 @@ class BatchStage(Stage):
                 if not pending:
                     cursor = end
                     continue
-                key = self.context.settings.key_by_name(keylog.name)
+                key = self.context.settings.key_by_name(name)
                 push = PushBatch.from_wal(
-                    keylog.name, key.loki_tenant if key else None, cursor, end, pending
-                )
-                metrics.forwarder_lag.labels(token=keylog.name).set(
-                    max(0.0, (time.time_ns() - push.oldest_received_ns) / 1e9)
+                    name,
+                    key.loki_tenant if key else None,
+                    cursor,
+                    end,
+                    pending,
+                    structured_metadata=loki.structured_metadata,
                 )
                 await outbox.send(push)
                 await push.done.wait()
+                self.lag.release(name)
                 cursor = end
-                if not keylog.has_unread(cursor):
-                    metrics.forwarder_lag.labels(token=keylog.name).set(0)
 
     async def _accumulate(
-        self, keylog: KeyLog, cursor: Position, loki: Any
+        self, keylog: KeyLog, cursor: Position, loki: LokiSettings
     ) -> tuple[list[EntryBatch], Position]:
         """Read from ``cursor`` until a limit is reached or the oldest entry waited long enough."""
         pending: list[EntryBatch] = []
@@ -97,7 +110,9 @@ class BatchStage(Stage):
                 entries += sum(len(batch.entries) for batch in result.batches)
                 size += result.payload_bytes
                 if result.batches and deadline == math.inf:
-                    age = max(0.0, (time.time_ns() - result.batches[0].received_ns) / 1e9)
+                    received = result.batches[0].received_ns
+                    self.lag.hold(keylog.name, received)
+                    age = max(0.0, (time.time_ns() - received) / 1e9)
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
                 pending.extend(result.batches)
                 continue

@@ -7,10 +7,17 @@ forwarder is tested against real behaviour rather than a mock's idea of it:
   the JSON format; any other content type is a protobuf ``PushRequest`` in a raw snappy block.
 - A body that cannot be decoded is ``400``; a push with no streams is ``422``.
 - Each stream is validated on its own (label syntax and names, at least one label, label
-  count and lengths), each entry too (``max_line_size``, optionally the age limits). The valid
-  entries are stored; if anything was rejected the answer is ``400`` with Loki's messages,
-  one per line. A ``400`` is therefore *not* "nothing happened": retrying it re-sends lines
-  Loki already has.
+  count and lengths), each entry too (``max_line_size``, structured metadata allowed and
+  within its limits, optionally the age limits). The valid entries are stored; if anything
+  was rejected the answer is ``400``. A ``400`` is therefore *not* "nothing happened":
+  retrying it re-sends lines Loki already has.
+- The 400 text is Loki's: the distributor's validation messages grouped like Go's
+  ``util.GroupedErrors`` (``"2 errors like: ...; 1 errors like: ..."``), unless an ingester
+  refused entries (out-of-order window, per-stream rate limit): then, as Loki's
+  ``instance.Push`` does, only the *last* stream with refused entries is reported, listing at
+  most ``max_returned_errors`` (10) of them (``entry with timestamp <Go Time.String()>
+  ignored, reason: '...',``) and a ``total ignored: N out of M for stream: {...}`` trailer;
+  the validation messages are dropped. Clients cannot learn every refused entry from a 400.
 - The validated bytes of a push (line + structured metadata) are charged to a token bucket
   whose burst is ``burst_limit_bytes`` (Loki's ``ingestion_burst_size_mb``, 6 MB): a larger
   push can never pass and gets ``429``; nothing of it is stored.
@@ -21,7 +28,9 @@ forwarder is tested against real behaviour rather than a mock's idea of it:
 
 Switches change behaviour while serving: ``fail_next``, ``clear_failures``, ``delay_s``,
 ``ready``, ``rate_limit_lines_per_push``. Inspection: ``streams``, ``entries()``, ``lines()``,
-``pushes``, ``status_counts``, ``received_headers``, ``duplicates``, ``wait_for_entries``.
+``pushes``, ``status_counts``, ``push_log``, ``received_headers``, ``duplicates``,
+``wait_for_entries``. :class:`ReceiverTransport` serves receivers to the forwarder without
+sockets, for tests on trio's autojump clock.
 
 A process running ``python -m logstack.testing.loki`` is driven over HTTP instead:
 ``GET /_receiver/entries``, ``GET /_receiver/stats`` and ``POST /_receiver/control``.
@@ -34,9 +43,9 @@ import socket
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,17 +57,26 @@ from hypercorn.trio import serve as hypercorn_serve
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
+from .._delivery import LokiAnswer, LokiTransportError
 from .._loki_proto import (
     PushEntry,
     decode_json_push,
     decode_push_request_raw,
     decompress_snappy,
     format_labels,
+    go_time_string,
     is_valid_label_name,
     parse_labels,
+    rfc3339_seconds,
 )
 
-__all__ = ["LokiReceiver", "open_loki_receiver", "serve_loki_receiver"]
+__all__ = [
+    "LokiReceiver",
+    "PushRecord",
+    "ReceiverTransport",
+    "open_loki_receiver",
+    "serve_loki_receiver",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -88,18 +106,10 @@ class _Control(msgspec.Struct, forbid_unknown_fields=True):
     ready: bool | None = None
     rate_limit_lines_per_push: int | None = None
     clear_rate_limit: bool = False
+    allow_structured_metadata: bool | None = None
 
 
 _control_decoder = msgspec.json.Decoder(_Control)
-
-
-def _fmt_ts(ns: int) -> str:
-    seconds, nanos = divmod(ns, _NS)
-    try:
-        base = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    except (OverflowError, OSError, ValueError):
-        return f"{ns}ns"
-    return f"{base}.{nanos:09d}Z"
 
 
 class _StreamState:
@@ -109,6 +119,33 @@ class _StreamState:
         self.labels = labels
         self.newest: int | None = None
         self.seen: set[tuple[int, str]] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class PushRecord:
+    """One answered push, as ``LokiReceiver.push_log`` keeps it."""
+
+    at: float
+    """``trio.current_time()`` when the answer was decided."""
+    status: int
+    tenant: str
+    """``X-Scope-OrgID`` as sent ("" if absent)."""
+    entries: int
+    """Entries in the push as decoded (0 if it could not be decoded or was failed on purpose)."""
+    streams: tuple[str, ...]
+    """Label strings of the push's streams, in push order."""
+    user_agent: str
+
+
+def _grouped_errors(errors: list[str]) -> str:
+    """Go's ``util.GroupedErrors.Error()``: identical messages grouped and counted, joined
+    by ``"; "``; each prefixed ``"<n> errors like: "`` unless there is a single error."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error] = counts.get(error, 0) + 1
+    if len(counts) == 1 and len(errors) == 1:
+        return errors[0]
+    return "; ".join(f"{n} errors like: {error}" for error, n in counts.items())
 
 
 class LokiReceiver:
@@ -132,6 +169,10 @@ class LokiReceiver:
         creation_grace_period_s: float | None = None,
         require_tenant: bool = False,
         graceful_timeout_s: float = 0.2,
+        max_returned_errors: int = 10,
+        allow_structured_metadata: bool = True,
+        max_structured_metadata_size_bytes: int = 64 * 1024,
+        max_structured_metadata_entries: int = 128,
     ) -> None:
         """Limits default to Loki's defaults, with two deliberate exceptions.
 
@@ -141,6 +182,9 @@ class LokiReceiver:
         is ``max_chunk_age / 2`` (2 h / 2); ``0`` behaves like ``unordered_writes: false``
         and ``None`` accepts any order. ``ingestion_rate_bytes_per_s=None`` refills the
         bucket instantly, so only a single push over ``burst_limit_bytes`` is limited.
+        ``max_returned_errors`` is the ingester's ``max_returned_stream_errors`` (10);
+        ``allow_structured_metadata`` and the two structured-metadata limits are Loki 3's
+        ``limits_config`` defaults (allowed, 64 KiB, 128 pairs per entry).
         """
         self.max_line_size_bytes = max_line_size_bytes
         self.out_of_order_window_s = out_of_order_window_s
@@ -153,6 +197,10 @@ class LokiReceiver:
         self.creation_grace_period_s = creation_grace_period_s
         self.require_tenant = require_tenant
         self.graceful_timeout_s = graceful_timeout_s
+        self.max_returned_errors = max_returned_errors
+        self.allow_structured_metadata = allow_structured_metadata
+        self.max_structured_metadata_size_bytes = max_structured_metadata_size_bytes
+        self.max_structured_metadata_entries = max_structured_metadata_entries
 
         # Switches (plain attributes; change them at any time).
         self.delay_s: float = 0.0
@@ -208,6 +256,8 @@ class LokiReceiver:
         """Headers of the last push (lower-case names)."""
         self.last_error: str | None = None
         """Body of the last non-2xx push answer."""
+        self.push_log: list[PushRecord] = []
+        """Every answered push, in answer order."""
         self.entry_count = 0
         self._notify()
 
@@ -352,13 +402,11 @@ class LokiReceiver:
             body = await _read_body(receive)
             if body is None:
                 return
-            status, text = await self._push(headers, body)
+            status, text = await self.handle_push(headers, body)
             await _respond(send, status, text.encode())
         elif path == "/ready" and method in ("GET", "HEAD"):
-            if self.ready:
-                await _respond(send, 200, b"ready\n")
-            else:
-                await _respond(send, 503, b"Ingester not ready: receiver switched to not ready\n")
+            status, text = self.handle_ready()
+            await _respond(send, status, text.encode())
         elif path == "/loki/api/v1/status/buildinfo" and method == "GET":
             info = {
                 "version": "3.0.0-logstack-testing",
@@ -386,6 +434,12 @@ class LokiReceiver:
         else:
             await _respond(send, 404, b"404 page not found\n")
 
+    def handle_ready(self) -> tuple[int, str]:
+        """Answer ``GET /ready``: 200 ``ready`` or 503."""
+        if self.ready:
+            return 200, "ready\n"
+        return 503, "Ingester not ready: receiver switched to not ready\n"
+
     def _apply_control(self, control: _Control) -> None:
         if control.reset:
             self.reset()
@@ -401,6 +455,8 @@ class LokiReceiver:
             self.rate_limit_lines_per_push = None
         if control.rate_limit_lines_per_push is not None:
             self.rate_limit_lines_per_push = control.rate_limit_lines_per_push
+        if control.allow_structured_metadata is not None:
+            self.allow_structured_metadata = control.allow_structured_metadata
 
     def dump_json(self) -> bytes:
         """All stored entries as a JSON array of ``{labels, timestamp_ns, line,
@@ -415,7 +471,12 @@ class LokiReceiver:
 
     # ------------------------------------------------------------------ the push path
 
-    async def _push(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
+    async def handle_push(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
+        """Answer one push as ``POST /loki/api/v1/push`` would: ``(status, body text)``.
+
+        ``headers`` have lower-case names. Used by the HTTP server and by
+        :class:`ReceiverTransport` (no sockets, for tests on trio's autojump clock).
+        """
         self.pushes += 1
         self.received_headers = headers
         failure: int | None = None
@@ -427,47 +488,78 @@ class LokiReceiver:
                     self.clear_failures()
         if self.delay_s > 0:
             await trio.sleep(self.delay_s)
+        entries = 0
+        streams: tuple[str, ...] = ()
         if failure is not None:
             status, text = failure, f"simulated failure: {failure}\n"
         else:
-            status, text = self._process(headers, body)
+            status, text, entries, streams = self._process(headers, body)
         self.status_counts[status] += 1
+        self.push_log.append(
+            PushRecord(
+                at=trio.current_time(),
+                status=status,
+                tenant=headers.get("x-scope-orgid", ""),
+                entries=entries,
+                streams=streams,
+                user_agent=headers.get("user-agent", ""),
+            )
+        )
         if status >= 300:
             self.last_error = text
         self._notify()
         return status, text
 
-    def _process(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
-        """Decode, validate and store one push. Synchronous, so a push is atomic."""
+    def _process(
+        self, headers: dict[str, str], body: bytes
+    ) -> tuple[int, str, int, tuple[str, ...]]:
+        """Decode, validate and store one push. Synchronous, so a push is atomic.
+
+        Returns (status, text, entries in the push, label strings of its streams).
+        """
         tenant = headers.get("x-scope-orgid", "")
         if self.require_tenant and not tenant:
-            return 401, "no org id\n"
+            return 401, "no org id\n", 0, ()
         tenant = tenant or _FAKE_TENANT
         try:
             raw_streams = _decode(headers, body)
         except _Refused as refused:
-            return refused.status, refused.text
+            return refused.status, refused.text, 0, ()
+        pushed = sum(len(entries) for _, entries in raw_streams)
+        names = tuple(s if isinstance(s, str) else format_labels(s) for s, _ in raw_streams)
         if not raw_streams:
-            return 422, "error at least one valid stream is required for ingestion\n"
+            return 422, "error at least one valid stream is required for ingestion\n", 0, ()
 
         errors: list[str] = []
         accepted, validated_bytes = self._distribute(raw_streams, errors)
+        # The distributor answers every validation problem at once, grouped like Go's
+        # util.GroupedErrors; it is only returned if the ingesters accept the rest.
+        validation_error = _grouped_errors(errors) if errors else None
         if not accepted:
-            return (400, "\n".join(errors) + "\n") if errors else (204, "")
+            if validation_error is None:
+                return 204, "", pushed, names
+            return 400, validation_error + "\n", pushed, names
         # The tenant's rate limiter: a push over the burst can never pass.
         if not self._allow(validated_bytes):
             lines = sum(len(good) for _, _, good in accepted)
-            return 429, (
+            return (
+                429,
                 f"Ingestion rate limit exceeded for user {tenant} (limit: "
                 f"{self.ingestion_rate_bytes_per_s or self.burst_limit_bytes:.0f} bytes/sec) "
                 f"while attempting to ingest '{lines}' lines totaling '{validated_bytes}' bytes, "
                 "reduce log volume or contact your Loki administrator to see if the limit "
-                "can be increased\n"
+                "can be increased\n",
+                pushed,
+                names,
             )
-        rate_limited = self._ingest(accepted, tenant, errors)
-        if not errors:
-            return 204, ""
-        return (429 if rate_limited else 400), "\n".join(errors) + "\n"
+        ingester_error = self._ingest(accepted, tenant)
+        if ingester_error is not None:
+            # The ingester's error replaces the distributor's validation errors.
+            status, text = ingester_error
+            return status, text + "\n", pushed, names
+        if validation_error is not None:
+            return 400, validation_error + "\n", pushed, names
+        return 204, "", pushed, names
 
     def _distribute(
         self, raw_streams: list[_RawStream], errors: list[str]
@@ -484,6 +576,8 @@ class LokiReceiver:
         if self.creation_grace_period_s is not None:
             newest_ok = now_ns + int(self.creation_grace_period_s * _NS)
         max_line = self.max_line_size_bytes
+        max_sm_bytes = self.max_structured_metadata_size_bytes
+        max_sm_count = self.max_structured_metadata_entries
         accepted: list[_Accepted] = []
         validated_bytes = 0
         for source, entries in raw_streams:
@@ -498,12 +592,14 @@ class LokiReceiver:
                 ts = entry.timestamp_ns
                 if oldest_ok is not None and ts < oldest_ok:
                     errors.append(
-                        f"entry for stream '{key}' has timestamp too old: {_fmt_ts(ts)}, "
-                        f"oldest acceptable timestamp is: {_fmt_ts(oldest_ok)}"
+                        f"entry for stream '{key}' has timestamp too old: {rfc3339_seconds(ts)}, "
+                        f"oldest acceptable timestamp is: {rfc3339_seconds(oldest_ok)}"
                     )
                     continue
                 if newest_ok is not None and ts > newest_ok:
-                    errors.append(f"entry for stream '{key}' has timestamp too new: {_fmt_ts(ts)}")
+                    errors.append(
+                        f"entry for stream '{key}' has timestamp too new: {rfc3339_seconds(ts)}"
+                    )
                     continue
                 line = entry.line
                 size = len(line) if line.isascii() else len(line.encode())  # isascii is O(1)
@@ -513,21 +609,48 @@ class LokiReceiver:
                         f"adding an entry with length '{size}' bytes"
                     )
                     continue
-                if entry.structured_metadata:
-                    size += sum(
-                        len(k.encode()) + len(v.encode())
-                        for k, v in entry.structured_metadata.items()
-                    )
+                sm = entry.structured_metadata
+                if sm:
+                    sm_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in sm.items())
+                    if not self.allow_structured_metadata:
+                        errors.append(
+                            f"stream '{key}' includes structured metadata, but this feature is "
+                            "disallowed. Please see `limits_config.allow_structured_metadata` "
+                            "or contact your Loki administrator to enable it."
+                        )
+                        continue
+                    if max_sm_bytes and sm_bytes > max_sm_bytes:
+                        errors.append(
+                            f"stream '{key}' has structured metadata too large: '{sm_bytes}' "
+                            f"bytes, limit: '{max_sm_bytes}' bytes. Please see "
+                            "`limits_config.max_structured_metadata_size` or contact your Loki "
+                            "administrator to increase it."
+                        )
+                        continue
+                    if max_sm_count and len(sm) > max_sm_count:
+                        errors.append(
+                            f"stream '{key}' has too many structured metadata labels: "
+                            f"'{len(sm)}', limit: '{max_sm_count}'. Please see "
+                            "`limits_config.max_structured_metadata_entries_count` or contact "
+                            "your Loki administrator to increase it."
+                        )
+                        continue
+                    size += sm_bytes
                 validated_bytes += size
                 good.append(entry)
             if good:
                 accepted.append((key, labels, good))
         return accepted, validated_bytes
 
-    def _ingest(self, accepted: list[_Accepted], tenant: str, errors: list[str]) -> bool:
+    def _ingest(self, accepted: list[_Accepted], tenant: str) -> tuple[int, str] | None:
         """The ingester: drop duplicates, apply the per-stream rate limit and the
-        out-of-order window, store the rest. Returns whether anything was rate limited."""
-        rate_limited = False
+        out-of-order window, store the rest.
+
+        Like Loki's ``instance.Push``, only the *last* stream with refused entries is
+        reported: ``(status, text)`` listing at most ``max_returned_errors`` of its entries,
+        429 if the last refusal was the rate limit, else 400. ``None`` if nothing was refused.
+        """
+        report: tuple[int, str] | None = None
         window = self.out_of_order_window_s
         window_ns = int(window * _NS) if window is not None else None
         per_push_limit = self.rate_limit_lines_per_push
@@ -541,6 +664,7 @@ class LokiReceiver:
             newest = state.newest
             taken = 0
             failed: list[str] = []
+            last_rate_limited = False
             for entry in good:
                 ts = entry.timestamp_ns
                 ident = (ts, entry.line)
@@ -548,20 +672,23 @@ class LokiReceiver:
                     self.duplicates += 1
                     continue
                 if per_push_limit is not None and taken >= per_push_limit:
-                    rate_limited = True
                     failed.append(
-                        f"entry with timestamp {_fmt_ts(ts)} ignored, reason: 'Per stream rate "
-                        f"limit exceeded (limit: {per_push_limit} lines/push) while attempting "
-                        f"to ingest for stream '{key}'',"
+                        f"entry with timestamp {go_time_string(ts)} ignored, reason: 'Per stream "
+                        f"rate limit exceeded (limit: {per_push_limit} lines/push) while "
+                        f"attempting to ingest for stream '{key}' totaling {len(entry.line)}B, "
+                        "consider splitting a stream via additional labels or contact your "
+                        "Loki administrator to see if the limit can be increased',"
                     )
+                    last_rate_limited = True
                     continue
                 taken += 1
                 if window_ns is not None and newest is not None and ts < newest - window_ns:
                     failed.append(
-                        f"entry with timestamp {_fmt_ts(ts)} ignored, reason: 'entry too far "
-                        f"behind, entry timestamp is: {_fmt_ts(ts)}, oldest acceptable "
-                        f"timestamp is: {_fmt_ts(newest - window_ns)}',"
+                        f"entry with timestamp {go_time_string(ts)} ignored, reason: 'entry too "
+                        f"far behind, entry timestamp is: {rfc3339_seconds(ts)}, oldest "
+                        f"acceptable timestamp is: {rfc3339_seconds(newest - window_ns)}',"
                     )
+                    last_rate_limited = False
                     continue
                 seen.add(ident)
                 stored.append(entry)
@@ -570,12 +697,14 @@ class LokiReceiver:
                     newest = ts
             state.newest = newest
             if failed:
-                errors.append(
-                    "\n".join(failed)
+                listed = failed[: self.max_returned_errors] if self.max_returned_errors else failed
+                text = (
+                    "\n".join(listed)
                     + f"\nuser '{tenant}', total ignored: {len(failed)} out of {len(good)} "
                     f"for stream: {key}"
                 )
-        return rate_limited
+                report = (429 if last_rate_limited else 400), text
+        return report
 
     def _validate_labels(
         self, source: str | dict[str, str]
@@ -695,6 +824,48 @@ async def _respond(
 
 async def _respond_json(send: Send, payload: Any) -> None:
     await _respond(send, 200, _json_encoder.encode(payload), b"application/json")
+
+
+class ReceiverTransport:
+    """The forwarder's transport wired straight to :class:`LokiReceiver` objects, no sockets.
+
+    ``receivers`` maps a base URL (as in ``loki.urls``) to its receiver. A URL in ``down``
+    (or with no receiver) refuses connections like a stopped server. Every call passes one
+    trio checkpoint, so a test on the autojump clock sees virtual time only.
+    """
+
+    def __init__(self, receivers: Mapping[str, LokiReceiver]) -> None:
+        self.receivers = dict(receivers)
+        self.down: set[str] = set()
+        self.requests = 0
+
+    def _find(self, url: str) -> tuple[LokiReceiver, str]:
+        for base, receiver in self.receivers.items():
+            if url.startswith(base) and base not in self.down:
+                return receiver, url[len(base) :]
+        raise LokiTransportError(f"ConnectError: connection refused: {url}")
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> LokiAnswer:
+        await trio.lowlevel.checkpoint()
+        self.requests += 1
+        receiver, path = self._find(url)
+        if path != PUSH_PATH:
+            return LokiAnswer(404, "404 page not found\n")
+        status, text = await receiver.handle_push({k.lower(): v for k, v in headers.items()}, body)
+        return LokiAnswer(status, text)
+
+    async def get(self, url: str) -> LokiAnswer:
+        await trio.lowlevel.checkpoint()
+        receiver, path = self._find(url)
+        if path != "/ready":
+            return LokiAnswer(404, "404 page not found\n")
+        return LokiAnswer(*receiver.handle_ready())
+
+    async def aclose(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<ReceiverTransport {sorted(self.receivers)} down={sorted(self.down)}>"
 
 
 async def serve_loki_receiver(

@@ -6,7 +6,8 @@ Once listening, the bound port is written to ``--port-file`` (atomically: a read
 sees a partial file). SIGTERM or SIGINT stops it cleanly; ``--dump`` then gets every stored
 entry as a JSON line. While it runs, ``GET /_receiver/entries`` answers the same records as
 a JSON array, ``GET /_receiver/stats`` the counters, and ``POST /_receiver/control`` flips
-the switches (``{"fail_next_status": 503, "fail_next_count": 2}``, ``{"ready": false}``, ...).
+the switches (``{"fail_next_status": 503, "fail_next_count": 2}``, ``{"ready": false}``,
+``{"allow_structured_metadata": false}``, ...).
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
         help="negative: accept any order",
     )
     p.add_argument("--delay-s", type=float, default=0.0)
+    p.add_argument(
+        "--disallow-structured-metadata",
+        action="store_true",
+        help="refuse entries with structured metadata (Loki: allow_structured_metadata: false)",
+    )
+    p.add_argument(
+        "--max-returned-errors",
+        type=int,
+        default=10,
+        help="refused entries an ingester lists per 400 (Loki: max_returned_stream_errors)",
+    )
     return p
 
 
@@ -58,6 +70,8 @@ async def _run(args: argparse.Namespace) -> None:
         out_of_order_window_s=None
         if args.out_of_order_window_s < 0
         else args.out_of_order_window_s,
+        allow_structured_metadata=not args.disallow_structured_metadata,
+        max_returned_errors=args.max_returned_errors,
     )
     rx.delay_s = args.delay_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

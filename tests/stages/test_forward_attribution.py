@@ -1,0 +1,269 @@
+"""What a push turns into, and what Loki's 400 answers mean: pure functions, no I/O.
+
+The 400 texts are produced by ``logstack.testing``'s receiver (which writes them as Loki's
+distributor and ingester do), so parser and receiver are checked against each other.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from logstack._delivery import (
+    Item,
+    PushBatch,
+    attribute_rejections,
+    entry_line,
+    loki_size,
+    split_by_size,
+    stream_labels,
+)
+from logstack._entry import LogEntry
+from logstack._loki_proto import (
+    PushEntry,
+    format_labels,
+    go_time_string,
+    parse_go_time,
+    parse_push_error,
+    rfc3339_seconds,
+    sanitize_label_name,
+)
+from logstack._wal_format import EntryBatch
+from logstack.testing import LokiReceiver
+
+NOW = 1_758_715_200_123_456_789
+HOUR = 3600 * 10**9
+
+
+def item(labels: dict[str, str], ts: int, line: str, **sm: str) -> Item:
+    return tuple(sorted(labels.items())), PushEntry(ts, line, dict(sm))
+
+
+def receiver_answer(rx: LokiReceiver, items: list[Item]) -> tuple[int, str]:
+    """Push ``items`` through the receiver's push path (as JSON) and return its answer."""
+    streams: dict[str, dict[str, object]] = {}
+    for labels, entry in items:
+        s = streams.setdefault(format_labels(dict(labels)), {"stream": dict(labels), "values": []})
+        value: list[object] = [str(entry.timestamp_ns), entry.line]
+        if entry.structured_metadata:
+            value.append(entry.structured_metadata)
+        s["values"].append(value)  # type: ignore[attr-defined]
+    body = json.dumps({"streams": list(streams.values())}).encode()
+    status, text, _, _ = rx._process({"content-type": "application/json"}, body)
+    return status, text
+
+
+# ----------------------------------------------------------------------------- lines, labels
+
+
+def test_entry_line_and_structured_metadata() -> None:
+    entry = LogEntry(
+        NOW, "ERROR", "boom", "api", "prod", {}, "t-1", "s-1", {"order": "O-1"}, "2025-09-24T12Z"
+    )
+    assert json.loads(entry_line(entry)) == {
+        "message": "boom",
+        "metadata": {"order": "O-1"},
+        "trace_id": "t-1",
+        "span_id": "s-1",
+    }
+    assert json.loads(entry_line(entry, structured_metadata=True)) == {
+        "message": "boom",
+        "metadata": {"order": "O-1"},
+    }
+    batch = PushBatch.from_wal("k", None, (1, 24), (1, 99), [EntryBatch("r", NOW, [entry])])
+    assert batch.items[0][1].structured_metadata == {}
+    batch = PushBatch.from_wal(
+        "k", None, (1, 24), (1, 99), [EntryBatch("r", NOW, [entry])], structured_metadata=True
+    )
+    assert batch.items[0][1].structured_metadata == {"trace_id": "t-1", "span_id": "s-1"}
+    assert batch.oldest_received_ns == NOW
+
+
+def test_stream_labels_reserved_win_and_invalid_names_are_sanitised() -> None:
+    entry = LogEntry(
+        NOW,
+        "INFO",
+        "m",
+        "api",
+        "prod",
+        {"region": "eu", "k8s.pod": "p-1", "2fa": "x", "k8s_pod": "kept", "level": "DEBUG"},
+    )
+    assert dict(stream_labels(entry)) == {
+        "service": "api",
+        "env": "prod",
+        "level": "INFO",  # the entry's own level, never the client's label
+        "region": "eu",
+        "k8s_pod": "kept",  # a name valid as written beats a sanitised one
+        "_2fa": "x",
+    }
+    assert sanitize_label_name("a.b-c") == "a_b_c"
+    assert sanitize_label_name("9lives") == "_9lives"
+    assert sanitize_label_name("ok_name") == "ok_name"
+
+
+def test_loki_size_counts_line_and_metadata_bytes_like_loki() -> None:
+    assert loki_size(PushEntry(1, "abc")) == 3
+    assert loki_size(PushEntry(1, "é", {"k": "vv"})) == 2 + 3
+
+
+def test_split_by_size_never_exceeds_the_limit_and_keeps_order() -> None:
+    items = [item({"a": "b"}, NOW + i, "x" * 300) for i in range(10)]
+    items.insert(4, item({"a": "b"}, NOW + 99, "y" * 1001))
+    chunks, oversized = split_by_size(items, 1000)
+    assert [len(c) for c in chunks] == [3, 3, 3, 1]
+    assert all(sum(loki_size(e) for _, e in c) <= 1000 for c in chunks)
+    assert [e.timestamp_ns for c in chunks for _, e in c] == [NOW + i for i in range(10)]
+    assert [e.line[0] for _, e in oversized] == ["y"]
+
+
+# ----------------------------------------------------------------------------- Go formats
+
+
+def test_go_time_formats_round_trip() -> None:
+    assert go_time_string(NOW) == "2025-09-24 12:00:00.123456789 +0000 UTC"
+    assert go_time_string(NOW - 123_456_789) == "2025-09-24 12:00:00 +0000 UTC"
+    assert go_time_string(NOW - 56_789) == "2025-09-24 12:00:00.1234 +0000 UTC"
+    assert rfc3339_seconds(NOW) == "2025-09-24T12:00:00Z"
+    for ns in (NOW, NOW - 123_456_789, NOW - 56_789, 1):
+        assert parse_go_time(go_time_string(ns)) == ns
+    assert parse_go_time("2025-09-24T14:00:00+02:00") == NOW - 123_456_789
+    assert parse_go_time("not a time") is None
+
+
+# ----------------------------------------------------------------------------- 400 answers
+
+
+def test_distributor_errors_are_grouped_and_fully_attributed() -> None:
+    rx = LokiReceiver(max_line_size_bytes=100)
+    items = [
+        item({"app": "a"}, NOW, "ok 1"),
+        item({"app": "a"}, NOW + 1, "x" * 150),
+        item({"app": "a"}, NOW + 2, "ok 2"),
+        item({"app": "a"}, NOW + 3, "y" * 150),  # same message as the other: grouped
+        item({"app": "b", "bad-name": "v"}, NOW, "whole stream refused"),
+        item({"app": "c"}, NOW, "ok 3"),
+    ]
+    status, text = receiver_answer(rx, items)
+    assert status == 400
+    assert "2 errors like: Max entry size '100' bytes exceeded" in text
+    assert "1 errors like: Error parsing labels" in text
+    assert sorted(rx.lines()) == ["ok 1", "ok 2", "ok 3"]
+
+    result = attribute_rejections(items, text)
+    assert sorted(result.rejected) == [1, 3, 4]
+    assert "Max entry size" in result.rejected[1]
+    assert "Error parsing labels" in result.rejected[4]
+    assert result.stored == [0, 2, 5]
+    assert result.unconfirmed == []
+
+
+def test_single_error_is_not_prefixed() -> None:
+    rx = LokiReceiver(max_line_size_bytes=10)
+    items = [item({"app": "a"}, NOW, "x" * 11), item({"app": "a"}, NOW + 1, "fine")]
+    status, text = receiver_answer(rx, items)
+    assert status == 400 and not text.startswith("1 errors like")
+    result = attribute_rejections(items, text)
+    assert list(result.rejected) == [0] and result.stored == [1]
+
+
+def test_too_old_and_too_new_are_attributed_by_second() -> None:
+    import time
+
+    now = time.time_ns()
+    rx = LokiReceiver(reject_old_samples_max_age_s=3600, creation_grace_period_s=60)
+    items = [
+        item({"app": "a"}, now - 2 * HOUR, "old"),
+        item({"app": "a"}, now, "fine"),
+        item({"app": "a"}, now + HOUR, "future"),
+    ]
+    status, text = receiver_answer(rx, items)
+    assert status == 400
+    result = attribute_rejections(items, text)
+    assert sorted(result.rejected) == [0, 2]
+    assert result.stored == [1]
+
+
+def test_disallowed_structured_metadata_is_attributed_to_entries_carrying_it() -> None:
+    rx = LokiReceiver(allow_structured_metadata=False)
+    items = [
+        item({"app": "a"}, NOW, "with", trace_id="t"),
+        item({"app": "a"}, NOW + 1, "without"),
+    ]
+    status, text = receiver_answer(rx, items)
+    assert status == 400 and "structured metadata, but this feature is disallowed" in text
+    result = attribute_rejections(items, text)
+    assert list(result.rejected) == [0] and result.stored == [1]
+
+
+def test_ingester_refusal_of_a_single_stream_push_is_exact() -> None:
+    rx = LokiReceiver()
+    assert receiver_answer(rx, [item({"app": "a"}, NOW, "newest")])[0] == 204
+    items = [
+        item({"app": "a"}, NOW - 2 * HOUR, "too far behind"),
+        item({"app": "a"}, NOW + 1, "in order"),
+        item({"app": "a"}, NOW - 3 * HOUR, "also too far behind"),
+    ]
+    status, text = receiver_answer(rx, items)
+    assert status == 400
+    assert 'total ignored: 2 out of 3 for stream: {app="a"}' in text
+    assert go_time_string(NOW - 2 * HOUR) in text
+    result = attribute_rejections(items, text)
+    assert sorted(result.rejected) == [0, 2]
+    assert "entry too far behind" in result.rejected[0]
+    assert result.stored == [1] and result.unconfirmed == []
+
+
+def test_ingester_refusal_hides_other_streams_so_they_are_unconfirmed() -> None:
+    rx = LokiReceiver(max_line_size_bytes=50)
+    receiver_answer(rx, [item({"app": "a"}, NOW, "newest a")])
+    items = [
+        item({"app": "b"}, NOW, "b fine"),
+        item({"app": "b"}, NOW + 1, "z" * 60),  # distributor: line too long (not reported!)
+        item({"app": "a"}, NOW - 2 * HOUR, "a too far behind"),
+        item({"app": "a"}, NOW + 1, "a fine"),
+    ]
+    status, text = receiver_answer(rx, items)
+    assert status == 400
+    assert "Max entry size" not in text  # Loki drops the validation errors here
+    result = attribute_rejections(items, text)
+    assert list(result.rejected) == [2]
+    assert result.unconfirmed == [0, 1, 3]  # Loki's answer does not say
+    assert result.stored == []
+    assert result.unexplained
+
+
+def test_more_than_ten_ingester_refusals_leave_the_rest_unconfirmed() -> None:
+    rx = LokiReceiver()
+    receiver_answer(rx, [item({"app": "a"}, NOW, "newest")])
+    items = [item({"app": "a"}, NOW - 2 * HOUR - i, f"old {i}") for i in range(12)]
+    items.append(item({"app": "a"}, NOW + 5, "fine"))
+    status, text = receiver_answer(rx, items)
+    assert status == 400 and "total ignored: 12 out of 13" in text
+    assert text.count("ignored, reason") == 10
+    result = attribute_rejections(items, text)
+    assert sorted(result.rejected) == list(range(10))
+    assert result.unconfirmed == [10, 11, 12]
+
+
+def test_unknown_text_makes_everything_unconfirmed() -> None:
+    items = [item({"app": "a"}, NOW, "x"), item({"app": "a"}, NOW + 1, "y")]
+    result = attribute_rejections(items, "snappy: corrupt input\n")
+    assert result.rejected == {} and result.unconfirmed == [0, 1]
+    result = attribute_rejections(items, "")
+    assert result.unconfirmed == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "entry for stream '{app=\"a\"}' has 16 label names; limit 15",
+        "stream '{app=\"a\"}' has label value too long: 'vvv'",
+        'missing required labels team for user fake for stream {app="a"}',
+    ],
+)
+def test_whole_stream_refusals(text: str) -> None:
+    items = [item({"app": "a"}, NOW, "x"), item({"app": "b"}, NOW, "y")]
+    result = attribute_rejections(items, text)
+    assert list(result.rejected) == [0] and result.stored == [1]
+    assert parse_push_error(text).rejections[0].scope == "stream"
