@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
+# Separately installable example plugins: installed with LogStack, their tests run with ours.
+PLUGINS := plugins/logstack-acme-iban
 
 .PHONY: install run test lint typecheck pytest bench clean
 
@@ -12,6 +14,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(addprefix -e ,$(PLUGINS))
 
 run: install
 	$(BIN)/logstack serve --config $(CONFIG)
@@ -24,7 +27,7 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(addsuffix /tests,$(PLUGINS))
 
 test: lint typecheck pytest
 

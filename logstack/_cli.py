@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--records", action="store_true", help="list every record")
     stages = sub.add_parser("stages", help="stage plugins")
     stages_sub = stages.add_subparsers(dest="stages_command", required=True)
-    listing = stages_sub.add_parser("list", help="installed stages: name, distribution, version")
+    listing = stages_sub.add_parser(
+        "list", help="installed stages: name, distribution, version, summary, options"
+    )
     listing.add_argument("--json", action="store_true")
     return parser
 
@@ -104,4 +106,14 @@ def _stages_list(*, as_json: bool) -> int:
             f"{row['name']:<{widths[0]}} {row.get('distribution', '?'):<{widths[1]}} "
             f"{row.get('version', '?'):<{widths[2]}} {summary}"
         )
+        for option, info in (row.get("options") or {}).items():
+            print(f"    option {_option_line(option, info)}")
     return 1 if any("error" in row for row in rows) else 0
+
+
+def _option_line(name: str, info: dict[str, object] | str) -> str:
+    """``keep_last (int, default 4): Characters kept ...`` from ``describe_options``."""
+    if not isinstance(info, dict):
+        return f"{name}: {info}"
+    default = "required" if info.get("required") else f"default {json.dumps(info.get('default'))}"
+    return f"{name} ({info.get('type', '?')}, {default}): {info.get('description', '')}"

@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from ._context import StageContext
+from ._errors import PluginError
 from ._registry import ResolvedStage
 from ._stage import Stage
 
@@ -19,11 +20,22 @@ STAGE_CHANNEL_CAPACITY = 64
 
 
 def build_stages(resolved: Sequence[ResolvedStage], context: StageContext) -> list[Stage]:
-    stages = []
+    """Instantiate every resolved stage; a constructor that raises fails start-up, naming
+    the culprit (``PluginError`` listing every stage that failed)."""
+    stages: list[Stage] = []
+    problems: list[str] = []
     for item in resolved:
-        stage = item.stage_cls(item.config, context)
+        try:
+            stage = item.stage_cls(item.config, context)
+        except Exception as exc:
+            problems.append(
+                f"{item.where}: {item.plugin.culprit}: failed to start: {type(exc).__name__}: {exc}"
+            )
+            continue
         stage.name = item.spec.instance_name
         stages.append(stage)
+    if problems:
+        raise PluginError(problems)
     return stages
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticUndefined
 
 from ._config import Settings, StageSpec
 from ._errors import PluginError
@@ -38,31 +42,70 @@ class StagePlugin:
         return f"{self.distribution}[{self.name}]"
 
 
-def discover(eps: Iterable[EntryPoint] | None = None) -> tuple[dict[str, StagePlugin], list[str]]:
-    """All registered stages by name, plus problems (duplicates, bad names). Imports nothing."""
-    found: dict[str, StagePlugin] = {}
-    problems: list[str] = []
+@dataclass
+class Discovery:
+    """What the installed metadata registers, without importing anything."""
+
+    stages: dict[str, StagePlugin] = field(default_factory=dict)
+    """Usable stages by name: well named and registered exactly once."""
+    problems: list[str] = field(default_factory=list)
+    """Bad names and duplicates, each naming its culprits; they fail start-up."""
+    unusable: dict[str, list[StagePlugin]] = field(default_factory=dict)
+    """Registered names that cannot be used (bad name, duplicate); already in ``problems``."""
+    problems_by_name: dict[str, list[str]] = field(default_factory=dict)
+
+    def report(self, name: str, problem: str) -> None:
+        self.problems.append(problem)
+        self.problems_by_name.setdefault(name, []).append(problem)
+
+
+def _plugin_of(ep: EntryPoint) -> StagePlugin:
+    dist = ep.dist.name if ep.dist is not None else "<unknown>"
+    version = ep.dist.version if ep.dist is not None else "?"
+    return StagePlugin(ep.name, dist, version, ep)
+
+
+def discover_all(eps: Iterable[EntryPoint] | None = None) -> Discovery:
+    """Read every ``logstack.stages`` registration; report bad names and duplicates."""
+    found = Discovery()
+    by_name: dict[str, list[StagePlugin]] = {}
     for ep in entry_points(group=GROUP) if eps is None else eps:
-        dist = ep.dist.name if ep.dist is not None else "<unknown>"
-        version = ep.dist.version if ep.dist is not None else "?"
-        plugin = StagePlugin(ep.name, dist, version, ep)
-        if not STAGE_NAME.match(ep.name):
-            problems.append(
-                f"{plugin.culprit}: stage name must match {STAGE_NAME.pattern} "
-                "(snake_case; third-party stages carry a prefix such as acme_)"
+        plugin = _plugin_of(ep)
+        same = by_name.setdefault(ep.name, [])
+        if any(
+            p.distribution == plugin.distribution and p.entry_point.value == ep.value for p in same
+        ):
+            continue  # the same distribution seen twice on sys.path
+        same.append(plugin)
+    for name, plugins in by_name.items():
+        if not STAGE_NAME.match(name):
+            for plugin in plugins:
+                found.report(
+                    name,
+                    f"{plugin.culprit}: stage name must match {STAGE_NAME.pattern} "
+                    "(snake_case; third-party stages carry a prefix such as acme_)",
+                )
+            found.unusable[name] = plugins
+        elif len(plugins) > 1:
+            culprits = ", ".join(
+                f"{p.culprit} ({p.entry_point.value})"
+                for p in sorted(plugins, key=lambda p: (p.distribution, p.entry_point.value))
             )
-            continue
-        if ep.name in found:
-            first = found[ep.name]
-            if first.distribution == dist and first.entry_point.value == ep.value:
-                continue  # the same distribution seen twice on sys.path
-            problems.append(
-                f"{plugin.culprit}: stage name {ep.name!r} is already registered by "
-                f"{found[ep.name].culprit}"
+            found.report(
+                name,
+                f"stage name {name!r} is registered {len(plugins)} times: {culprits}; "
+                "uninstall all but one of these distributions (or have one rename its stage)",
             )
-            continue
-        found[ep.name] = plugin
-    return found, problems
+            found.unusable[name] = plugins
+        else:
+            found.stages[name] = plugins[0]
+    return found
+
+
+def discover(eps: Iterable[EntryPoint] | None = None) -> tuple[dict[str, StagePlugin], list[str]]:
+    """Usable stages by name, plus problems (duplicates, bad names). Imports nothing."""
+    found = discover_all(eps)
+    return found.stages, found.problems
 
 
 def load_stage_class(plugin: StagePlugin) -> type[Stage]:
@@ -71,12 +114,29 @@ def load_stage_class(plugin: StagePlugin) -> type[Stage]:
         obj = plugin.entry_point.load()
     except Exception as exc:
         where = f"{plugin.culprit}: cannot import {plugin.entry_point.value}"
-        raise PluginError([f"{where}: {type(exc).__name__}: {exc}"]) from None
+        raise PluginError([f"{where}: {_describe_exception(exc)}"]) from None
     problems = check_stage_class(obj)
     if problems:
         raise PluginError([f"{plugin.culprit}: {p}" for p in problems])
     stage_cls: type[Stage] = obj
     return stage_cls
+
+
+_IMPORT_MACHINERY = (str(Path(inspect.getfile(traceback)).parent / "importlib"), __file__)
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """``Type: message (at file:line)``, the line being the last one outside the import
+    machinery: where the plugin's own code failed, not where we asked to import it."""
+    text = f"{type(exc).__name__}: {exc}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith(("<frozen ", *_IMPORT_MACHINERY))
+    ]
+    if frames and not isinstance(exc, SyntaxError):  # a SyntaxError names its own line
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return text
 
 
 def check_stage_class(obj: Any) -> list[str]:
@@ -87,6 +147,10 @@ def check_stage_class(obj: Any) -> list[str]:
     config_cls = getattr(obj, "Config", None)
     if not (inspect.isclass(config_cls) and issubclass(config_cls, StageConfig)):
         problems.append("Config must be a subclass of logstack.StageConfig")
+    elif config_cls.model_config.get("extra") != "forbid":
+        problems.append(
+            "Config must refuse unknown options (keep StageConfig's model_config extra='forbid')"
+        )
     has_process = overrides(obj, "process")
     has_run = overrides(obj, "run")
     if not (has_process or has_run):
@@ -97,9 +161,40 @@ def check_stage_class(obj: Any) -> list[str]:
         params = list(inspect.signature(obj.run).parameters)
         if params[:3] != ["self", "inbox", "outbox"]:
             problems.append("run must have the signature run(self, inbox, outbox)")
-    if has_process and inspect.iscoroutinefunction(obj.process):
-        problems.append("process must be a plain (non-async) function; use run for I/O")
+    if has_process:
+        if inspect.iscoroutinefunction(obj.process):
+            problems.append("process must be a plain (non-async) function; use run for I/O")
+        elif not _accepts(obj.process, 2):
+            problems.append("process must have the signature process(self, envelope)")
     return problems
+
+
+def _accepts(function: Any, n_positional: int) -> bool:
+    """Whether ``function`` can be called with ``n_positional`` positional arguments."""
+    try:
+        inspect.signature(function).bind(*range(n_positional))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def validate_options(
+    stage_cls: type[Stage], options: Mapping[str, Any] | None
+) -> tuple[StageConfig | None, list[str]]:
+    """Build the stage's config from its ``options``; or ``None`` and every problem."""
+    try:
+        return stage_cls.Config.model_validate(dict(options or {})), []
+    except PydanticValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = ".".join(str(p) for p in error["loc"]) or "options"
+            if error["type"] == "extra_forbidden":
+                problems.append(f"unknown field {loc!r}")
+            else:
+                problems.append(f"{loc}: {error['msg']}")
+        return None, problems
+    except Exception as exc:  # a plugin validator raising something pydantic does not wrap
+        return None, [f"options could not be validated: {_describe_exception(exc)}"]
 
 
 def summary_of(stage_cls: type[Stage]) -> str:
@@ -111,19 +206,51 @@ def summary_of(stage_cls: type[Stage]) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def describe_options(config_cls: type[StageConfig]) -> dict[str, dict[str, Any]]:
+    """Type, default and description of every option, from the config class itself."""
+    described: dict[str, dict[str, Any]] = {}
+    for name, info in config_cls.model_fields.items():
+        option: dict[str, Any] = {"type": _type_name(info.annotation)}
+        default = info.get_default(call_default_factory=True)
+        if default is PydanticUndefined:
+            option["required"] = True
+        else:
+            try:
+                adapter: TypeAdapter[Any] = TypeAdapter(info.annotation or Any)
+                option["default"] = adapter.dump_python(default, mode="json")
+            except Exception:
+                option["default"] = repr(default)
+        option["description"] = info.description or ""
+        described[name] = option
+    return described
+
+
+def _type_name(annotation: Any) -> str:
+    if inspect.isclass(annotation) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return re.sub(r"\b(?:typing|collections\.abc|pathlib)\.", "", str(annotation))
+
+
 @dataclass(frozen=True)
 class ResolvedStage:
     spec: StageSpec
     plugin: StagePlugin
     stage_cls: type[Stage]
     config: StageConfig
+    index: int = 0
+    """Position in ``pipeline:``."""
+
+    @property
+    def where(self) -> str:
+        return f"pipeline[{self.index}] ({self.spec.type})"
 
 
 def resolve_pipeline(
     settings: Settings, eps: Iterable[EntryPoint] | None = None
 ) -> list[ResolvedStage]:
     """Turn ``settings.pipeline`` into validated stage classes and configs, or fail listing all."""
-    available, problems = discover(eps)
+    found = discover_all(eps)
+    problems = list(found.problems)
     resolved: list[ResolvedStage] = []
     seen_names: dict[str, int] = {}
     for index, spec in enumerate(settings.pipeline):
@@ -135,9 +262,11 @@ def resolve_pipeline(
             )
             continue
         seen_names[spec.instance_name] = index
-        plugin = available.get(spec.type)
+        if spec.type in found.unusable:
+            continue  # its registration is broken and already reported, naming the culprits
+        plugin = found.stages.get(spec.type)
         if plugin is None:
-            known = ", ".join(sorted(available)) or "none"
+            known = ", ".join(sorted(found.stages)) or "none"
             problems.append(f"{where}: unknown stage type {spec.type!r} (installed: {known})")
             continue
         try:
@@ -145,19 +274,11 @@ def resolve_pipeline(
         except PluginError as exc:
             problems.extend(f"{where}: {p}" for p in exc.problems)
             continue
-        try:
-            config = stage_cls.Config.model_validate(spec.options)
-        except PydanticValidationError as exc:
-            for error in exc.errors():
-                field = ".".join(str(p) for p in error["loc"]) or "options"
-                msg = (
-                    f"unknown field {field!r}"
-                    if error["type"] == "extra_forbidden"
-                    else (f"{field}: {error['msg']}")
-                )
-                problems.append(f"{where}: {msg}")
+        config, option_problems = validate_options(stage_cls, spec.options)
+        if config is None:
+            problems.extend(f"{where}: {p}" for p in option_problems)
             continue
-        resolved.append(ResolvedStage(spec, plugin, stage_cls, config))
+        resolved.append(ResolvedStage(spec, plugin, stage_cls, config, index))
     if problems:
         raise PluginError(problems)
     return resolved
@@ -165,10 +286,10 @@ def resolve_pipeline(
 
 def describe_stages(eps: Iterable[EntryPoint] | None = None) -> list[dict[str, Any]]:
     """Name, distribution, version, summary and options of every stage (``stages list``)."""
-    available, problems = discover(eps)
+    found = discover_all(eps)
     rows: list[dict[str, Any]] = []
-    for name in sorted(available):
-        plugin = available[name]
+    for name in sorted(found.stages):
+        plugin = found.stages[name]
         row: dict[str, Any] = {
             "name": name,
             "distribution": plugin.distribution,
@@ -180,11 +301,15 @@ def describe_stages(eps: Iterable[EntryPoint] | None = None) -> list[dict[str, A
             row["error"] = "; ".join(exc.problems)
         else:
             row["summary"] = summary_of(stage_cls)
-            row["options"] = {
-                field: (info.description or "")
-                for field, info in stage_cls.Config.model_fields.items()
-            }
+            row["options"] = describe_options(stage_cls.Config)
         rows.append(row)
-    for problem in problems:
-        rows.append({"name": "?", "error": problem})
-    return rows
+    for name, plugins in found.unusable.items():
+        rows.append(
+            {
+                "name": name,
+                "distribution": ", ".join(sorted({p.distribution for p in plugins})),
+                "version": ", ".join(sorted({p.version for p in plugins})),
+                "error": "; ".join(found.problems_by_name[name]),
+            }
+        )
+    return sorted(rows, key=lambda row: str(row["name"]))

@@ -33,8 +33,12 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
-def make_test_config(workdir: Path, loki_url: str, **sections: Mapping[str, Any]) -> dict[str, Any]:
-    """A config for tests: two keys, an admin token, the WAL under ``workdir``, fast batches."""
+def make_test_config(workdir: Path, loki_url: str, **sections: Any) -> dict[str, Any]:
+    """A config for tests: two keys, an admin token, the WAL under ``workdir``, fast batches.
+
+    ``sections`` are merged in (``security={...}``, ``pipeline=[...]``): mappings key by
+    key, anything else (a ``pipeline`` list) replaces the default.
+    """
     base: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 5},
         "security": {

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import Field
 
+from logstack import _cli
 from logstack._config import DEFAULT_PIPELINE, Settings, StageSpec, load_settings
+from logstack._context import StageContext
 from logstack._errors import ConfigError, PluginError
+from logstack._pipeline import build_stages
 from logstack._registry import (
     GROUP,
     check_stage_class,
+    describe_options,
     describe_stages,
     discover,
     load_stage_class,
@@ -30,7 +35,7 @@ from logstack._registry import (
 from logstack._stage import Stage, StageConfig
 
 PLUGIN_SOURCE = '''
-from pydantic import Field
+from pydantic import ConfigDict, Field, field_validator
 
 from logstack import Stage, StageConfig
 
@@ -101,11 +106,65 @@ class BadRunSignatureStage(Stage):
         pass
 
 
+class NoArgProcessStage(Stage):
+    def process(self):
+        pass
+
+
+class OtherNameProcessStage(Stage):
+    """Parameter names are the author's choice; the runtime passes the envelope by position."""
+
+    def process(self, env):
+        pass
+
+
+class LooseConfig(StageConfig):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LooseConfigStage(Stage):
+    Config = LooseConfig
+
+    def process(self, envelope):
+        pass
+
+
+class ExplodingConfig(StageConfig):
+    value: int = 1
+
+    @field_validator("value")
+    @classmethod
+    def _explode(cls, value):
+        raise TypeError("validator bug")
+
+
+class ExplodingValidatorStage(Stage):
+    Config = ExplodingConfig
+
+    def process(self, envelope):
+        pass
+
+
+class ExplodingInitStage(Stage):
+    def __init__(self, config, context):
+        raise KeyError("needs_a_service")
+
+    def process(self, envelope):
+        pass
+
+
 not_a_class = 42
 '''
 
 BROKEN_SOURCE = """
+import os
+
 raise RuntimeError("kaboom at import")
+"""
+
+SYNTAX_ERROR_SOURCE = """
+def oops(:
+    pass
 """
 
 _counter = itertools.count()
@@ -123,6 +182,7 @@ class FakeDist:
 class Modules:
     plugin: str
     broken: str
+    syntax: str
     imported: Callable[[str], bool]
 
 
@@ -130,12 +190,13 @@ class Modules:
 def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Modules]:
     """A plugin module and a module that raises at import, with names unique to the test."""
     n = next(_counter)
-    plugin, broken = f"lstest_plugin_{n}", f"lstest_broken_{n}"
+    plugin, broken, syntax = f"lstest_plugin_{n}", f"lstest_broken_{n}", f"lstest_syntax_{n}"
     (tmp_path / f"{plugin}.py").write_text(textwrap.dedent(PLUGIN_SOURCE), encoding="utf-8")
     (tmp_path / f"{broken}.py").write_text(BROKEN_SOURCE, encoding="utf-8")
+    (tmp_path / f"{syntax}.py").write_text(SYNTAX_ERROR_SOURCE, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield Modules(plugin, broken, lambda name: name in sys.modules)
-    for name in (plugin, broken):
+    yield Modules(plugin, broken, syntax, lambda name: name in sys.modules)
+    for name in (plugin, broken, syntax):
         sys.modules.pop(name, None)
 
 
@@ -263,12 +324,39 @@ def test_duplicate_registration_by_two_distributions(modules: Modules) -> None:
         ep("acme_mask", f"{modules.plugin}:GoodStage", dist="logstack-acme"),
         ep("acme_mask", f"{modules.plugin}:OtherGoodStage", dist="logstack-evil"),
     ]
-    problem = only(discover(eps)[1])
-    assert "logstack-evil[acme_mask]" in problem
-    assert "logstack-acme[acme_mask]" in problem
-    assert "already registered" in problem
-    # A pipeline using the name fails too (not silently first-wins).
+    found, problems = discover(eps)
+    problem = only(problems)
+    assert problem == (
+        f"stage name 'acme_mask' is registered 2 times: "
+        f"logstack-acme[acme_mask] ({modules.plugin}:GoodStage), "
+        f"logstack-evil[acme_mask] ({modules.plugin}:OtherGoodStage); "
+        "uninstall all but one of these distributions (or have one rename its stage)"
+    )
+    assert "acme_mask" not in found  # neither wins: not silently first-wins (pluggy's mistake)
+    # A pipeline using the name fails with that one message (not also "unknown stage").
     assert problems_of(settings_with({"type": "acme_mask"}), eps) == [problem]
+    # Discovery order does not change the message.
+    assert discover(list(reversed(eps)))[1] == [problem]
+    # Nothing was imported to find out.
+    assert not modules.imported(modules.plugin)
+
+
+def test_third_party_registering_a_builtin_name(modules: Modules) -> None:
+    eps = [
+        ep("mask", f"{modules.plugin}:GoodStage", dist="logstack-evil"),
+        ep("mask", "stages.mask:MaskStage", dist="logstack", version="0.1.0"),
+    ]
+    problem = only(problems_of(settings_with({"type": "mask"}), eps))
+    assert "logstack[mask] (stages.mask:MaskStage)" in problem
+    assert f"logstack-evil[mask] ({modules.plugin}:GoodStage)" in problem
+
+
+def test_three_registrations_are_one_problem(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:GoodStage", dist=f"logstack-{n}") for n in "abc"]
+    problem = only(discover(eps)[1])
+    assert "registered 3 times" in problem
+    for n in "abc":
+        assert f"logstack-{n}[acme_x]" in problem
 
 
 def test_duplicate_registration_of_the_same_value_by_two_distributions(
@@ -304,6 +392,22 @@ def test_import_error_names_culprit_and_exception(modules: Modules) -> None:
     assert problem.startswith("pipeline[0] (acme_broken): logstack-acme[acme_broken]: ")
     assert "cannot import" in problem
     assert "RuntimeError: kaboom at import" in problem
+
+
+def test_import_error_says_where_the_plugin_failed(modules: Modules) -> None:
+    eps = [ep("acme_broken", f"{modules.broken}:Anything")]
+    problem = only(problems_of(settings_with({"type": "acme_broken"}), eps))
+    # The plugin's own line, not importlib's or the registry's.
+    assert problem.endswith(f"{modules.broken}.py:4)"), problem
+    assert "importlib" not in problem
+
+
+def test_syntax_error_in_a_plugin(modules: Modules) -> None:
+    eps = [ep("acme_syntax", f"{modules.syntax}:Anything")]
+    problem = only(problems_of(settings_with({"type": "acme_syntax"}), eps))
+    assert "logstack-acme[acme_syntax]: cannot import" in problem
+    assert "SyntaxError" in problem
+    assert f"{modules.syntax}.py, line 2" in problem
 
 
 def test_missing_attribute_is_an_import_problem(modules: Modules) -> None:
@@ -362,6 +466,56 @@ def test_async_process_and_bad_run_signature(modules: Modules) -> None:
     assert "process must be a plain (non-async) function" in problems[0]
     assert problems[1].startswith("pipeline[1] (acme_r): logstack-acme[acme_r]: ")
     assert "run(self, inbox, outbox)" in problems[1]
+
+
+def test_process_must_take_the_envelope(modules: Modules) -> None:
+    eps = [
+        ep("acme_noarg", f"{modules.plugin}:NoArgProcessStage"),
+        ep("acme_other", f"{modules.plugin}:OtherNameProcessStage"),
+    ]
+    problem = only(problems_of(settings_with({"type": "acme_noarg"}, {"type": "acme_other"}), eps))
+    assert problem == (
+        "pipeline[0] (acme_noarg): logstack-acme[acme_noarg]: "
+        "process must have the signature process(self, envelope)"
+    )
+
+
+def test_config_must_refuse_unknown_options(modules: Modules) -> None:
+    eps = [ep("acme_loose", f"{modules.plugin}:LooseConfigStage")]
+    problem = only(problems_of(settings_with({"type": "acme_loose"}), eps))
+    assert problem.startswith("pipeline[0] (acme_loose): logstack-acme[acme_loose]: Config must")
+    assert "extra='forbid'" in problem
+
+
+def test_a_validator_raising_an_unexpected_error(modules: Modules) -> None:
+    eps = [ep("acme_x", f"{modules.plugin}:ExplodingValidatorStage")]
+    settings = settings_with({"type": "acme_x", "options": {"value": 2}})
+    problem = only(problems_of(settings, eps))
+    assert problem.startswith("pipeline[0] (acme_x): options could not be validated: ")
+    assert "TypeError: validator bug" in problem
+
+
+def test_bad_name_used_in_the_pipeline_is_one_problem(modules: Modules) -> None:
+    eps = [ep("Acme", f"{modules.plugin}:GoodStage")]
+    problem = only(problems_of(settings_with({"type": "Acme"}), eps))
+    assert problem.startswith("logstack-acme[Acme]: stage name must match")
+
+
+def test_a_constructor_that_raises_fails_start_up_naming_the_culprit(modules: Modules) -> None:
+    eps = [
+        ep("acme_good", f"{modules.plugin}:GoodStage"),
+        ep("acme_init", f"{modules.plugin}:ExplodingInitStage", dist="logstack-init"),
+    ]
+    settings = settings_with({"type": "acme_good"}, {"type": "acme_init", "name": "second"})
+    resolved = resolve_pipeline(settings, eps)
+    with pytest.raises(PluginError) as info:
+        build_stages(resolved, StageContext(settings))
+    assert info.value.problems == [
+        "pipeline[1] (acme_init): logstack-init[acme_init]: failed to start: "
+        "KeyError: 'needs_a_service'"
+    ]
+    stages = build_stages(resolved[:1], StageContext(settings))
+    assert [s.name for s in stages] == ["acme_good"]
 
 
 def test_stage_with_own_run_is_valid(modules: Modules) -> None:
@@ -494,19 +648,29 @@ def test_describe_stages(modules: Modules) -> None:
         ep("acme_plain", f"{modules.plugin}:OtherGoodStage", dist="logstack-plain"),
         ep("acme_broken", f"{modules.broken}:Anything"),
         ep("acme_dup", f"{modules.plugin}:GoodStage", dist="logstack-one"),
-        ep("acme_dup", f"{modules.plugin}:RunStage", dist="logstack-two"),
+        ep("acme_dup", f"{modules.plugin}:RunStage", dist="logstack-two", version="3.0"),
+        ep("Bad-Name", f"{modules.plugin}:GoodStage"),
     ]
     rows = describe_stages(eps)
-    by_name = {row["name"]: row for row in rows if row["name"] != "?"}
-    assert list(by_name) == ["acme_broken", "acme_dup", "acme_mask", "acme_plain"]  # sorted
+    by_name = {row["name"]: row for row in rows}
+    assert [row["name"] for row in rows] == sorted(by_name)
+    assert set(by_name) == {"Bad-Name", "acme_broken", "acme_dup", "acme_mask", "acme_plain"}
     assert by_name["acme_mask"] == {
         "name": "acme_mask",
         "distribution": "logstack-acme",
         "version": "2.0.1",
         "summary": "Mask things the acme way.",
         "options": {
-            "pattern": "Regular expression of what to mask.",
-            "max_hits": "Most replacements per entry.",
+            "pattern": {
+                "type": "str",
+                "default": "[0-9]+",
+                "description": "Regular expression of what to mask.",
+            },
+            "max_hits": {
+                "type": "int",
+                "default": 10,
+                "description": "Most replacements per entry.",
+            },
         },
     }
     # No docstring of its own: no summary (not the docstring of the ``Stage`` base class).
@@ -518,9 +682,56 @@ def test_describe_stages(modules: Modules) -> None:
     assert "summary" not in broken
     assert "logstack-acme[acme_broken]: cannot import" in broken["error"]
     assert "RuntimeError: kaboom at import" in broken["error"]
-    [dup] = [row for row in rows if row["name"] == "?"]
+    dup = by_name["acme_dup"]
+    assert dup["distribution"] == "logstack-one, logstack-two"
+    assert dup["version"] == "1.2.3, 3.0"
     assert "logstack-two[acme_dup]" in dup["error"]
     assert "logstack-one[acme_dup]" in dup["error"]
+    assert by_name["Bad-Name"]["error"].startswith("logstack-acme[Bad-Name]: stage name must")
+    # Listing imports the stages to describe them, but the broken one breaks nothing else.
+    assert modules.imported(modules.plugin)
+
+
+def test_describe_options_types_defaults_and_required() -> None:
+    class Options(StageConfig):
+        keep: int = Field(4, ge=0, description="Characters kept.")
+        pattern: str = Field(description="What to look for.")
+        keys: frozenset[str] = Field(frozenset({"iban"}), description="Keys.")
+        label: str | None = Field(None, description="")
+
+    assert describe_options(Options) == {
+        "keep": {"type": "int", "default": 4, "description": "Characters kept."},
+        "pattern": {"type": "str", "required": True, "description": "What to look for."},
+        "keys": {"type": "frozenset[str]", "default": ["iban"], "description": "Keys."},
+        "label": {"type": "str | None", "default": None, "description": ""},
+    }
+
+
+def test_stages_list_prints_options_under_their_stage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Options(StageConfig):
+        keep_last: int = Field(4, description="Characters kept at the end.")
+        pattern: str = Field(description="What to look for.")
+
+    rows = [
+        {
+            "name": "acme_mask_iban",
+            "distribution": "logstack-acme-iban",
+            "version": "0.1.0",
+            "summary": "Mask IBANs.",
+            "options": describe_options(Options),
+        },
+        {"name": "auth", "distribution": "logstack", "version": "0.1.0", "summary": "Auth."},
+    ]
+    monkeypatch.setattr(_cli, "describe_stages", lambda: rows)
+    assert _cli.main(["stages", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["acme_mask_iban", "logstack-acme-iban", "0.1.0", "Mask", "IBANs."]
+    assert out[2] == "    option keep_last (int, default 4): Characters kept at the end."
+    assert out[3] == "    option pattern (str, required): What to look for."
+    assert out[4].split()[0] == "auth"
+    assert len(out) == 5
 
 
 def test_describe_installed_builtins() -> None:

@@ -6,6 +6,7 @@ rule of the stage contract and the check names it. Timeouts run on trio's autoju
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from logstack import (
     StageContext,
     ValidationError,
 )
+from logstack._wal import WalStore
 from logstack.testing import (
     ConformanceError,
     check_stage_conformance,
@@ -35,6 +37,7 @@ from logstack.testing import (
 from stages.auth import AuthStage
 from stages.mask import MaskStage
 from stages.validate import ValidateStage
+from stages.wal_append import WalAppendStage
 
 # --------------------------------------------------------------------------------------
 # Stages used by the tests: good ones first, then one per broken rule
@@ -394,6 +397,29 @@ async def test_stages_share_a_context() -> None:
 @pytest.mark.parametrize("stage_cls", [AuthStage, MaskStage, ValidateStage])
 async def test_builtin_simple_stages_conform(stage_cls: type[Stage]) -> None:
     await check_stage_conformance(stage_cls)
+
+
+async def test_a_run_stage_with_services_conforms(tmp_path: Path) -> None:
+    """``wal_append`` needs the WAL in ``context.services``: ``make_context`` provides it,
+    fresh for every check."""
+    contexts: list[StageContext] = []
+
+    def make_context() -> StageContext:
+        context = StageContext(Settings())
+        store = WalStore(tmp_path / str(len(contexts)), 1 << 20, context.metrics)
+        store.open()
+        context.services["wal"] = store
+        contexts.append(context)
+        return context
+
+    await check_stage_conformance(
+        WalAppendStage,
+        make_context=make_context,
+        envelopes=lambda: [make_envelope(validated=True)],
+    )
+    assert len(contexts) >= 6
+    with pytest.raises(TypeError):
+        await check_stage_conformance(WalAppendStage, settings={}, make_context=make_context)
 
 
 async def test_good_plugins_conform() -> None:
