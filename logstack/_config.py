@@ -301,7 +301,8 @@ class Settings(_Strict):
     pipeline: list[StageSpec] = Field(
         default_factory=lambda: [StageSpec(type=t) for t in DEFAULT_PIPELINE],
         min_length=1,
-        description="Stages in order; default auth, mask, validate, wal_append, batch, forward_loki.",
+        description="Stages in order (default: auth, mask, validate, wal_append, batch, "
+        "forward_loki).",
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

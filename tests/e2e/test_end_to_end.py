@@ -80,16 +80,17 @@ async def test_seed_example_reaches_loki_masked(tmp_path: Path) -> None:
             assert (server.wal_root / "payments-api").is_dir()
 
             # The receiver stores the entry before the forwarder has read its 204.
-            with trio.fail_after(10):
-                while 'loki_entries_forwarded_total{token="payments-api"} 1.0' not in (
-                    exposition := httpx.get(server.url + "/metrics").text
-                ):
-                    await trio.sleep(0.05)
+            forwarded = 'loki_entries_forwarded_total{token="payments-api"} 1.0'
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                with trio.fail_after(10):
+                    while forwarded not in (exposition := (await client.get("/metrics")).text):
+                        await trio.sleep(0.05)
             for sample in (
                 'logs_ingested_total{token="payments-api"} 1.0',
-                'loki_entries_forwarded_total{token="payments-api"} 1.0',
+                forwarded,
                 'masked_fields_total{key="password",token="payments-api"} 1.0',
-                'http_requests_total{endpoint="/v1/logs:ingest",method="POST",status_code="202"} 1.0',
+                'http_requests_total{endpoint="/v1/logs:ingest",method="POST",status_code="202"}'
+                " 1.0",
             ):
                 assert sample in exposition, sample
         finally:
