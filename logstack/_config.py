@@ -173,6 +173,18 @@ class MaskingSettings(_Strict):
             raise ValueError(f"baseline_keys must keep the baseline; missing {missing}")
         return self
 
+    @model_validator(mode="after")
+    def _hash_needs_secret(self) -> MaskingSettings:
+        rules = [(k, r) for k, r in self.partial_rules.items()]
+        for name, override in self.overrides.items():
+            rules += [(f"overrides.{name}.{k}", r) for k, r in override.partial_rules.items()]
+        hashed = [k for k, rule in rules if rule.hash]
+        if hashed and not self.hash_secret:
+            raise ValueError(
+                f"hash_secret is required when a partial rule uses hash: true ({', '.join(hashed)})"
+            )
+        return self
+
 
 class SchemaSettings(_Strict):
     label_allowlist: list[str] = Field(

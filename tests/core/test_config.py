@@ -975,3 +975,16 @@ security:
 def test_env_problems_alone_are_reported_even_if_validation_passes() -> None:
     err = fails(env={"LOGSTACK_NOPE": "1"})
     assert err.problems == ["LOGSTACK_NOPE: unknown setting (no config section 'nope')"]
+
+
+def test_hash_rule_without_secret_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "masking:\n  overrides:\n    svc:\n      partial_rules:\n        user_id: {hash: true}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert "hash_secret is required" in str(info.value)
+    assert "overrides.svc.user_id" in str(info.value)
+    ok = load_settings(path, env={"LOGSTACK_MASKING_HASH_SECRET": "s3cr3t-for-hmac"})
+    assert ok.masking.overrides["svc"].partial_rules["user_id"].hash

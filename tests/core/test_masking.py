@@ -215,7 +215,16 @@ def test_hash_handles_lone_surrogates() -> None:
 
 
 def test_hash_without_a_secret_masks_fully() -> None:
-    settings = MaskingSettings(partial_rules={"secret": PartialRule(hash=True)})
+    # Config validation refuses this (test_config.py); the engine still fails safe if it
+    # is handed such settings unvalidated.
+    settings = MaskingSettings.model_construct(
+        baseline_keys=list(MaskingSettings().baseline_keys),
+        partial_rules={"secret": PartialRule(hash=True)},
+        hash_secret="",
+        overrides={},
+        builtin_detectors=[],
+        detectors=[],
+    )
     masker_ = Masker(settings)
     assert masker_.hash_without_secret
     metadata, _ = mask_metadata({"secret": "value"}, masker_.for_key("svc"))
