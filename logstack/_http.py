@@ -3,6 +3,11 @@
 ``ingest`` does only transport work (size, media type, headers) and hands an ``Envelope``
 with its reply slot to the pipeline head; stages decide the answer. A full head channel
 answers 503 at once: backpressure becomes an HTTP status.
+
+``instrument`` wraps the whole app: it gives each request its id (``X-Request-Id``, and the
+``request_id`` of every log line written while serving it) and counts
+``http_requests_total``/``http_request_duration_seconds`` with bounded labels.
+``normalise_slashes`` routes ``//v1/logs:ingest`` like ``/v1/logs:ingest``.
 """
 
 from __future__ import annotations
@@ -13,15 +18,25 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
+from ._admin import readiness_checks, register_admin_routes
+from ._admin_dlq import register_dlq_routes
+from ._api_types import (
+    ERROR_CODES,
+    Health,
+    IngestAccepted,
+    Readiness,
+    ReadinessStatus,
+    ServiceInfo,
+)
 from ._envelope import Accepted, Envelope
 from ._errors import (
     InternalError,
@@ -32,6 +47,7 @@ from ._errors import (
     ValidationError,
 )
 from ._logging import request_id_var
+from ._openapi import openapi_document
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -60,13 +76,26 @@ KNOWN_ENDPOINTS = frozenset(
         "/v1/admin/dlq/replay",
     }
 )
+"""The ``endpoint`` label values; any other path counts as ``other`` (bounded cardinality)."""
+KNOWN_METHODS: Final = frozenset({"GET", "POST", "HEAD"})
 _SLASHES = re.compile(r"/{2,}")
 MAX_IDEMPOTENCY_KEY = 128
+REQUEST_ID_HEADER: Final = b"x-request-id"
+FINAL_SEND_TIMEOUT_S: Final = 5.0
 
 
 def json_response(
     body: dict[str, Any], status: int, headers: dict[str, str] | None = None
 ) -> Response:
+    return Response(
+        _json.encode(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def struct_response(
+    body: msgspec.Struct, status: int, headers: dict[str, str] | None = None
+) -> Response:
+    """Encode one of the documented answer types (``_api_types``) as it is published."""
     return Response(
         _json.encode(body), status=status, headers=headers, content_type="application/json"
     )
@@ -93,9 +122,13 @@ def normalise_slashes(app: ASGIApp) -> ASGIApp:
     return wrapper
 
 
-def count_requests(app: ASGIApp, service: Service) -> ASGIApp:
-    """``http_requests_total`` and ``http_request_duration_seconds`` for every request,
-    with a bounded ``endpoint`` label (unknown paths count as ``other``)."""
+def instrument(app: ASGIApp, service: Service) -> ASGIApp:
+    """Request id and HTTP metrics for every request, whatever answers it.
+
+    The id is set in ``request_id_var`` before the app runs (tasks the app starts inherit
+    it) and sent back as ``X-Request-Id``; ingest uses it as the request's id. Metrics use
+    a bounded ``endpoint`` label (unknown paths count as ``other``) and method label.
+    """
     metrics = service.context.metrics
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,56 +136,88 @@ def count_requests(app: ASGIApp, service: Service) -> ASGIApp:
             await app(scope, receive, send)
             return
         started = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        reset = request_id_var.set(request_id)
         status = 500
+        counted = False
+        service.request_started()
+
+        def count() -> None:
+            nonlocal counted
+            counted = True
+            elapsed = time.perf_counter() - started
+            path = scope["path"]
+            endpoint = path if path in KNOWN_ENDPOINTS else "other"
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            metrics.http_requests.labels(
+                method=method, endpoint=endpoint, status_code=str(status)
+            ).inc()
+            metrics.http_duration.labels(method=method, endpoint=endpoint).observe(elapsed)
+            log.debug(
+                "request served",
+                extra={
+                    "method": method,
+                    "endpoint": endpoint,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (REQUEST_ID_HEADER, request_id.encode()),
+                ]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Counted before the last byte leaves: whoever saw the answer sees it counted.
+                count()
+                # Shielded: Hypercorn's end-of-response work (recycle the keep-alive
+                # connection, or close it while stopping) runs inside this call and itself
+                # tells the app "http.disconnect", on which Quart-Trio cancels the request
+                # task, i.e. this very call. Cut short, a stopping server left connections
+                # half-closed and clients waiting for the whole grace period (seen in
+                # tests/e2e/test_ops_signals.py). The socket writes in it are shielded by
+                # Hypercorn anyway; the deadline bounds the rest.
+                with trio.CancelScope(shield=True) as shield:
+                    shield.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
+                    await send(message)
+                return
             await send(message)
 
         try:
             await app(scope, receive, send_wrapper)
         finally:
-            path = scope["path"]
-            endpoint = path if path in KNOWN_ENDPOINTS else "other"
-            method = scope["method"] if scope["method"] in ("GET", "POST", "HEAD") else "other"
-            metrics.http_requests.labels(
-                method=method, endpoint=endpoint, status_code=str(status)
-            ).inc()
-            metrics.http_duration.labels(method=method, endpoint=endpoint).observe(
-                time.perf_counter() - started
-            )
+            service.request_finished()
+            if not counted:
+                count()  # no complete answer (client gone, or a crash before it)
+            request_id_var.reset(reset)
 
     return wrapper
 
 
 def create_app(service: Service) -> QuartTrio:
-    app = QuartTrio("logstack")
+    app = QuartTrio("logstack", static_folder=None)
     settings = service.context.settings
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["BODY_TIMEOUT"] = 60
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     metrics = service.context.metrics
+    openapi_cache: dict[str, Any] = {}
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         if code == 413:
-            limit = service.context.settings.server.max_body_bytes
-            return error_response(
-                PayloadTooLargeError(
-                    f"request body exceeds {limit} bytes", details={"max_body_bytes": limit}
-                )
-            )
+            return error_response(_too_large(service.context.settings.server.max_body_bytes))
         names = {404: "not_found", 405: "method_not_allowed", 400: "validation_error"}
+        error = names.get(code, "http_error")
+        assert error in ERROR_CODES
         return json_response(
-            {
-                "error": names.get(code, "http_error"),
-                "message": exc.description or exc.name,
-                "details": {},
-            },
-            code,
+            {"error": error, "message": exc.description or exc.name, "details": {}}, code
         )
 
     @app.errorhandler(Exception)
@@ -162,8 +227,7 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.post(INGEST_PATH)
     async def ingest() -> Response:
-        request_id = str(uuid.uuid4())
-        request_id_var.set(request_id)
+        request_id = request_id_var.get() or str(uuid.uuid4())
         server = service.context.settings.server
         try:
             envelope = await _read_envelope(request_id, server.max_body_bytes)
@@ -175,7 +239,10 @@ def create_app(service: Service) -> QuartTrio:
         head = service.head
         error: RejectError
         try:
-            if head is None or service.stopping:
+            # While stopping, requests that reached the app are still taken: the head stays
+            # open until every in-flight request is answered ("drain to the WAL"). Only
+            # the listeners are closed, and idle connections once nothing is in flight.
+            if head is None:
                 raise trio.ClosedResourceError
             head.send_nowait([envelope])
         except trio.WouldBlock:
@@ -190,15 +257,13 @@ def create_app(service: Service) -> QuartTrio:
             with trio.move_on_after(server.request_timeout_s):
                 outcome = await envelope.reply.wait()
                 if isinstance(outcome, Accepted):
-                    return json_response(
-                        {
-                            "message": "Logs accepted for processing",
-                            "entries_accepted": outcome.entries_accepted,
-                            "request_id": outcome.request_id,
-                            "timestamp": _now_rfc3339(),
-                        },
-                        202,
+                    accepted = IngestAccepted(
+                        "Logs accepted for processing",
+                        outcome.entries_accepted,
+                        outcome.request_id,
+                        _now_rfc3339(),
                     )
+                    return struct_response(accepted, 202)
                 error = outcome
             if not envelope.reply.resolved:
                 error = UnavailableError(
@@ -213,14 +278,17 @@ def create_app(service: Service) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return json_response({"status": "ok"}, 200)
+        return struct_response(Health("ok"), 200)
 
     @app.get("/readyz")
     async def readyz() -> Response:
         checks = service.readiness()
         ready = all(check["ok"] for check in checks.values())
-        return json_response(
-            {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        status: ReadinessStatus = (
+            "stopping" if service.stopping else ("ready" if ready else "not_ready")
+        )
+        return struct_response(
+            Readiness(status, readiness_checks(checks)), 200 if status == "ready" else 503
         )
 
     @app.get("/metrics")
@@ -228,11 +296,30 @@ def create_app(service: Service) -> QuartTrio:
         service.refresh_gauges()
         return Response(metrics.exposition(), status=200, content_type=metrics.content_type)
 
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        current = service.context.settings
+        cached = openapi_cache.get("doc")
+        if cached is None or cached[0] is not current:
+            cached = openapi_cache["doc"] = (
+                current,
+                _json.encode(openapi_document(current)),
+            )
+        return Response(cached[1], status=200, content_type="application/json")
+
     @app.get("/")
     async def index() -> Response:
-        return json_response({"service": "logstack", "version": __version__}, 200)
+        return struct_response(ServiceInfo("logstack", __version__), 200)
 
+    register_admin_routes(app, service)
+    register_dlq_routes(app, service)
     return app
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"request body exceeds {limit} bytes", details={"max_body_bytes": limit}
+    )
 
 
 async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
@@ -250,10 +337,7 @@ async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
             "Content-Encoding must be gzip or absent", details={"content_encoding": encoding}
         )
     if request.content_length is not None and request.content_length > max_body_bytes:
-        raise PayloadTooLargeError(
-            f"request body exceeds {max_body_bytes} bytes",
-            details={"max_body_bytes": max_body_bytes},
-        )
+        raise _too_large(max_body_bytes)
     idempotency_key = headers.get("X-Idempotency-Key")
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise ValidationError(
@@ -261,13 +345,13 @@ async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
             details={"errors": [{"field": "X-Idempotency-Key", "message": "1-128 characters"}]},
             reason="bad_idempotency_key",
         )
-    body = await request.get_data(cache=False)
+    try:
+        body = await request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise _too_large(max_body_bytes) from None
     assert isinstance(body, bytes)
     if len(body) > max_body_bytes:
-        raise PayloadTooLargeError(
-            f"request body exceeds {max_body_bytes} bytes",
-            details={"max_body_bytes": max_body_bytes},
-        )
+        raise _too_large(max_body_bytes)
     return Envelope(
         request_id=request_id,
         authorization=headers.get("Authorization"),

@@ -1,12 +1,24 @@
-"""The service's own logs: JSON lines (default) with the request id on every line."""
+"""The service's own logs: JSON lines (default) with the request id on every line.
+
+* ``request_id`` comes from a context variable that the HTTP layer sets for each request
+  before the app runs, so every line written while serving that request carries it (trio
+  tasks started from the request inherit it). Lines about a request written elsewhere (a
+  pipeline stage) pass ``extra={"request_id": ...}``.
+* Tokens are never printed: keys are named by their ``name`` everywhere, and as a last line
+  of defence every formatted line goes through ``redact``: the configured API tokens and the
+  admin token (``set_secrets``, refreshed on reload) and anything after ``Bearer `` become
+  ``<redacted>``.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
 import msgspec
 
@@ -14,8 +26,34 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "logstack_request_id", default=None
 )
 
+REDACTED: Final = "<redacted>"
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _encoder = msgspec.json.Encoder(enc_hook=repr)
+_BEARER = re.compile(r"(?i)(bearer)(\s+|%20|\\u0020)(?!<redacted>|realm=)[^\s\"'\\,;]+")
+_secrets: re.Pattern[str] | None = None
+
+
+def set_secrets(secrets: Iterable[str | None]) -> None:
+    """Strings that must never appear in a log line (API tokens, the admin token)."""
+    global _secrets
+    values = sorted({s for s in secrets if s}, key=len, reverse=True)
+    _secrets = re.compile("|".join(re.escape(v) for v in values)) if values else None
+
+
+def redact(text: str) -> str:
+    """``text`` without known secrets or bearer credentials."""
+    text = _BEARER.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", text)
+    pattern = _secrets
+    if pattern is not None:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,8 +61,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -37,14 +74,22 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return _encoder.encode(doc).decode("utf-8", "replace")
+        try:
+            line = _encoder.encode(doc).decode("utf-8", "replace")
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            # A non-string key or similar in an ``extra``: never lose the line for it.
+            doc = {
+                k: v if isinstance(v, str | int | float | bool) else repr(v) for k, v in doc.items()
+            }
+            line = _encoder.encode(doc).decode("utf-8", "replace")
+        return redact(line)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         request_id = request_id_var.get()
-        return f"{base} request_id={request_id}" if request_id else base
+        return redact(f"{base} request_id={request_id}" if request_id else base)
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -1,13 +1,25 @@
 """Prometheus metrics (SPEC §8), one registry per service instance.
 
-A fresh ``CollectorRegistry`` per ``Metrics`` means tests can build many apps in one process
-without "duplicated timeseries" errors. ``token`` labels always carry the key *name*.
+A fresh ``CollectorRegistry`` per ``Metrics`` (owned by the service's ``StageContext``, not
+by the Quart app) means the app can be re-created for the same service and keeps its
+counters, and tests can run many services in one process without "duplicated timeseries"
+errors. ``token`` labels always carry the key *name*, never the token.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -17,6 +29,33 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_* (CPU, memory, file descriptors) and python_info, as every exporter has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "logstack_build_info", "Always 1; the running version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.config_version = Gauge(
+            "logstack_config_version",
+            "1 at start, +1 per successful SIGHUP reload.",
+            registry=r,
+        )
+        self.config_version.set(1)
+        self.config_reloads = Counter(
+            "logstack_config_reloads_total",
+            "SIGHUP reloads by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.config_reloads.labels(result=result)
+        self.ready = Gauge(
+            "logstack_ready",
+            "1 if the readiness check passes, else 0 (as /readyz reports it, on scrape).",
+            ["check"],
+            registry=r,
+        )
         self.logs_ingested = Counter(
             "logs_ingested_total", "Entries accepted (fsynced) per key.", ["token"], registry=r
         )

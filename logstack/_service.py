@@ -4,8 +4,8 @@ Start-up order: resolve and validate the pipeline (fail fast, listing every prob
 the WAL (recovery), start the stages (the head channel comes back via ``task_status``), then
 serve HTTP. Shutdown (SIGTERM/SIGINT) is a deadline: stop accepting, let in-flight requests
 reach the WAL, close the head so every stage drains in order, cancel only if the grace
-period runs out. SIGHUP reloads keys, masking and limits, keeping the old config if the new
-one is invalid.
+period runs out (a second signal cancels at once). SIGHUP reloads keys, masking, limits and
+schema, keeping the old config if the new one is invalid.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -25,20 +27,77 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import __version__
 from ._config import Settings, load_settings
 from ._context import StageContext
-from ._errors import ConfigError
-from ._http import count_requests, create_app, disk_free_ratio, normalise_slashes
+from ._errors import ConfigError, WalError
+from ._http import create_app, disk_free_ratio, instrument, normalise_slashes
+from ._logging import set_secrets
 from ._pipeline import build_stages, serve_pipeline
 from ._registry import resolve_pipeline
 from ._stage import Stage
-from ._wal import WalStore
+from ._wal import KeyLog, WalStore
 
 log = logging.getLogger("logstack.service")
 
+ASGIApp = Callable[..., Awaitable[None]]
+
+RESTART_ONLY: Final[dict[str, tuple[str, ...]]] = {
+    "server": (
+        "host",
+        "port",
+        "bound_ports_file",
+        "max_body_bytes",
+        "pipeline_capacity",
+        "shutdown_grace_s",
+        "log_format",
+    ),
+    "wal": ("root_path", "segment_max_bytes"),
+}
+"""Settings fixed at start-up (sockets, channels, open files, worker counts): a reload that
+changes them keeps the running values, says so, and applies everything else."""
+
+
+def _secrets_of(settings: Settings) -> list[str | None]:
+    return [*settings.security.api_keys, settings.security.admin_token]
+
+
+def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """``new`` with the restart-only values of ``old``, and the names of those it kept."""
+    kept: list[str] = []
+    updates: dict[str, Any] = {}
+    for section, keys in RESTART_ONLY.items():
+        old_section, new_section = getattr(old, section), getattr(new, section)
+        changed = {
+            key: getattr(old_section, key)
+            for key in keys
+            if getattr(old_section, key) != getattr(new_section, key)
+        }
+        if changed:
+            kept += [f"{section}.{key}" for key in changed]
+            updates[section] = new_section.model_copy(update=changed)
+    if new.pipeline != old.pipeline:
+        kept.append("pipeline")
+        updates["pipeline"] = old.pipeline
+    return (new.model_copy(update=updates) if updates else new), kept
+
+
+def oldest_undelivered_received_ns(keylog: KeyLog) -> int | None:
+    """When the oldest undelivered entry of ``keylog`` was received, or None if all are
+    delivered. Reads one record at the checkpoint (page cache); falls back to the creation
+    time of its segment (an upper bound on the age) if that record cannot be read."""
+    if not keylog.has_unread_entries(keylog.delivered):
+        return None
+    try:
+        first = keylog.read(keylog.delivered, 1, 1, at_least_one=True)
+    except (OSError, WalError):
+        first = None
+    if first is not None and first.batches:
+        return first.batches[0].received_ns
+    return keylog.oldest_undelivered_ns()
+
 
 class Service:
-    """The running service's shared state: context, pipeline head, readiness."""
+    """The running service's shared state: context, pipeline head, readiness, reload."""
 
-    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: str | os.PathLike[str] | None = None):
         self.config_path = config_path
         self.context = StageContext(settings)
         self.head: trio.MemorySendChannel[Any] | None = None
@@ -46,6 +105,14 @@ class Service:
         self.stages: list[Stage] = []
         self.config_version = 1
         self.started_at = time.time()
+        self.config_loaded_at = self.started_at
+        self.last_reload_error: list[str] | None = None
+        self.binds: list[str] = []
+        self.requests_in_flight = 0
+        """HTTP requests inside the app (``instrument`` counts them)."""
+        self._no_requests = trio.Event()
+        self._stop_scope: trio.CancelScope | None = None
+        set_secrets(_secrets_of(settings))
 
     @property
     def wal(self) -> WalStore:
@@ -53,6 +120,9 @@ class Service:
         return store
 
     def readiness(self) -> dict[str, dict[str, Any]]:
+        """Each check with its detail, from facts the stages keep current: nothing here
+        talks to Loki (the forwarder probes ``/ready`` in the background when pushes are
+        not succeeding, and records the outcome in ``HealthState``)."""
         settings = self.context.settings
         health = self.context.health
         checks: dict[str, dict[str, Any]] = {}
@@ -92,39 +162,114 @@ class Service:
         """Gauges that are cheaper to compute on scrape than to keep updated."""
         metrics = self.context.metrics
         now = time.time_ns()
-        for name, keylog in self.wal.logs.items():
+        store: WalStore | None = self.context.services.get("wal")
+        for name, keylog in (store.logs if store is not None else {}).items():
             metrics.wal_segments_active.labels(token=name).set(len(keylog.segments))
             metrics.wal_disk_usage.labels(token=name).set(keylog.disk_bytes)
-            if not keylog.has_unread(keylog.delivered):
-                metrics.forwarder_lag.labels(token=name).set(0)
-            else:
-                oldest = keylog.oldest_undelivered_ns()
-                if oldest is not None:
-                    current = metrics.forwarder_lag.labels(token=name)
-                    current.set(max(0.0, (now - oldest) / 1e9))
+            oldest = oldest_undelivered_received_ns(keylog)
+            lag = 0.0 if oldest is None else max(0.0, (now - oldest) / 1e9)
+            metrics.forwarder_lag.labels(token=name).set(lag)
+        for check, result in self.readiness().items():
+            metrics.ready.labels(check=check).set(1 if result["ok"] else 0)
 
-    def reload(self) -> bool:
-        """Re-read the configuration; keep the old one (and say why) if the new one is bad."""
+    async def reload(self) -> bool:
+        """Re-read the configuration (SIGHUP); keep the old one, and say why, if it is bad.
+
+        Keys, masking, rate limits, schema, quotas and Loki batching apply at once; the
+        settings in ``RESTART_ONLY`` and the pipeline keep their running values.
+        """
+        metrics = self.context.metrics
+        path = self.config_path
+
+        def load() -> Settings:
+            new = load_settings(path)
+            resolve_pipeline(new)  # a pipeline that would not start is a bad config too
+            return new
+
         try:
-            new = load_settings(self.config_path)
-            resolve_pipeline(new)
+            new = await trio.to_thread.run_sync(load)
         except ConfigError as exc:
+            self.last_reload_error = exc.problems
+            metrics.config_reloads.labels(result="failed").inc()
             log.error(
-                "config reload failed; keeping the running config", extra={"problems": exc.problems}
+                "config reload failed; keeping the running config",
+                extra={"problems": exc.problems, "config_version": self.config_version},
             )
             return False
         old = self.context.settings
-        if new.pipeline != old.pipeline or new.wal.root_path != old.wal.root_path:
-            log.warning("pipeline, WAL root and server changes need a restart; applying the rest")
+        new, kept = keep_restart_only(old, new)
+        if kept:
+            log.warning(
+                "config reload: these settings need a restart; keeping their running values",
+                extra={"settings": kept},
+            )
         self.context.settings = new
+        set_secrets(_secrets_of(new))
+        failures: list[str] = []
         for stage in self.stages:
-            stage.reload(new)
+            try:
+                stage.reload(new)
+            except Exception as exc:  # a plugin's bug must not stop the others reloading
+                failures.append(stage.name)
+                log.exception(
+                    "stage failed to apply the reloaded config",
+                    extra={"stage": stage.name, "error_type": type(exc).__name__},
+                )
+        level = "DEBUG" if new.server.debug else new.server.log_level
+        logging.getLogger().setLevel(level)
         self.config_version += 1
+        self.config_loaded_at = time.time()
+        self.last_reload_error = None
+        metrics.config_reloads.labels(result="ok").inc()
+        metrics.config_version.set(self.config_version)
+        old_names = {key.name for key in old.security.api_keys.values()}
+        new_names = {key.name for key in new.security.api_keys.values()}
         log.info(
             "config reloaded",
-            extra={"config_version": self.config_version, "api_keys": len(new.security.api_keys)},
+            extra={
+                "config_version": self.config_version,
+                "api_keys": len(new.security.api_keys),
+                "keys_added": sorted(new_names - old_names),
+                "keys_removed": sorted(old_names - new_names),
+                "stages_failed": failures,
+            },
         )
         return True
+
+    def request_started(self) -> None:
+        self.requests_in_flight += 1
+        if self._no_requests.is_set():
+            self._no_requests = trio.Event()
+
+    def request_finished(self) -> None:
+        self.requests_in_flight -= 1
+        if self.requests_in_flight == 0:
+            self._no_requests.set()
+
+    async def wait_requests_answered(self) -> None:
+        """Return once no HTTP request is being served (at once if none is)."""
+        while self.requests_in_flight:
+            await self._no_requests.wait()
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Begin a graceful stop; called a second time, cancel whatever is still running."""
+        if self.context.shutdown.is_set():
+            if self._stop_scope is not None:
+                log.warning("second stop request: cancelling the drain", extra={"by": reason})
+                self._stop_scope.cancel()
+            return
+        log.info("shutdown requested", extra={"by": reason})
+        self.stopping = True
+        self.context.shutdown.set()
+
+    def __repr__(self) -> str:
+        state = "stopping" if self.stopping else "running"
+        return f"<Service {state} config_version={self.config_version} binds={self.binds}>"
+
+
+def build_asgi_app(service: Service) -> ASGIApp:
+    """The Quart app wrapped in request ids, HTTP metrics and slash normalisation."""
+    return normalise_slashes(instrument(create_app(service), service))
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -138,13 +283,54 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+async def serve_http(
+    service: Service,
+    app: ASGIApp,
+    settings: Settings,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hypercorn until the shutdown event, then until every in-flight request is answered.
+
+    On shutdown Hypercorn closes its listeners at once and lets requests in flight finish;
+    but it also lingers on keep-alive connections that serve nothing (some until its whole
+    graceful timeout, when Quart-Trio cancelled the end of their last answer). We know
+    which requests are in flight (``instrument`` counts them), so once none is, the rest
+    of the HTTP server is cancelled: a request that has not reached the app yet would only
+    have been refused with 503; its connection is closed instead and the client retries.
+    """
+    shutdown = service.context.shutdown
+    with trio.CancelScope() as http_scope:
+        async with trio.open_nursery() as nursery:
+
+            async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn_serve(
+                    app,
+                    hypercorn_config(settings),
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+                http_scope.cancel()  # Hypercorn finished by itself: stop waiting below
+
+            binds: list[str] = await nursery.start(run_hypercorn)
+            task_status.started(binds)
+            await shutdown.wait()
+            await service.wait_requests_answered()
+            http_scope.cancel()
+
+
 async def serve(
     settings: Settings,
     *,
-    config_path: str | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    handle_signals: bool = True,
     task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run LogStack until SIGTERM/SIGINT (or cancellation)."""
+    """Run LogStack until SIGTERM/SIGINT, ``Service.request_stop()`` or cancellation.
+
+    ``handle_signals=False`` leaves signals alone (for running it inside another program
+    or a test); the ``Service`` handed to ``task_status`` then stops it.
+    """
     resolved = resolve_pipeline(settings)
     service = Service(settings, config_path)
     started = time.perf_counter()
@@ -162,15 +348,18 @@ async def serve(
         },
     )
     service.stages = build_stages(resolved, service.context)
-    app = normalise_slashes(count_requests(create_app(service), service))
+    app = build_asgi_app(service)
     shutdown = service.context.shutdown
     grace = settings.server.shutdown_grace_s
     clean = False
+    stop_started: float | None = None
     try:
         async with trio.open_nursery() as outer:
-            outer.start_soon(_signal_loop, service)
+            if handle_signals:
+                outer.start_soon(_signal_loop, service)
             try:
                 async with trio.open_nursery() as root:
+                    service._stop_scope = root.cancel_scope
                     service.head = await root.start(
                         partial(
                             serve_pipeline,
@@ -181,49 +370,76 @@ async def serve(
 
                     async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
                         try:
-                            await hypercorn_serve(
-                                app,
-                                hypercorn_config(settings),
-                                shutdown_trigger=shutdown.wait,
-                                task_status=task_status,
-                            )
+                            await serve_http(service, app, settings, task_status=task_status)
                         finally:
                             # In-flight requests are answered; closing the head drains
                             # every stage in order.
                             service.stopping = True
                             if service.head is not None:
                                 await service.head.aclose()
+                            log.info("HTTP closed; draining the pipeline")
 
-                    binds = await root.start(http_then_close_head)
+                    service.binds = await root.start(http_then_close_head)
                     if settings.server.bound_ports_file:
                         await trio.Path(settings.server.bound_ports_file).write_text(
-                            "\n".join(binds) + "\n"
+                            "\n".join(service.binds) + "\n"
                         )
                     log.info(
                         "serving",
                         extra={
-                            "binds": binds,
+                            "binds": service.binds,
                             "version": __version__,
                             "pipeline": [s.name for s in service.stages],
                         },
                     )
                     task_status.started(service)
                     await shutdown.wait()
+                    stop_started = time.perf_counter()
                     service.stopping = True
-                    root.cancel_scope.deadline = trio.current_time() + grace
+                    root.cancel_scope.deadline = min(
+                        root.cancel_scope.deadline, trio.current_time() + grace
+                    )
                 clean = not root.cancel_scope.cancelled_caught
             finally:
                 outer.cancel_scope.cancel()
     finally:
+        service.stopping = True
         store.close()
-        log.info("stopped", extra={"clean": clean})
+        log.info(
+            "stopped",
+            extra={
+                "clean": clean,
+                "stop_s": None
+                if stop_started is None
+                else round(time.perf_counter() - stop_started, 3),
+            },
+        )
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings, *, config_path: str | os.PathLike[str] | None = None
+) -> AsyncIterator[Service]:
+    """Run LogStack inside the caller's trio run (no signal handling) for the block.
+
+    ``service.binds`` tells where it listens (bind port 0 for a free one). Leaving the
+    block stops it gracefully, as SIGTERM would.
+    """
+    async with trio.open_nursery() as nursery:
+        service: Service = await nursery.start(
+            partial(serve, settings, config_path=config_path, handle_signals=False)
+        )
+        try:
+            yield service
+        finally:
+            service.request_stop("open_service exit")
 
 
 async def _signal_loop(service: Service) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                service.reload()
+                log.info("SIGHUP: reloading the config", extra={"path": str(service.config_path)})
+                await service.reload()
                 continue
-            log.info("shutdown requested", extra={"signal": signal.Signals(signum).name})
-            service.context.shutdown.set()
+            service.request_stop(signal.Signals(signum).name)
