@@ -333,6 +333,9 @@ async def serve(
     """
     resolved = resolve_pipeline(settings)
     service = Service(settings, config_path)
+    # Build the stages before touching the WAL: a plugin whose constructor fails leaves
+    # nothing behind (no WAL directory, no log of a recovery that never mattered).
+    service.stages = build_stages(resolved, service.context)
     started = time.perf_counter()
     store = WalStore(
         Path(settings.wal.root_path), settings.wal.segment_max_bytes, service.context.metrics
@@ -347,7 +350,6 @@ async def serve(
             "recovery_s": round(time.perf_counter() - started, 3),
         },
     )
-    service.stages = build_stages(resolved, service.context)
     app = build_asgi_app(service)
     shutdown = service.context.shutdown
     grace = settings.server.shutdown_grace_s

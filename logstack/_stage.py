@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ._envelope import Batch, Envelope
 from ._errors import InternalError, RejectError
+from ._logging import request_id_var
 
 log = logging.getLogger("logstack.stage")
 
@@ -68,6 +69,8 @@ class Stage:
                 for envelope in batch:
                     if not envelope.pending:
                         continue
+                    # Log lines a stage writes for this request carry its request id.
+                    request_id_var.set(envelope.request_id)
                     try:
                         self.process(envelope)
                     except RejectError as error:

@@ -266,3 +266,4 @@ def test_a_plugin_whose_constructor_raises(tmp_path: Path, site: Site) -> None:
         "pipeline[2] (acme_init): logstack-acme-init[acme_init]: failed to start: "
         "FileNotFoundError: /etc/acme/patterns.txt"
     )
+    assert not (tmp_path / "wal").exists()  # stages are built before the WAL is opened
