@@ -34,7 +34,7 @@ Intentional differences from a naive reading of SPEC §3.1, shared by both check
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -367,22 +367,6 @@ def api_types(schema: SchemaSettings) -> ApiTypes:
 
 # --- answers ------------------------------------------------------------------------------------
 
-ERROR_CODES: Final = (
-    "authentication_error",
-    "forbidden",
-    "validation_error",
-    "payload_too_large",
-    "unsupported_media_type",
-    "rate_limit_exceeded",
-    "quota_exceeded",
-    "unavailable",
-    "internal_error",
-    "not_found",
-    "method_not_allowed",
-    "conflict",
-    "replay_incomplete",
-    "http_error",
-)
 ErrorCode = Literal[
     "authentication_error",
     "forbidden",
@@ -399,6 +383,7 @@ ErrorCode = Literal[
     "replay_incomplete",
     "http_error",
 ]
+ERROR_CODES: Final = get_args(ErrorCode)
 
 
 class ErrorBody(msgspec.Struct):

@@ -30,6 +30,7 @@ from ..testing._process import (
     ChildProcess,
     LogstackProcess,
     LokiReceiverProcess,
+    deep_merge,
     make_test_config,
 )
 from ._load import BodyFactory, LoadResult, run_load
@@ -151,7 +152,7 @@ class Bench:
         config = make_test_config(
             workdir,
             loki_url,
-            **_merge(
+            **deep_merge(
                 {
                     "server": {"log_level": "WARNING"},
                     "security": {"rate_limit_rps": 1e9, "rate_limit_burst": 1e9},
@@ -273,16 +274,6 @@ class _CeilingProcess(ChildProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "logstack.bench._ceiling", "--port-file", str(self.port_file)]
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 SCENARIOS = ("lines-1", "batch-100", "batch-500", "masking-heavy", "overload", "outage")
