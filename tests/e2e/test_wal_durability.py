@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from logstack.testing import open_loki_receiver
 from logstack.testing._process import TEST_TOKEN, TEST_TOKEN_2, LogstackProcess, make_test_config
 
 INGEST = "/v1/logs:ingest"
-CYCLES = 20
+# ≥ 20 in CI; LOGSTACK_CRASH_CYCLES=100 for a longer soak.
+CYCLES = int(os.environ.get("LOGSTACK_CRASH_CYCLES", "20"))
 
 
 def headers(token: str = TEST_TOKEN, **extra: str) -> dict[str, str]:
