@@ -37,6 +37,9 @@ from ._load import BodyFactory, LoadResult, run_load
 from ._procstat import cpu_seconds, rss_mib
 
 PLACEHOLDER = b"@@@@@@@@@"
+PROBE_MARKER = "bench-probe-"
+"""The first line of every request carries ``bench-probe-<request number>``: the receiver
+records when it arrives, which gives the 202→Loki latency of every accepted request."""
 
 
 def body_factory(lines: int, *, masking_heavy: bool = False) -> BodyFactory:
@@ -66,6 +69,8 @@ def body_factory(lines: int, *, masking_heavy: bool = False) -> BodyFactory:
                 "cards": [{"card_number": "4111111111111111"}],
                 "note": "contact ops@example.org",
             }
+        if i == 0:
+            entry["message"] = f"{PROBE_MARKER}@@@@@@@@@ " + entry["message"]
         entries.append(entry)
     template = json.dumps({"entries": entries}, separators=(",", ":")).encode()
 
@@ -86,6 +91,7 @@ class ScenarioResult:
     delivered: int = 0
     delivered_all: bool | None = None
     delivery_wait_s: float = 0.0
+    delivery_latencies_s: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -102,6 +108,8 @@ class ScenarioResult:
             "ack_p50_ms": round(load.percentile(0.50) * 1000, 2),
             "ack_p95_ms": round(load.percentile(0.95) * 1000, 2),
             "ack_p99_ms": round(load.percentile(0.99) * 1000, 2),
+            "deliver_p50_ms": _ms(_percentile(self.delivery_latencies_s, 0.50)),
+            "deliver_p99_ms": _ms(_percentile(self.delivery_latencies_s, 0.99)),
             "cpu_s_per_100k_lines": round(self.cpu_s / lines * 1e5, 2) if lines else None,
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             "wal_bytes_per_line": round(self.wal_bytes / lines, 1) if lines else None,
@@ -114,6 +122,29 @@ class ScenarioResult:
         }
         out.update(self.extra)
         return out
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+async def _delivery_latencies(url: str, load: LoadResult) -> list[float]:
+    """202→receiver latency of every accepted request whose probe line arrived."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        arrivals: dict[str, int] = (await client.get(url + "/_receiver/probes")).json()
+    out = []
+    for n, acked in load.ack_ns.items():
+        arrived = arrivals.get(f"{n:09d}")
+        if arrived is not None:
+            out.append(max(0.0, (arrived - acked) / 1e9))
+    return out
 
 
 def _progress(name: str) -> Callable[[LoadResult, float], None]:
@@ -193,7 +224,9 @@ class Bench:
         connections: int | None = None,
         server_sections: dict[str, Any] | None = None,
     ) -> ScenarioResult:
-        receiver = LokiReceiverProcess(self.workdir / f"loki-{self.runs}")
+        receiver = LokiReceiverProcess(
+            self.workdir / f"loki-{self.runs}", extra_args=["--probe-marker", PROBE_MARKER]
+        )
         loki_url = await _start(receiver)
         server = self._server(loki_url, **(server_sections or {}))
         url = await _start(server)
@@ -221,6 +254,7 @@ class Bench:
             result.delivery_wait_s = round(time.perf_counter() - t0, 2)
             result.delivered = await _receiver_entries(loki_url)
             result.delivered_all = result.delivered >= load.accepted_lines
+            result.delivery_latencies_s = await _delivery_latencies(loki_url, load)
             result.peak_rss_mib = rss_mib(pid, "VmHWM")
         finally:
             await _stop(server)
@@ -276,7 +310,15 @@ class _CeilingProcess(ChildProcess):
         return [sys.executable, "-m", "logstack.bench._ceiling", "--port-file", str(self.port_file)]
 
 
-SCENARIOS = ("lines-1", "batch-100", "batch-500", "masking-heavy", "overload", "outage")
+SCENARIOS = (
+    "lines-1",
+    "batch-100",
+    "batch-500",
+    "masking-heavy",
+    "half-load",
+    "overload",
+    "outage",
+)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,6 +367,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             elif name == "masking-heavy":
                 result = await bench.scenario(name, 100, masking_heavy=True)
                 report["scenarios"].append(result.summary())
+            elif name == "half-load":
+                # Latency where it matters: paced at half of the measured capacity.
+                probe = await bench.scenario("capacity-probe", 100)
+                capacity_rps = probe.load.accepted_requests / probe.load.duration_s
+                result = await bench.scenario(name, 100, rate_per_s=capacity_rps / 2)
+                result.extra = {"offered_requests_per_s": round(capacity_rps / 2)}
+                report["scenarios"].append(result.summary())
             elif name == "overload":
                 # Capacity first, then twice that rate at a key limited to the capacity:
                 # the excess must be refused cheaply (429), memory must stay bounded.
@@ -360,6 +409,7 @@ COLUMNS = (
     ("req/s", "requests_per_s", 8),
     ("p50 ms", "ack_p50_ms", 8),
     ("p99 ms", "ack_p99_ms", 8),
+    ("→Loki p99", "deliver_p99_ms", 10),
     ("CPU s/100k", "cpu_s_per_100k_lines", 10),
     ("RSS MiB", "peak_rss_mib", 8),
     ("WAL B/line", "wal_bytes_per_line", 10),

@@ -30,6 +30,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     """Latency of every 2xx answer (request written → answer read)."""
     transport_errors: int = 0
+    ack_ns: dict[int, int] = field(default_factory=dict)
+    """Wall-clock time each accepted request (by number) got its answer."""
 
     def percentile(self, q: float) -> float:
         if not self.latencies_s:
@@ -131,6 +133,7 @@ async def run_load(
                 result.requests += 1
                 result.statuses[status] += 1
                 if 200 <= status < 300:
+                    result.ack_ns[n] = time.time_ns()
                     result.accepted_requests += 1
                     result.accepted_lines += lines_per_request
                     result.latencies_s.append(elapsed)

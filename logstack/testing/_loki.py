@@ -39,6 +39,7 @@ A process running ``python -m logstack.testing.loki`` is driven over HTTP instea
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import time
 import zlib
@@ -173,6 +174,7 @@ class LokiReceiver:
         allow_structured_metadata: bool = True,
         max_structured_metadata_size_bytes: int = 64 * 1024,
         max_structured_metadata_entries: int = 128,
+        probe_marker: str | None = None,
     ) -> None:
         """Limits default to Loki's defaults, with two deliberate exceptions.
 
@@ -185,7 +187,16 @@ class LokiReceiver:
         ``max_returned_errors`` is the ingester's ``max_returned_stream_errors`` (10);
         ``allow_structured_metadata`` and the two structured-metadata limits are Loki 3's
         ``limits_config`` defaults (allowed, 64 KiB, 128 pairs per entry).
+
+        ``probe_marker`` (for benchmarks): a stored line containing the marker followed by
+        digits records its arrival time under those digits (``probe_arrivals``, served at
+        ``GET /_receiver/probes``), so a client can measure ack-to-Loki latency.
         """
+        self.probe_marker = probe_marker
+        self._probe_pattern = (
+            re.compile(re.escape(probe_marker) + r"([0-9]+)") if probe_marker else None
+        )
+        self.probe_arrivals: dict[str, int] = {}
         self.max_line_size_bytes = max_line_size_bytes
         self.out_of_order_window_s = out_of_order_window_s
         self.burst_limit_bytes = burst_limit_bytes
@@ -421,6 +432,8 @@ class LokiReceiver:
             await _respond(send, 200, self.dump_json(), b"application/json")
         elif path == "/_receiver/stats" and method == "GET":
             await _respond_json(send, self.statistics())
+        elif path == "/_receiver/probes" and method == "GET":
+            await _respond_json(send, self.probe_arrivals)
         elif path == "/_receiver/control" and method == "POST":
             body = await _read_body(receive)
             if body is None:
@@ -654,6 +667,11 @@ class LokiReceiver:
         window = self.out_of_order_window_s
         window_ns = int(window * _NS) if window is not None else None
         per_push_limit = self.rate_limit_lines_per_push
+        probe = (
+            (self.probe_marker, self._probe_pattern)
+            if self.probe_marker and self._probe_pattern is not None
+            else None
+        )
         for key, labels, good in accepted:
             state = self._state.get(key)
             if state is None:
@@ -693,6 +711,10 @@ class LokiReceiver:
                 seen.add(ident)
                 stored.append(entry)
                 self.entry_count += 1
+                if probe is not None and probe[0] in entry.line:
+                    found = probe[1].search(entry.line)
+                    if found is not None:
+                        self.probe_arrivals.setdefault(found[1], time.time_ns())
                 if newest is None or ts > newest:
                     newest = ts
             state.newest = newest

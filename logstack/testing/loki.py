@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         default=10,
         help="refused entries an ingester lists per 400 (Loki: max_returned_stream_errors)",
     )
+    p.add_argument(
+        "--probe-marker",
+        help="record the arrival time of lines containing this marker + digits "
+        "(GET /_receiver/probes; used by the benchmark)",
+    )
     return p
 
 
@@ -72,6 +77,7 @@ async def _run(args: argparse.Namespace) -> None:
         else args.out_of_order_window_s,
         allow_structured_metadata=not args.disallow_structured_metadata,
         max_returned_errors=args.max_returned_errors,
+        probe_marker=args.probe_marker,
     )
     rx.delay_s = args.delay_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

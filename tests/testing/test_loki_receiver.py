@@ -591,3 +591,19 @@ async def test_cli_sigint_exits_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_probe_marker_records_arrival_times() -> None:
+    async with open_loki_receiver(probe_marker="probe-") as rx:
+        assert rx.url is not None
+        async with httpx.AsyncClient(base_url=rx.url, timeout=10) as client:
+            before = time.time_ns()
+            lines = ["probe-000000042 first", "no marker", "x probe-7 y", "probe- no digits"]
+            stream = PushStream(
+                {"app": "x"}, [PushEntry(NOW + i, line) for i, line in enumerate(lines)]
+            )
+            assert (await push_json(client, stream)).status_code == 204
+            probes = (await client.get("/_receiver/probes")).json()
+    assert set(probes) == {"000000042", "7"}
+    assert all(before <= at <= time.time_ns() for at in probes.values())
+    assert rx.entry_count == 4  # probing changes nothing about what is stored
