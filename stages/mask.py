@@ -32,6 +32,10 @@ class MaskStage(Stage):
         counts: dict[str, int] = {}
         try:
             key_masker = self.masker.for_key(key_name)
+            # One pass over the raw bytes proves most bodies hold nothing to mask; only the
+            # others pay for the per-entry walk. (``document()`` left the decoded body here.)
+            if not key_masker.could_match(envelope.body):
+                return
             for entry in entries:
                 key_masker.mask_entry(entry, counts)
         except Exception as exc:

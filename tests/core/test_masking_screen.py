@@ -1,0 +1,120 @@
+"""The raw-body screen in front of the masking walk is sound: whenever it lets a body skip
+the walk, the walk would have changed nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from logstack._config import MaskingSettings, ValueDetector, load_settings
+from logstack._masking import KeyMasker, Masker
+
+KEYS = st.one_of(
+    st.sampled_from(
+        ["order_id", "path", "user", "author", "monkey", "tokenizer", "region", "note", "amount"]
+    ),
+    st.sampled_from(
+        [
+            "password",
+            "PassWord",
+            "pass-word",
+            "Api-Key",
+            "apiKey",
+            "API_KEY",
+            "e_mail",
+            "EMAIL",
+            "Authorization",
+            "card_number",
+            "cardNumber",
+            "secret",
+            "TOKEN",
+            "to.ken",
+        ]
+    ),
+    st.text(min_size=1, max_size=12),
+)
+VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "jane.doe@example.com",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "Bearer abcdefgh12345",
+            "basic dXNlcjpwYXNz",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln",
+            "GET /api/v1/orders/000001234/items/5 200 12ms",
+            "2026-11-26T12:00:00.123456789Z",
+            "plain text",
+        ]
+    ),
+    st.text(max_size=40),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+)
+JSONISH = st.recursive(
+    VALUES,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(KEYS, children, max_size=4),
+    max_leaves=12,
+)
+ENTRY = st.fixed_dictionaries(
+    {"message": VALUES},
+    optional={
+        "metadata": st.dictionaries(KEYS, JSONISH, max_size=5),
+        "labels": st.dictionaries(KEYS, VALUES, max_size=3),
+    },
+)
+
+
+def walked(masker: KeyMasker, entries: list[Any]) -> list[Any]:
+    out = copy.deepcopy(entries)
+    for entry in out:
+        masker.mask_entry(entry, {})
+    return out
+
+
+def check(masker: KeyMasker, entries: list[Any]) -> None:
+    body = json.dumps({"entries": entries}).encode()
+    if not masker.could_match(body):
+        assert walked(masker, entries) == entries, body
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ENTRY, min_size=1, max_size=4), st.booleans())
+def test_screen_never_skips_a_body_the_walk_would_change(
+    entries: list[Any], ascii_only: bool
+) -> None:
+    masker = Masker(load_settings(env={}).masking).for_key("svc")
+    if ascii_only:
+        entries = json.loads(json.dumps(entries, ensure_ascii=True))
+    check(masker, entries)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ENTRY, min_size=1, max_size=3))
+def test_screen_is_sound_with_overrides(entries: list[Any]) -> None:
+    settings_ = MaskingSettings(overrides={"svc": {"keys": ["order_id", "iban"]}})  # type: ignore[dict-item]
+    check(Masker(settings_).for_key("svc"), entries)
+
+
+def test_plain_bodies_skip_the_walk_and_risky_ones_do_not() -> None:
+    masker = Masker(load_settings(env={}).masking).for_key("svc")
+    plain = {"message": "GET /api/v1/orders/000001234/items/5 200 12ms", "metadata": {"a": 1}}
+    assert not masker.could_match(json.dumps({"entries": [plain]}).encode())
+    for risky in (
+        {"message": "x", "metadata": {"Pass-Word": 1}},  # a key
+        {"message": "mail jane@example.com"},  # a detector
+        {"message": "caf\u00e9"},  # not ASCII: walked
+        {"message": "tab\there"},  # an escape in the JSON: walked
+    ):
+        assert masker.could_match(json.dumps({"entries": [risky]}).encode()), risky
+
+
+def test_user_detectors_always_walk() -> None:
+    settings_ = MaskingSettings(detectors=[ValueDetector(name="ticket", pattern="^TCK-[0-9]+$")])
+    masker = Masker(settings_).for_key("svc")
+    assert masker.could_match(b'{"entries": [{"message": "TCK-1"}]}')
