@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +29,6 @@ from ._loki_proto import (
     parse_push_error,
     sanitize_label_name,
 )
-from ._metrics import Metrics
 from ._wal import Position
 from ._wal_format import EntryBatch
 
@@ -311,40 +310,3 @@ def attribute_rejections(items: Sequence[Item], text: str) -> Attribution:
             continue
         (result.stored if certain else result.unconfirmed).append(index)
     return result
-
-
-# ------------------------------------------------------------------------ lag
-
-
-class DeliveryLag:
-    """``forwarder_lag_seconds{token}``: the age of each key's oldest undelivered entry.
-
-    The batcher records the acceptance time of the oldest entry it holds for a key and clears
-    it once that push is delivered; the gauge is computed at scrape time, so it keeps growing
-    while Loki is down.
-    """
-
-    def __init__(self, metrics: Metrics, clock: Callable[[], int] = time.time_ns) -> None:
-        self._metrics = metrics
-        self._clock = clock
-        self._oldest: dict[str, int] = {}
-        self._tracked: set[str] = set()
-
-    def track(self, name: str) -> None:
-        if name not in self._tracked:
-            self._tracked.add(name)
-            self._metrics.forwarder_lag.labels(token=name).set_function(lambda: self.seconds(name))
-
-    def hold(self, name: str, oldest_received_ns: int) -> None:
-        self.track(name)
-        self._oldest.setdefault(name, oldest_received_ns)
-
-    def release(self, name: str) -> None:
-        self._oldest.pop(name, None)
-
-    def seconds(self, name: str) -> float:
-        oldest = self._oldest.get(name)
-        return 0.0 if oldest is None else max(0.0, (self._clock() - oldest) / 1e9)
-
-    def __repr__(self) -> str:
-        return f"<DeliveryLag { ({k: round(self.seconds(k), 1) for k in self._oldest}) }>"

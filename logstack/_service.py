@@ -27,13 +27,13 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import __version__
 from ._config import Settings, load_settings
 from ._context import StageContext
-from ._errors import ConfigError, WalError
+from ._errors import ConfigError
 from ._http import create_app, disk_free_ratio, instrument, normalise_slashes
 from ._logging import set_secrets
 from ._pipeline import build_stages, serve_pipeline
 from ._registry import resolve_pipeline
 from ._stage import Stage
-from ._wal import KeyLog, WalStore
+from ._wal import WalStore
 
 log = logging.getLogger("logstack.service")
 
@@ -77,21 +77,6 @@ def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]
         kept.append("pipeline")
         updates["pipeline"] = old.pipeline
     return (new.model_copy(update=updates) if updates else new), kept
-
-
-def oldest_undelivered_received_ns(keylog: KeyLog) -> int | None:
-    """When the oldest undelivered entry of ``keylog`` was received, or None if all are
-    delivered. Reads one record at the checkpoint (page cache); falls back to the creation
-    time of its segment (an upper bound on the age) if that record cannot be read."""
-    if not keylog.has_unread_entries(keylog.delivered):
-        return None
-    try:
-        first = keylog.read(keylog.delivered, 1, 1, at_least_one=True)
-    except (OSError, WalError):
-        first = None
-    if first is not None and first.batches:
-        return first.batches[0].received_ns
-    return keylog.oldest_undelivered_ns()
 
 
 class Service:
@@ -161,14 +146,10 @@ class Service:
     def refresh_gauges(self) -> None:
         """Gauges that are cheaper to compute on scrape than to keep updated."""
         metrics = self.context.metrics
-        now = time.time_ns()
         store: WalStore | None = self.context.services.get("wal")
         for name, keylog in (store.logs if store is not None else {}).items():
             metrics.wal_segments_active.labels(token=name).set(len(keylog.segments))
             metrics.wal_disk_usage.labels(token=name).set(keylog.disk_bytes)
-            oldest = oldest_undelivered_received_ns(keylog)
-            lag = 0.0 if oldest is None else max(0.0, (now - oldest) / 1e9)
-            metrics.forwarder_lag.labels(token=name).set(lag)
         for check, result in self.readiness().items():
             metrics.ready.labels(check=check).set(1 if result["ok"] else 0)
 

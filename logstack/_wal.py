@@ -493,6 +493,24 @@ class KeyLog:
                 return segment.created_ns
         return None
 
+    def oldest_undelivered_received_ns(self) -> int | None:
+        """When the oldest undelivered entry was received, or None if all are delivered.
+
+        Reads one record at the checkpoint (page cache); falls back to the creation time of
+        its segment (an upper bound on the age) if that record cannot be read."""
+        if not self.has_unread_entries(self.delivered):
+            return None
+        try:
+            first = self.read(self.delivered, 1, 1, at_least_one=True)
+        except (OSError, WalError):
+            return self.oldest_undelivered_ns()
+        return first.batches[0].received_ns if first.batches else self.oldest_undelivered_ns()
+
+    def lag_seconds(self) -> float:
+        """``forwarder_lag_seconds``: the age of the oldest undelivered entry (0 if none)."""
+        oldest = self.oldest_undelivered_received_ns()
+        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+
     def close(self) -> None:
         """Fsync and close everything (the blocking variant, for shutdown)."""
         fds = [*self._retired, *([self._fd] if self._fd is not None else [])]
@@ -741,7 +759,7 @@ class WalStore:
                 directory.name, directory, self.segment_max_bytes, self.metrics, self.clock
             )
             keylog.fsync_runner = self.fsync_runner
-            self.logs[directory.name] = keylog
+            self._adopt(keylog)
 
     def log_for(self, name: str) -> KeyLog:
         keylog = self.logs.get(name)
@@ -758,8 +776,13 @@ class WalStore:
                 fsync_runner=self.fsync_runner,
             )
             keylog._update_gauges()
-            self.logs[name] = keylog
+            self._adopt(keylog)
         return keylog
+
+    def _adopt(self, keylog: KeyLog) -> None:
+        self.logs[keylog.name] = keylog
+        # Computed when scraped, from the log itself: the one writer of this gauge.
+        self.metrics.forwarder_lag.labels(token=keylog.name).set_function(keylog.lag_seconds)
 
     def close(self) -> None:
         for keylog in self.logs.values():

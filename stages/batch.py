@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from logstack._config import LokiSettings
-from logstack._delivery import DeliveryLag, PushBatch
+from logstack._delivery import PushBatch
 from logstack._stage import Stage, StageConfig
 from logstack._wal import KeyLog, Position, WalStore
 from logstack._wal_format import EntryBatch
@@ -34,8 +34,6 @@ class BatchStage(Stage):
     def __init__(self, config: StageConfig, context: Any) -> None:
         super().__init__(config, context)
         self.name = "batch"
-        self.lag = DeliveryLag(context.metrics)
-        """``forwarder_lag_seconds``: the oldest entry each follower holds undelivered."""
 
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Any], outbox: trio.MemorySendChannel[Any]
@@ -61,7 +59,6 @@ class BatchStage(Stage):
 
     async def _follow(self, keylog: KeyLog, outbox: trio.MemorySendChannel[PushBatch]) -> None:
         name = keylog.name
-        self.lag.track(name)
         cursor: Position = keylog.delivered
         async with outbox:
             while True:
@@ -81,7 +78,6 @@ class BatchStage(Stage):
                 )
                 await outbox.send(push)
                 await push.done.wait()
-                self.lag.release(name)
                 cursor = end
 
     async def _accumulate(
@@ -111,7 +107,6 @@ class BatchStage(Stage):
                 size += result.payload_bytes
                 if result.batches and deadline == math.inf:
                     received = result.batches[0].received_ns
-                    self.lag.hold(keylog.name, received)
                     age = max(0.0, (time.time_ns() - received) / 1e9)
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
                 pending.extend(result.batches)
