@@ -435,8 +435,7 @@ class _Detectors:
             return True
         if self._email and b"@" in body:
             return True
-        # A card run starts with 13 digits, each pair separated by at most one space or dash.
-        return self._card is not None and _RAW_CARD_START.search(body) is not None
+        return self._card is not None and _may_hold_card_run(body)
 
     def scan(self, text: str, counts: dict[str, int]) -> str:
         """``text`` with every detector match replaced (the same object if none)."""
@@ -456,7 +455,21 @@ class _Detectors:
         return text
 
 
-_RAW_CARD_START: Final = re.compile(rb"[0-9](?:[ \-]?[0-9]){12}")
+def _may_hold_card_run(body: bytes) -> bool:
+    """Whether ``body`` holds 13 digits in a row, each pair separated by at most one space or
+    dash (how every card run starts). Three C-level passes instead of the equivalent regex
+    ``[0-9](?:[ -]?[0-9]){12}``, which re-tries at every digit and cost ~20% of the server's
+    CPU on bodies full of timestamps and ids: digits become ``0``, separators ``-``,
+    everything else ``x``; a separator next to another one breaks a run, a single one does
+    not, so deleting the single ones leaves every card run as thirteen ``0``s in a row."""
+    shape = body.translate(_CARD_SHAPE).replace(b"--", b"xx").replace(b"-", b"")
+    return _THIRTEEN_DIGITS in shape
+
+
+_CARD_SHAPE: Final = bytes(
+    48 if 48 <= b <= 57 else 45 if b in (32, 45) else 120 for b in range(256)
+)
+_THIRTEEN_DIGITS: Final = b"0" * MIN_CARD_MATCH
 _NOT_KEY_CHARS: Final = bytes(b for b in range(256) if not (48 <= b <= 57 or 97 <= b <= 122))
 """Deleted from a lowered ASCII body so every normalised key appears as a substring."""
 
