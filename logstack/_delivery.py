@@ -52,15 +52,20 @@ def entry_line(entry: LogEntry, *, structured_metadata: bool = False) -> str:
     With ``structured_metadata`` the ``trace_id``/``span_id`` travel as Loki structured
     metadata instead (see :func:`entry_metadata`) and are left out of the line.
     """
-    doc: dict[str, Any] = {"message": entry.message}
-    if entry.metadata:
-        doc["metadata"] = entry.metadata
-    if not structured_metadata:
-        if entry.trace_id is not None:
-            doc["trace_id"] = entry.trace_id
-        if entry.span_id is not None:
-            doc["span_id"] = entry.span_id
-    return _line_encoder.encode(doc).decode()
+    if structured_metadata:
+        line = _Line(entry.message, entry.metadata or None)
+    else:
+        line = _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
+    return _line_encoder.encode(line).decode()
+
+
+class _Line(msgspec.Struct, omit_defaults=True, gc=False):
+    """The Loki line's fields in their order; absent ones are left out."""
+
+    message: str
+    metadata: dict[str, Any] | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
 
 
 def entry_metadata(entry: LogEntry) -> dict[str, str]:
@@ -107,6 +112,27 @@ def stream_labels(entry: LogEntry) -> Labels:
     labels["env"] = entry.env
     labels["level"] = entry.level
     return tuple(sorted(labels.items()))
+
+
+_streams: dict[tuple[Any, ...], Labels] = {}
+_STREAMS_CACHE_SIZE = 4096
+
+
+def cached_stream_labels(entry: LogEntry) -> Labels:
+    """``stream_labels(entry)``, remembered: a key's entries use a handful of streams."""
+    labels = entry.labels
+    key = (
+        (entry.service, entry.env, entry.level, *labels.items())
+        if labels
+        else (entry.service, entry.env, entry.level)
+    )
+    stream = _streams.get(key)
+    if stream is None:
+        stream = stream_labels(entry)
+        if len(_streams) >= _STREAMS_CACHE_SIZE:
+            _streams.clear()
+        _streams[key] = stream
+    return stream
 
 
 def loki_size(entry: PushEntry) -> int:
@@ -189,11 +215,20 @@ class PushBatch:
         structured_metadata: bool = False,
     ) -> PushBatch:
         items: list[Item] = []
+        append = items.append
+        encode = _line_encoder.encode
         for batch in batches:
             for entry in batch.entries:
-                sm = entry_metadata(entry) if structured_metadata else {}
-                line = entry_line(entry, structured_metadata=structured_metadata)
-                items.append((stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
+                if structured_metadata:
+                    sm = entry_metadata(entry)
+                    line = entry_line(entry, structured_metadata=True)
+                    append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
+                    continue
+                # entry_line, inlined: this loop runs for every entry delivered.
+                text = encode(
+                    _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
+                ).decode()
+                append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, text)))
         oldest = batches[0].received_ns if batches else time.time_ns()
         return cls(key_name, tenant, start, end, items, oldest)
 

@@ -94,6 +94,14 @@ class Envelope:
     def accept(self, entries_accepted: int) -> None:
         self.reply.resolve(Accepted(entries_accepted, self.request_id))
 
+    def json_body(self) -> bytes:
+        """The body as JSON bytes: gzip bodies are decompressed here (once, after
+        authentication, and never past the limit)."""
+        if self.content_encoding == "gzip":
+            self.body = gunzip_bounded(self.body, self.max_body_bytes)
+            self.content_encoding = "identity"
+        return self.body
+
     def document(self) -> list[Any]:
         """The decoded ``entries`` array of the body (decoded on first use, then cached).
 
@@ -102,12 +110,8 @@ class Envelope:
         """
         if self.raw_entries is not None:
             return self.raw_entries
-        if self.content_encoding == "gzip":
-            # Decompressed only here, after authentication, and never past the limit.
-            self.body = gunzip_bounded(self.body, self.max_body_bytes)
-            self.content_encoding = "identity"
         try:
-            doc = _json_decoder.decode(self.body)
+            doc = _json_decoder.decode(self.json_body())
         except RecursionError:
             raise ValidationError(
                 "request body is nested too deeply",

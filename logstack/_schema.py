@@ -133,7 +133,31 @@ def parse_timestamp(text: str) -> int | str:
 
     Returns an ``int`` on success and the rule it breaks (a ``str`` that never quotes the
     input) otherwise; see the module docstring for the accepted syntax and range.
+
+    Entries of a batch mostly share their second: once a ``YYYY-MM-DDTHH:MM:SS`` prefix has
+    been parsed in full, later timestamps with it and a plain UTC tail (``Z`` or
+    ``.fffZ``, 1-9 digits) skip the regex.
     """
+    seconds = _second_cache.get(text[:19])
+    if seconds is not None:
+        tail = text[19:]
+        if tail == "Z" or tail == "z":
+            ns = seconds * _NS_PER_S
+        elif (
+            3 <= len(tail) <= 11
+            and tail[0] == "."
+            and (tail[-1] == "Z" or tail[-1] == "z")
+            and (fraction := tail[1:-1]).isdigit()
+            and fraction.isascii()
+        ):
+            ns = seconds * _NS_PER_S + int(fraction) * _FRACTION_SCALE[len(fraction)]
+        else:
+            return _parse_timestamp(text)
+        return ns if 0 <= ns <= _MAX_NS else _TS_RANGE
+    return _parse_timestamp(text)
+
+
+def _parse_timestamp(text: str) -> int | str:
     match = _TIMESTAMP_RE.fullmatch(text)
     if match is None:
         return _TS_FORMAT
@@ -145,6 +169,9 @@ def parse_timestamp(text: str) -> int | str:
     second = int(text[17:19])
     if second > 60:
         return _TS_SECOND
+    if len(_second_cache) >= _SECOND_CACHE_SIZE:
+        _second_cache.clear()
+    _second_cache[text[:19]] = minute_start + second  # valid, local time: see parse_timestamp
     ns = (minute_start + second) * _NS_PER_S
     if len(text) > 20:  # more than "...:ssZ": a fraction and/or an offset
         fraction, sign, offset_h, offset_m = match.groups()
@@ -162,6 +189,10 @@ def parse_timestamp(text: str) -> int | str:
         return _TS_RANGE
     return ns
 
+
+_second_cache: dict[str, int] = {}
+"""``YYYY-MM-DDTHH:MM:SS`` (already validated) → its seconds since the epoch, read as UTC."""
+_SECOND_CACHE_SIZE: Final = 4096
 
 _minute_cache: dict[str, int] = {}
 """``YYYY-MM-DDTHH:MM`` → its seconds since the epoch: entries of a batch mostly share it."""

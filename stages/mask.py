@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from logstack._envelope import Envelope
 from logstack._errors import InternalError
@@ -27,26 +27,24 @@ class MaskStage(Stage):
         self.masker = self._build(context.settings)
 
     def process(self, envelope: Envelope) -> None:
-        entries = envelope.document()  # a malformed body is the client's 400, not ours
+        body = envelope.json_body()  # a bad gzip body is the client's 400, not ours
         key_name = envelope.key_name
-        counts: dict[str, int] = {}
         try:
             key_masker = self.masker.for_key(key_name)
-            # One pass over the raw bytes proves most bodies hold nothing to mask; only the
-            # others pay for the per-entry walk. (``document()`` left the decoded body here.)
-            if not key_masker.could_match(envelope.body):
+            # One pass over the raw bytes proves most bodies hold nothing to mask: those
+            # are not even decoded here (``validate`` can then decode them straight into
+            # typed entries); only the others pay for the per-entry walk.
+            if not key_masker.could_match(body):
                 return
+        except Exception as exc:
+            self._refuse(envelope, exc)
+        entries = envelope.document()  # a malformed body is the client's 400, not ours
+        counts: dict[str, int] = {}
+        try:
             for entry in entries:
                 key_masker.mask_entry(entry, counts)
         except Exception as exc:
-            self.context.metrics.masking_errors.inc()
-            # Only the type: an exception's message could quote the data being masked.
-            log.error(
-                "masking failed (%s); request refused",
-                type(exc).__name__,
-                extra={"stage": self.name, "request_id": envelope.request_id},
-            )
-            raise InternalError("masking failed; nothing was stored") from None
+            self._refuse(envelope, exc)
         if not counts:
             return
         masked = envelope.masked_fields
@@ -54,6 +52,17 @@ class MaskStage(Stage):
         for key, n in counts.items():
             masked[key] = masked.get(key, 0) + n
             metric.labels(token=key_name, key=key).inc(n)
+
+    def _refuse(self, envelope: Envelope, exc: Exception) -> NoReturn:
+        """Masking failed: refuse the request (500) so that unmasked data is never written."""
+        self.context.metrics.masking_errors.inc()
+        # Only the type: an exception's message could quote the data being masked.
+        log.error(
+            "masking failed (%s); request refused",
+            type(exc).__name__,
+            extra={"stage": self.name, "request_id": envelope.request_id},
+        )
+        raise InternalError("masking failed; nothing was stored") from None
 
     def reload(self, settings: Any) -> None:
         self.masker = self._build(settings)

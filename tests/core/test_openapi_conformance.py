@@ -7,7 +7,10 @@ checkers must agree:
    runs);
 2. the msgspec types ``/openapi.json`` is generated from (``api_types(schema)``);
 3. the published JSON Schema itself, evaluated by an independent JSON Schema engine with
-   ECMA-262 regexes (``jsonschema_rs``).
+   ECMA-262 regexes (``jsonschema_rs``);
+4. the validation fast path (``validate_body``: the body decoded straight into typed
+   structs), which may decline any body but, whenever it answers, must answer exactly the
+   entries (1) builds.
 
 (1) and (2) must give the same accept/reject answer. (3) must accept everything the server
 accepts; where it accepts what the server refuses, the refusal must come from a rule the
@@ -37,10 +40,12 @@ from hypothesis import strategies as st
 
 from logstack._api_types import LEVEL_ALIASES, LEVEL_NAMES, api_types
 from logstack._config import SchemaSettings, Settings
+from logstack._entry import LogEntry
 from logstack._envelope import Envelope
 from logstack._errors import ValidationError
 from logstack._openapi import openapi_document
 from logstack._schema import validate_entries
+from logstack._schema_fast import validate_body
 
 DEFAULT = SchemaSettings()
 SMALL = SchemaSettings(
@@ -70,12 +75,19 @@ class Verdicts:
         )
 
     def server(self, body: bytes) -> bool:
+        return self.server_entries(body) is not None
+
+    def server_entries(self, body: bytes) -> list[LogEntry] | None:
         try:
             entries = Envelope("conformance", None, body).document()
-            validate_entries(entries, self.schema)
+            return validate_entries(entries, self.schema)
         except ValidationError:
-            return False
-        return True
+            return None
+
+    def check_fast_path(self, body: bytes) -> None:
+        fast = validate_body(body, self.schema)
+        if fast is not None:
+            assert fast == self.server_entries(body), f"fast path differs for {body!r}"
 
     def typed(self, body: bytes) -> tuple[bool, str]:
         try:
@@ -94,6 +106,7 @@ class Verdicts:
     def check(self, doc: Any) -> bool:
         """Assert the three agree as described above; return the server's verdict."""
         body = msgspec.json.encode(doc)
+        self.check_fast_path(body)
         server = self.server(body)
         if _oversized(doc, self.schema.max_entry_bytes):
             assert not server, "an oversized entry was accepted"

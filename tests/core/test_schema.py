@@ -638,3 +638,17 @@ def test_mutated_entries_never_escape_as_another_error(raw_entries: list[Any]) -
 def test_json_round_trip_input_behaves_the_same(value: Any) -> None:
     """What the HTTP body decoder produces (JSON text → Python) is covered as well."""
     check_outcome(msgspec.json.decode(msgspec.json.encode([value])))
+
+
+@settings(max_examples=3000, derandomize=True, database=None, deadline=None)
+@given(
+    st.sampled_from(["2026-11-26T12:00:00", "2016-12-31T23:59:60", "1970-01-01T00:00:00"]),
+    st.text(alphabet="0123456789.Zz+-: _T\u0661", max_size=13),
+)
+def test_second_cache_shortcut_answers_like_the_full_parse(prefix: str, tail: str) -> None:
+    """Timestamps whose second was seen before skip the regex: same answers, valid or not."""
+    from logstack._schema import _parse_timestamp
+
+    parse_timestamp(prefix + "Z")  # the prefix is now cached
+    text = prefix + tail
+    assert parse_timestamp(text) == _parse_timestamp(text)

@@ -124,9 +124,15 @@ def test_odd_entries_are_masked_not_crashed_on() -> None:
 
 def test_malformed_body_is_the_clients_error_not_a_masking_failure() -> None:
     stage = make_stage()
-    envelope = Envelope(request_id="r", authorization=None, body=b"{not json")
+    # A body the screen cannot rule out is decoded here: malformed, it is a 400.
+    envelope = Envelope(request_id="r", authorization=None, body=b'{"password": not json')
     with pytest.raises(ValidationError):
         stage.process(envelope)
+    assert stage.context.metrics.registry.get_sample_value("masking_errors_total") == 0
+    # One with nothing to mask is not even decoded here; ``validate`` answers it (a 400).
+    untouched = Envelope(request_id="r2", authorization=None, body=b"{not json")
+    stage.process(untouched)
+    assert untouched.raw_entries is None and untouched.masked_fields == {}
     assert stage.context.metrics.registry.get_sample_value("masking_errors_total") == 0
 
 

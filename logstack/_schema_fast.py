@@ -1,0 +1,157 @@
+"""The fast path of schema validation: the raw body decoded straight into typed structs.
+
+``validate_entries`` (``_schema``) checks decoded JSON rule by rule, in Python, and explains
+every problem. Most bodies are valid, and most of those rules are types, lengths and sets
+that msgspec checks in C while it decodes. ``validate_body`` does that: one typed decode of
+the body (field names, types, lengths, level spellings, entry count), then per entry only
+what C cannot do (the timestamp's value, name characters, the label allowlist, metadata
+depth and integer range, the encoded size), and builds the same ``LogEntry`` list.
+
+It is only ever a shortcut. It returns ``None`` for any body it cannot prove valid — invalid
+ones, and valid ones outside its narrower types (an empty array for ``labels``, say) — and
+the caller then runs ``validate_entries`` on the decoded document, whose answer (entries, or
+the error listing every problem) is the one given. ``tests/core/test_schema_fast.py`` holds
+the two in agreement on generated bodies: whenever the fast path answers, its entries equal
+the full validator's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ._config import SchemaSettings
+from ._entry import LogEntry
+from ._schema import (
+    _LEVELS,
+    _MAX_ENV_CHARS,
+    _MAX_LABEL_VALUE_CHARS,
+    _MAX_SERVICE_CHARS,
+    _MAX_SPAN_ID_CHARS,
+    _MAX_TRACE_ID_CHARS,
+    _known_names,
+    _labels,
+    _learn_name,
+    _metadata_ok,
+    _Rules,
+    _rules_for,
+    parse_timestamp,
+)
+
+__all__ = ["validate_body"]
+
+_NULL_FIELDS_SLACK: Final = len('"labels":null,"trace_id":null,"span_id":null,"metadata":null,')
+"""How much longer an entry as received can encode than its struct: the struct leaves out
+optional fields sent as ``null``; nothing else about the two encodings differs in length."""
+
+_encode = msgspec.json.Encoder().encode
+
+# Literal of every spelling the level table knows (the usual casings): checked in C.
+_Level = Literal[tuple(_LEVELS)]  # type: ignore[valid-type]
+
+
+def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
+    """A decoder of the body with the limits of ``rules`` as msgspec constraints."""
+    message_t = Annotated[str, Meta(min_length=1, max_length=rules.max_message_chars)]
+    service_t = Annotated[str, Meta(min_length=1, max_length=_MAX_SERVICE_CHARS)]
+    env_t = Annotated[str, Meta(min_length=1, max_length=_MAX_ENV_CHARS)]
+    label_value_t = Annotated[str, Meta(max_length=_MAX_LABEL_VALUE_CHARS)]
+    trace_id_t = Annotated[str, Meta(max_length=_MAX_TRACE_ID_CHARS)]
+    span_id_t = Annotated[str, Meta(max_length=_MAX_SPAN_ID_CHARS)]
+
+    # defstruct, not class bodies: the types are built here, from the running limits.
+    fast_entry = msgspec.defstruct(
+        "FastEntry",
+        [
+            ("timestamp", str),
+            ("level", _Level),
+            ("message", message_t),
+            ("service", service_t),
+            ("env", env_t),
+            ("labels", dict[str, label_value_t] | None, None),
+            ("trace_id", trace_id_t | None, None),
+            ("span_id", span_id_t | None, None),
+            ("metadata", dict[str, Any] | None, None),
+        ],
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+        gc=False,
+    )
+    entries_t = Annotated[list[fast_entry], Meta(min_length=1, max_length=rules.max_entries)]  # type: ignore[valid-type]
+    fast_body = msgspec.defstruct(
+        "FastBody", [("entries", entries_t)], forbid_unknown_fields=True, gc=False
+    )
+    return msgspec.json.Decoder(fast_body)
+
+
+_decoders: dict[int, tuple[_Rules, msgspec.json.Decoder[Any]]] = {}
+
+
+def _decoder(rules: _Rules) -> msgspec.json.Decoder[Any]:
+    cached = _decoders.get(id(rules))
+    if cached is None or cached[0] is not rules:
+        _decoders.clear()  # one set of rules is live at a time (reload replaces it)
+        cached = _decoders[id(rules)] = (rules, _decoder_for(rules))
+    return cached[1]
+
+
+def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | None:
+    """The body's entries if it is valid and within the fast path's types, else ``None``
+    (then ``validate_entries`` on the decoded document decides, and explains)."""
+    rules = _rules_for(settings)
+    try:
+        decoded = _decoder(rules).decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    raw = decoded.entries
+    try:
+        total = len(_encode(raw))
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
+        return None
+    max_bytes = rules.max_entry_bytes - _NULL_FIELDS_SLACK
+    if total > max_bytes:  # the whole array fits if any entry may not: look at each
+        try:
+            if any(len(_encode(entry)) > max_bytes for entry in raw):
+                return None
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
+            return None
+    known = _known_names
+    levels = _LEVELS
+    depth = rules.max_metadata_depth
+    entries: list[LogEntry] = []
+    append = entries.append
+    for entry in raw:
+        ns = parse_timestamp(entry.timestamp)
+        if type(ns) is not int:
+            return None
+        service = entry.service
+        env = entry.env
+        if not (service in known or _learn_name(service)) or not (env in known or _learn_name(env)):
+            return None
+        labels = entry.labels
+        if labels:
+            labels = _labels(labels, rules)
+            if labels is None:
+                return None
+        else:
+            labels = {}
+        metadata = entry.metadata
+        if metadata and not _metadata_ok(metadata, depth):
+            return None
+        append(
+            LogEntry(
+                ns,
+                levels[entry.level],
+                entry.message,
+                service,
+                env,
+                labels,
+                entry.trace_id,
+                entry.span_id,
+                metadata,
+                entry.timestamp,
+            )
+        )
+    return entries

@@ -1,0 +1,108 @@
+"""The validation fast path (``logstack._schema_fast.validate_body``).
+
+Its agreement with the full validator on generated bodies (whenever it answers, the same
+entries) is checked with the other schema checkers in ``test_openapi_conformance.py``. Here:
+that it does answer for the usual bodies (or it would be no fast path), and the edges where
+it must decline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from logstack._config import SchemaSettings
+from logstack._envelope import Envelope
+from logstack._schema import validate_entries
+from logstack._schema_fast import _NULL_FIELDS_SLACK, validate_body
+from logstack.bench._cli import body_factory
+
+DEFAULT = SchemaSettings()
+
+
+def entry(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "timestamp": "2025-09-24T12:00:00.123456789Z",
+        "level": "ERROR",
+        "message": "Payment failed",
+        "service": "payments-api",
+        "env": "prod",
+        "labels": {"region": "eu-west-1", "service": "dropped"},
+        "trace_id": "abc",
+        "metadata": {"order": {"id": 7, "items": [1, 2.5, None, True]}},
+    }
+    base.update(changes)
+    return base
+
+
+def full(body: bytes, schema: SchemaSettings = DEFAULT) -> Any:
+    return validate_entries(Envelope("t", None, body).document(), schema)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        body_factory(100)(7),  # what the benchmark sends
+        msgspec.json.encode({"entries": [entry(), entry(level="warning", labels=None)]}),
+        msgspec.json.encode({"entries": [entry(metadata={}, labels={}, span_id=None)]}),
+        msgspec.json.encode({"entries": [entry(), entry()]}).replace(b"{", b"{ \n", 3),
+    ],
+)
+def test_usual_bodies_take_the_fast_path_with_the_same_entries(body: bytes) -> None:
+    fast = validate_body(body, DEFAULT)
+    assert fast is not None
+    assert fast == full(body)
+
+
+@pytest.mark.parametrize(
+    ("why", "doc"),
+    [
+        ("rare level spelling", {"entries": [entry(level="wArN")]}),
+        ("labels as []", {"entries": [entry(labels=[])]}),
+        ("metadata as []", {"entries": [entry(metadata=[])]}),
+        ("unknown field", {"entries": [entry(colour="red")]}),
+        ("extra top-level field", {"entries": [entry()], "x": 1}),
+        ("bad timestamp", {"entries": [entry(timestamp="yesterday")]}),
+        ("bad service", {"entries": [entry(service="Payments")]}),
+        ("label not allowed", {"entries": [entry(labels={"pod": "x"})]}),
+        ("metadata too deep", {"entries": [entry(metadata={"a": {"b": {"c": {"d": {"e": {}}}}}})]}),
+        ("metadata int too big", {"entries": [entry(metadata={"n": 2**64})]}),
+        ("no entries", {"entries": []}),
+        ("too many entries", {"entries": [entry()] * 501}),
+    ],
+)
+def test_declines_what_it_cannot_prove(why: str, doc: Any) -> None:
+    assert validate_body(msgspec.json.encode(doc), DEFAULT) is None, why
+
+
+def test_declines_malformed_json() -> None:
+    assert validate_body(b'{"entries": [', DEFAULT) is None
+    assert validate_body(b"[]", DEFAULT) is None
+
+
+def test_size_rule_allows_for_null_fields_left_out_of_the_struct() -> None:
+    """An entry sent with explicit nulls encodes longer as received than as a struct: the
+    fast path must decline where only the received form breaks ``max_entry_bytes``."""
+    schema = SchemaSettings(max_entry_bytes=400)
+    nulls = {"labels": None, "trace_id": None, "span_id": None, "metadata": None}
+    base = entry(labels=None, trace_id=None, metadata=None)
+    for size in range(150, 400):
+        doc = {**base, "message": "m" * (size - 150 + 1), **nulls}
+        body = msgspec.json.encode({"entries": [doc]})
+        received = len(msgspec.json.encode(doc))
+        fast = validate_body(body, schema)
+        if received > schema.max_entry_bytes:
+            assert fast is None
+        elif received + _NULL_FIELDS_SLACK <= schema.max_entry_bytes:
+            assert fast == full(body, schema)
+
+
+def test_large_bodies_check_each_entry() -> None:
+    """Past the limit as a whole array, entries are measured one by one."""
+    schema = SchemaSettings(max_entry_bytes=2048)
+    body = msgspec.json.encode({"entries": [entry(message="m" * 1000)] * 5})
+    assert validate_body(body, schema) == full(body, schema)
+    big = msgspec.json.encode({"entries": [entry()] * 4 + [entry(message="m" * 3000)]})
+    assert validate_body(big, schema) is None
