@@ -65,6 +65,13 @@ class ServerSettings(_Strict):
     bound_ports_file: str | None = Field(
         None, description="If set, the bound address is written here once listening."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes sharing the port, each with its own WAL shard "
+        "(rate limits and WAL quotas are split between them).",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

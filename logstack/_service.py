@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from ._pipeline import build_stages, serve_pipeline
 from ._registry import resolve_pipeline
 from ._stage import Stage
 from ._wal import WalStore
+from ._workers import WorkerRole, retire_shard
 
 log = logging.getLogger("logstack.service")
 
@@ -48,6 +50,7 @@ RESTART_ONLY: Final[dict[str, tuple[str, ...]]] = {
         "pipeline_capacity",
         "shutdown_grace_s",
         "log_format",
+        "workers",
     ),
     "wal": ("root_path", "segment_max_bytes"),
 }
@@ -82,8 +85,14 @@ def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]
 class Service:
     """The running service's shared state: context, pipeline head, readiness, reload."""
 
-    def __init__(self, settings: Settings, config_path: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | os.PathLike[str] | None = None,
+        role: WorkerRole | None = None,
+    ):
         self.config_path = config_path
+        self.role = role or WorkerRole()
         self.context = StageContext(settings)
         self.head: trio.MemorySendChannel[Any] | None = None
         self.stopping = False
@@ -97,6 +106,8 @@ class Service:
         """HTTP requests inside the app (``instrument`` counts them)."""
         self._no_requests = trio.Event()
         self._stop_scope: trio.CancelScope | None = None
+        self.drained = False
+        """A drain worker delivered everything its shard held."""
         set_secrets(_secrets_of(settings))
 
     @property
@@ -165,7 +176,7 @@ class Service:
         def load() -> Settings:
             new = load_settings(path)
             resolve_pipeline(new)  # a pipeline that would not start is a bad config too
-            return new
+            return self.role.apply(new)
 
         try:
             new = await trio.to_thread.run_sync(load)
@@ -248,14 +259,49 @@ class Service:
         return f"<Service {state} config_version={self.config_version} binds={self.binds}>"
 
 
+def all_delivered(store: WalStore) -> bool:
+    """Whether every entry batch in the store reached Loki (or the DLQ), durably."""
+    return all(log.delivered >= log.last_entry_end for log in store.logs.values())
+
+
+async def _stop_with_supervisor(service: Service, supervisor: int, poll_s: float = 0.5) -> None:
+    """A worker whose supervisor is gone (killed with SIGKILL, say) stops gracefully
+    instead of serving on unsupervised. (Not ``PR_SET_PDEATHSIG``: trio starts processes
+    from worker threads, and that signal fires when the starting *thread* exits.)"""
+    while True:  # polling: no event tells a process that its parent died
+        await trio.sleep(poll_s)
+        if os.getppid() != supervisor:
+            service.request_stop("supervisor gone")
+            return
+
+
+async def _stop_when_drained(service: Service, poll_s: float = 0.5) -> None:
+    """Drain role: stop the service once its shard holds nothing undelivered."""
+    shutdown = service.context.shutdown
+    while not shutdown.is_set():
+        if all_delivered(service.wal):
+            service.drained = True
+            service.request_stop("shard drained")
+            return
+        with trio.move_on_after(poll_s):
+            await shutdown.wait()
+
+
 def build_asgi_app(service: Service) -> ASGIApp:
     """The Quart app wrapped in request ids, HTTP metrics and slash normalisation."""
     return normalise_slashes(instrument(create_app(service), service))
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(
+    settings: Settings, listen_socket: socket.socket | None = None
+) -> HypercornConfig:
+    """Hypercorn's settings; ``listen_socket`` (bound, not listening) is handed over as
+    ``fd://`` and owned by Hypercorn from then on."""
     config = HypercornConfig()
-    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    if listen_socket is None:
+        config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    else:
+        config.bind = [f"fd://{listen_socket.detach()}"]
     config.graceful_timeout = settings.server.shutdown_grace_s
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -269,6 +315,7 @@ async def serve_http(
     app: ASGIApp,
     settings: Settings,
     *,
+    listen_socket: socket.socket | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hypercorn until the shutdown event, then until every in-flight request is answered.
@@ -287,7 +334,7 @@ async def serve_http(
             async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(
                     app,
-                    hypercorn_config(settings),
+                    hypercorn_config(settings, listen_socket),
                     shutdown_trigger=shutdown.wait,
                     task_status=task_status,
                 )
@@ -305,15 +352,21 @@ async def serve(
     *,
     config_path: str | os.PathLike[str] | None = None,
     handle_signals: bool = True,
+    role: WorkerRole | None = None,
     task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run LogStack until SIGTERM/SIGINT, ``Service.request_stop()`` or cancellation.
 
     ``handle_signals=False`` leaves signals alone (for running it inside another program
-    or a test); the ``Service`` handed to ``task_status`` then stops it.
+    or a test); the ``Service`` handed to ``task_status`` then stops it. ``role`` makes it
+    one worker of several (see ``logstack._workers``): its WAL shard, its share of the
+    limits, the shared port; a *drain* role serves no HTTP and stops once its shard is
+    delivered.
     """
+    role = role or WorkerRole()
+    settings = role.apply(settings)
     resolved = resolve_pipeline(settings)
-    service = Service(settings, config_path)
+    service = Service(settings, config_path, role)
     # Build the stages before touching the WAL: a plugin whose constructor fails leaves
     # nothing behind (no WAL directory, no log of a recovery that never mattered).
     service.stages = build_stages(resolved, service.context)
@@ -340,6 +393,8 @@ async def serve(
         async with trio.open_nursery() as outer:
             if handle_signals:
                 outer.start_soon(_signal_loop, service)
+            if not role.single:
+                outer.start_soon(_stop_with_supervisor, service, os.getppid())
             try:
                 async with trio.open_nursery() as root:
                     service._stop_scope = root.cancel_scope
@@ -353,7 +408,17 @@ async def serve(
 
                     async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
                         try:
-                            await serve_http(service, app, settings, task_status=task_status)
+                            if role.drain:
+                                task_status.started([])
+                                await _stop_when_drained(service)
+                            else:
+                                await serve_http(
+                                    service,
+                                    app,
+                                    settings,
+                                    listen_socket=role.listen_socket(settings.server.host),
+                                    task_status=task_status,
+                                )
                         finally:
                             # In-flight requests are answered; closing the head drains
                             # every stage in order.
@@ -388,6 +453,8 @@ async def serve(
     finally:
         service.stopping = True
         store.close()
+        if role.drain and clean and service.drained:
+            retire_shard(store.root)
         log.info(
             "stopped",
             extra={
@@ -401,7 +468,10 @@ async def serve(
 
 @asynccontextmanager
 async def open_service(
-    settings: Settings, *, config_path: str | os.PathLike[str] | None = None
+    settings: Settings,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    role: WorkerRole | None = None,
 ) -> AsyncIterator[Service]:
     """Run LogStack inside the caller's trio run (no signal handling) for the block.
 
@@ -410,7 +480,7 @@ async def open_service(
     """
     async with trio.open_nursery() as nursery:
         service: Service = await nursery.start(
-            partial(serve, settings, config_path=config_path, handle_signals=False)
+            partial(serve, settings, config_path=config_path, handle_signals=False, role=role)
         )
         try:
             yield service

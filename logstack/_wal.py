@@ -754,7 +754,9 @@ class WalStore:
     def open(self) -> None:
         """Recover every key directory under the root (blocking: run it in a thread)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        # ``_shard-<i>`` directories belong to other workers (never a key: see _workers).
+        keys = (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        for directory in sorted(keys):
             keylog = recover_key_log(
                 directory.name, directory, self.segment_max_bytes, self.metrics, self.clock
             )

@@ -17,6 +17,7 @@ from ._wal_format import (
     decode_record,
     find_next_frame,
 )
+from ._workers import SHARD_PREFIX
 
 
 def _when(ns: int) -> str:
@@ -24,9 +25,16 @@ def _when(ns: int) -> str:
 
 
 def _key_dirs(root: Path) -> list[Path]:
+    """Key directories: ``root`` itself, its subdirectories, and those of its worker shards."""
     if any(p.suffix == SEGMENT_SUFFIX for p in root.iterdir()):
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir())
+    found: list[Path] = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        if path.name.startswith(SHARD_PREFIX):
+            found += sorted(p for p in path.iterdir() if p.is_dir())
+        else:
+            found.append(path)
+    return found
 
 
 def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
@@ -38,7 +46,8 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
     damaged = False
     for key_dir in _key_dirs(root):
         segments = sorted(p for p in key_dir.iterdir() if p.suffix == SEGMENT_SUFFIX)
-        print(f"key {key_dir.name}: {len(segments)} segment(s)", file=out)
+        name = key_dir.relative_to(root).as_posix() if key_dir != root else key_dir.name
+        print(f"key {name}: {len(segments)} segment(s)", file=out)
         last_checkpoint: Checkpoint | None = None
         for path in segments:
             data = path.read_bytes()

@@ -34,7 +34,7 @@ from ..testing._process import (
     make_test_config,
 )
 from ._load import BodyFactory, LoadResult, run_load
-from ._procstat import cpu_seconds, rss_mib
+from ._procstat import tree_cpu_seconds, tree_rss_mib
 
 PLACEHOLDER = b"@@@@@@@@@"
 PROBE_MARKER = "bench-probe-"
@@ -86,6 +86,7 @@ class ScenarioResult:
     lines_per_request: int
     load: LoadResult
     cpu_s: float = 0.0
+    workers: int = 1
     peak_rss_mib: float = 0.0
     wal_bytes: int = 0
     delivered: int = 0
@@ -100,6 +101,7 @@ class ScenarioResult:
         out: dict[str, Any] = {
             "scenario": self.name,
             "lines_per_request": self.lines_per_request,
+            "workers": self.workers,
             "duration_s": round(load.duration_s, 2),
             "lines_per_s": round(lines / load.duration_s) if load.duration_s else 0,
             "requests_per_s": round(load.accepted_requests / load.duration_s)
@@ -177,7 +179,9 @@ class Bench:
         self.runs = 0
         self.headers = {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "application/json"}
 
-    def _server(self, loki_url: str, **sections: Any) -> LogstackProcess:
+    def _server(
+        self, loki_url: str, *, workers: int | None = None, **sections: Any
+    ) -> LogstackProcess:
         self.runs += 1
         workdir = self.workdir / f"run-{self.runs}"
         config = make_test_config(
@@ -185,7 +189,10 @@ class Bench:
             loki_url,
             **deep_merge(
                 {
-                    "server": {"log_level": "WARNING"},
+                    "server": {
+                        "log_level": "WARNING",
+                        "workers": workers or self.args.workers,
+                    },
                     "security": {"rate_limit_rps": 1e9, "rate_limit_burst": 1e9},
                     "wal": {"segment_max_bytes": 1 << 30, "quota_bytes": 64 << 30},
                     "loki": {"push_format": "protobuf", "batch_max_wait_s": 0.5},
@@ -222,18 +229,19 @@ class Bench:
         masking_heavy: bool = False,
         rate_per_s: float | None = None,
         connections: int | None = None,
+        workers: int | None = None,
         server_sections: dict[str, Any] | None = None,
     ) -> ScenarioResult:
         receiver = LokiReceiverProcess(
             self.workdir / f"loki-{self.runs}", extra_args=["--probe-marker", PROBE_MARKER]
         )
         loki_url = await _start(receiver)
-        server = self._server(loki_url, **(server_sections or {}))
+        server = self._server(loki_url, workers=workers, **(server_sections or {}))
         url = await _start(server)
         assert server.proc is not None
         pid = server.proc.pid
         try:
-            cpu0 = cpu_seconds(pid)
+            cpu0 = tree_cpu_seconds(pid)
             load = await run_load(
                 url + "/v1/logs:ingest",
                 body_factory(lines, masking_heavy=masking_heavy),
@@ -244,8 +252,10 @@ class Bench:
                 rate_per_s=rate_per_s,
                 on_progress=_progress(name),
             )
-            cpu = cpu_seconds(pid) - cpu0
-            result = ScenarioResult(name, lines, load, cpu_s=cpu)
+            cpu = tree_cpu_seconds(pid) - cpu0
+            result = ScenarioResult(
+                name, lines, load, cpu_s=cpu, workers=workers or self.args.workers
+            )
             result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
             t0 = time.perf_counter()
             with trio.move_on_after(self.args.delivery_timeout):
@@ -255,7 +265,7 @@ class Bench:
             result.delivered = await _receiver_entries(loki_url)
             result.delivered_all = result.delivered >= load.accepted_lines
             result.delivery_latencies_s = await _delivery_latencies(loki_url, load)
-            result.peak_rss_mib = rss_mib(pid, "VmHWM")
+            result.peak_rss_mib = tree_rss_mib(pid)
         finally:
             await _stop(server)
             await _stop(receiver)
@@ -289,7 +299,7 @@ class Bench:
             drain_s = time.perf_counter() - t0
             result.delivered = await _receiver_entries(loki_url)
             result.delivered_all = result.delivered >= load.accepted_lines
-            result.peak_rss_mib = rss_mib(pid, "VmHWM")
+            result.peak_rss_mib = tree_rss_mib(pid)
             ingest_rate = load.accepted_lines / load.duration_s
             drain_rate = result.delivered / drain_s if drain_s else 0.0
             result.extra = {
@@ -318,6 +328,7 @@ SCENARIOS = (
     "half-load",
     "overload",
     "outage",
+    "workers-2",
 )
 
 
@@ -395,6 +406,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["scenarios"].append(result.summary())
             elif name == "outage":
                 report["scenarios"].append((await bench.outage()).summary())
+            elif name == "workers-2":
+                # Multi-core scaling: 100-line batches with 1 and 2 workers, alternating.
+                scaling: list[float] = []
+                for _ in range(args.pairs):
+                    one = await bench.scenario("workers-1", 100, workers=1)
+                    two = await bench.scenario(name, 100, workers=2)
+                    scaling.append(
+                        (two.load.accepted_lines / two.load.duration_s)
+                        / (one.load.accepted_lines / one.load.duration_s)
+                    )
+                two.extra = {
+                    "over_one_worker_median": round(statistics.median(scaling), 3),
+                    "over_one_worker": [round(r, 3) for r in scaling],
+                }
+                report["scenarios"].append(two.summary())
             else:
                 raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     finally:
@@ -438,6 +464,7 @@ def render(report: dict[str, Any]) -> str:
             "drain_lines_per_s",
             "drain_over_ingest",
             "offered_requests_per_s",
+            "over_one_worker_median",
         ):
             if key in row:
                 lines.append(f"  {row['scenario']}: {key} = {row[key]}")

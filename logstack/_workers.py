@@ -1,0 +1,367 @@
+"""``logstack serve`` with several worker processes: one WAL shard each, one shared port.
+
+CPython runs one request at a time per process, so a second core needs a second process.
+With ``server.workers: N`` (or ``logstack serve --workers N``) a small supervisor starts N
+workers. Each is a whole LogStack (pipeline, WAL, forwarder) that owns one WAL shard, so no
+two processes ever write one file:
+
+* shard 0 is the WAL root itself (what a single worker uses, so going from 1 to N workers
+  keeps the existing WAL), shard ``i > 0`` is ``<root>/_shard-<i>`` (a leading ``_`` cannot
+  start a key name, so a shard never looks like a key's directory);
+* every worker binds the same address with ``SO_REUSEPORT``, and the kernel spreads new
+  connections over the workers' listening sockets;
+* a key's rate limit and WAL quota are divided by N in every worker. Connections are spread
+  by a hash of their addresses, so this is exact when a key's traffic comes over several
+  connections and stricter when a key sends everything over one (the documented
+  approximation: the limit is never exceeded);
+* a worker that dies is started again (its shard is recovered like after any crash);
+  SIGTERM/SIGINT/SIGHUP are passed on to every worker.
+
+Shards left over from an earlier run with more workers (``_shard-i`` with ``i >= N`` still
+holding entries) are not forgotten: each gets a *drain* worker — the same service without
+HTTP — that delivers what its shard holds, removes the delivered segments and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from ._config import Settings
+
+log = logging.getLogger("logstack.workers")
+
+SHARD_PREFIX: Final = "_shard-"
+RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits before restarting a worker that keeps dying; back to the first after a minute up."""
+STABLE_AFTER_S: Final = 60.0
+START_TIMEOUT_S: Final = 60.0
+
+
+def shard_root(root: Path, index: int) -> Path:
+    """The WAL directory of shard ``index``: the root itself for shard 0."""
+    return root if index == 0 else root / f"{SHARD_PREFIX}{index}"
+
+
+def shard_indices(root: Path) -> list[int]:
+    """Indices of the ``_shard-<i>`` directories under ``root`` (shard 0 not included)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        suffix = path.name.removeprefix(SHARD_PREFIX)
+        if path.is_dir() and suffix != path.name and suffix.isdigit() and int(suffix) > 0:
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def shard_holds_entries(shard: Path) -> bool:
+    """Whether any key directory of the shard still has a segment file."""
+    return any(shard.glob("*/*.seg"))
+
+
+def orphan_shards(root: Path, workers: int) -> list[int]:
+    """Shards beyond ``workers`` that still hold segments: they need a drain worker."""
+    return [
+        i for i in shard_indices(root) if i >= workers and shard_holds_entries(shard_root(root, i))
+    ]
+
+
+def retire_shard(shard: Path) -> None:
+    """Remove a drained shard's segments and whatever directories are left empty.
+
+    Only called once every entry in it was delivered (or dead-lettered); dead-letter files
+    are kept where they are.
+    """
+    for segment in shard.glob("*/*.seg"):
+        segment.unlink(missing_ok=True)
+    for directory in sorted(shard.glob("*/"), reverse=True):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+    if not any(shard.iterdir()):
+        shard.rmdir()
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """Which part of the service this process is: worker ``index`` of ``count``."""
+
+    index: int = 0
+    count: int = 1
+    drain: bool = False
+    """Serve no HTTP: deliver what shard ``index`` holds, then exit (a shard left over)."""
+    port: int | None = None
+    """Listen on this port with ``SO_REUSEPORT`` (the supervisor picked it)."""
+    ports_file: str | None = None
+
+    @property
+    def single(self) -> bool:
+        return self.count == 1 and self.index == 0 and not self.drain
+
+    def apply(self, settings: Settings) -> Settings:
+        """``settings`` as this worker runs them: its shard, its share of limits and quotas.
+
+        Applied at start and again to every reloaded configuration.
+        """
+        if self.single:
+            return settings
+        n = self.count
+        security = settings.security
+        keys = {
+            token: key.model_copy(
+                update={
+                    "rate_limit_rps": None
+                    if key.rate_limit_rps is None
+                    else key.rate_limit_rps / n,
+                    "rate_limit_burst": None
+                    if key.rate_limit_burst is None
+                    else _burst_share(key.rate_limit_burst, n),
+                }
+            )
+            for token, key in security.api_keys.items()
+        }
+        wal = settings.wal
+        server_updates: dict[str, object] = {"workers": n, "bound_ports_file": self.ports_file}
+        if self.port is not None:
+            server_updates["port"] = self.port
+        return settings.model_copy(
+            update={
+                "server": settings.server.model_copy(update=server_updates),
+                "security": security.model_copy(
+                    update={
+                        "rate_limit_rps": security.rate_limit_rps / n,
+                        "rate_limit_burst": _burst_share(security.rate_limit_burst, n),
+                        "api_keys": keys,
+                    }
+                ),
+                "wal": wal.model_copy(
+                    update={
+                        "root_path": shard_root(Path(wal.root_path), self.index),
+                        "quota_bytes": max(1, wal.quota_bytes // n),
+                    }
+                ),
+            }
+        )
+
+    def listen_socket(self, host: str) -> socket.socket | None:
+        """A socket bound to the shared port with ``SO_REUSEPORT`` (``None``: bind normally)."""
+        if self.port is None:
+            return None
+        return reuse_port_socket(host, self.port)
+
+
+def _burst_share(burst: float, workers: int) -> float:
+    # A bucket smaller than one request would refuse every request.
+    return max(1.0, burst / workers)
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host.strip("[]"), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ------------------------------------------------------------------------------ supervisor
+
+
+@dataclass(eq=False)
+class _Worker:
+    role: WorkerRole
+    process: trio.Process | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    done: bool = False
+    """A drain worker that finished its shard (not restarted)."""
+    bind: str | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    """Starts the workers, restarts those that die, passes signals on, stops them all."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str | None,
+        *,
+        command: Callable[[WorkerRole, str | None], Sequence[str]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.command = command or worker_command
+        self.count = settings.server.workers
+        self.stopping = False
+        self._stop = trio.Event()
+        self.workdir = Path(tempfile.mkdtemp(prefix="logstack-workers-"))
+        root = Path(settings.wal.root_path)
+        self.orphans = orphan_shards(root, self.count)
+        self._reserved: socket.socket | None = None
+        self.workers: list[_Worker] = []
+
+    def _reserve_port(self) -> int:
+        """Bind (without listening) to learn the port and keep it while the workers run;
+        only listening sockets receive connections."""
+        server = self.settings.server
+        self._reserved = reuse_port_socket(server.host, server.port)
+        port: int = self._reserved.getsockname()[1]
+        return port
+
+    async def run(self) -> int:
+        port = self._reserve_port()
+        for index in range(self.count):
+            ports_file = str(self.workdir / f"worker-{index}.ports")
+            role = WorkerRole(index, self.count, port=port, ports_file=ports_file)
+            self.workers.append(_Worker(role))
+        for index in self.orphans:
+            self.workers.append(_Worker(WorkerRole(index, self.count, drain=True)))
+            log.warning(
+                "WAL shard left by an earlier run with more workers: draining it",
+                extra={"shard": index, "workers": self.count},
+            )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals)
+                for worker in self.workers:
+                    nursery.start_soon(self._keep_running, worker)
+                await self._announce(port)
+                for worker in self.workers:
+                    await worker.stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._reserved is not None:
+                self._reserved.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+    async def _announce(self, port: int) -> None:
+        """Once every serving worker listens, write ``server.bound_ports_file``."""
+        deadline = trio.current_time() + START_TIMEOUT_S
+        ports_files = [Path(w.role.ports_file) for w in self.workers if w.role.ports_file]
+        while not all(path.is_file() and path.read_text().strip() for path in ports_files):
+            if self.stopping:
+                return
+            if trio.current_time() > deadline:
+                log.error("workers did not start listening in time; still waiting")
+                deadline = trio.current_time() + START_TIMEOUT_S
+            await trio.sleep(0.05)
+        host = self.settings.server.host.strip("[]")
+        bind = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        log.info(
+            "serving", extra={"binds": [bind], "workers": self.count, "drains": len(self.orphans)}
+        )
+        if self.settings.server.bound_ports_file:
+            await trio.Path(self.settings.server.bound_ports_file).write_text(bind + "\n")
+
+    async def _keep_running(self, worker: _Worker) -> None:
+        try:
+            while not self.stopping and not worker.done:
+                worker.started_at = time.monotonic()
+                command = list(self.command(worker.role, self.config_path))
+                worker.process = await trio.lowlevel.open_process(command)
+                code = await worker.process.wait()
+                if self.stopping:
+                    break
+                if worker.role.drain and code == 0:
+                    worker.done = True
+                    log.info("WAL shard drained", extra={"shard": worker.role.index})
+                    break
+                if time.monotonic() - worker.started_at > STABLE_AFTER_S:
+                    worker.failures = 0
+                wait = RESTART_BACKOFF_S[min(worker.failures, len(RESTART_BACKOFF_S) - 1)]
+                worker.failures += 1
+                log.error(
+                    "worker exited; starting it again",
+                    extra={
+                        "worker": worker.role.index,
+                        "exit_code": code,
+                        "restart_in_s": wait,
+                    },
+                )
+                with trio.move_on_after(wait):
+                    await self._stop.wait()
+        finally:
+            worker.stopped.set()
+
+    def _send_all(self, signum: int) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is not None and process.returncode is None:
+                try:
+                    process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: workers reload their configuration")
+                    self._send_all(signal.SIGHUP)
+                    continue
+                log.info("stopping the workers", extra={"signal": signal.Signals(signum).name})
+                self.stopping = True
+                self._stop.set()
+                # A second signal reaches the workers as a second signal: they cancel the drain.
+                self._send_all(signal.SIGTERM)
+
+
+def worker_command(role: WorkerRole, config_path: str | None) -> list[str]:
+    command = [sys.executable, "-m", "logstack", "serve", "--worker", f"{role.index}/{role.count}"]
+    if config_path is not None:
+        command += ["--config", config_path]
+    if role.drain:
+        command.append("--drain")
+    if role.port is not None:
+        command += ["--port", str(role.port)]
+    if role.ports_file is not None:
+        command += ["--ports-file", role.ports_file]
+    return command
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"i/N"`` → ``(i, N)``."""
+    index, _, count = text.partition("/")
+    return int(index), int(count)
+
+
+def needs_supervisor(settings: Settings) -> bool:
+    """Several workers, or shards of an earlier multi-worker run still to deliver."""
+    root = Path(settings.wal.root_path)
+    return settings.server.workers > 1 or bool(orphan_shards(root, settings.server.workers))
+
+
+def run_supervisor(settings: Settings, config_path: str | None) -> int:
+    return trio.run(Supervisor(settings, config_path).run)
+
+
+__all__ = [
+    "SHARD_PREFIX",
+    "Supervisor",
+    "WorkerRole",
+    "needs_supervisor",
+    "orphan_shards",
+    "parse_worker",
+    "retire_shard",
+    "run_supervisor",
+    "shard_root",
+    "worker_command",
+]
