@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--port", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--ports-file", help=argparse.SUPPRESS)
+    serve.add_argument("--peers", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a config file and the pipeline")
     check.add_argument("path", nargs="?", help="config file (or use --config)")
     _add_config(check)
@@ -100,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     role = WorkerRole()
     if args.worker is not None:
         index, count = parse_worker(args.worker)
-        role = WorkerRole(index, count, args.drain, args.port, args.ports_file)
+        role = WorkerRole(index, count, args.drain, args.port, args.ports_file, args.peers)
     _tune_gc()
     trio.run(partial(serve, settings, config_path=path, role=role))
     return 0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +20,17 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from . import __version__
+from ._config import LokiSettings
 from ._entry import LogEntry
 from ._errors import LogstackError
 from ._loki_proto import (
     PushEntry,
     PushRejection,
     PushStream,
+    compress_snappy,
+    encode_json_push,
+    encode_push_request,
     format_labels,
     parse_push_error,
     sanitize_label_name,
@@ -41,6 +47,7 @@ Item = tuple[Labels, PushEntry]
 """One entry of a push with the labels of its stream."""
 
 RESERVED_LABELS = ("service", "env", "level")
+USER_AGENT = f"LogStack/{__version__}"
 
 
 # ------------------------------------------------------------------------ entries → Loki
@@ -178,12 +185,39 @@ def split_by_size(items: Sequence[Item], limit: int) -> tuple[list[list[Item]], 
     return chunks, oversized
 
 
+def encode_push(
+    items: Sequence[Item], tenant: str | None, loki: LokiSettings
+) -> tuple[bytes, dict[str, str]]:
+    """The HTTP body and headers of one push, in the configured format."""
+    streams = group_streams(items)
+    headers = {"User-Agent": USER_AGENT}
+    if tenant:
+        headers["X-Scope-OrgID"] = tenant
+    if loki.push_format == "json":
+        body = encode_json_push(streams)
+        headers["Content-Type"] = "application/json"
+        if loki.gzip:
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+    else:
+        body = compress_snappy(encode_push_request(streams))
+        headers["Content-Type"] = "application/x-protobuf"
+    return body, headers
+
+
+Prepared = tuple[list[tuple[list[Item], bytes, dict[str, str]]], list[Item]]
+"""A batch cut to the burst and encoded: (chunk, body, headers) per push, and the entries
+too large to ever be pushed."""
+
+
 @dataclass(eq=False)
 class PushBatch:
     """Entries of one key's WAL range ``[start, end)``, ready for Loki, in WAL order.
 
-    The batcher sends it to the forwarder and waits on ``done``; the forwarder sets it
-    once the range is delivered (or dead-lettered) and the checkpoint is durable.
+    The forwarder sets ``pushed`` once Loki took the range (or it was dead-lettered) and
+    ``done`` once the checkpoint after it is durable. The batcher sends a key's next batch
+    after ``pushed``: the checkpoint's fsync overlaps the next push, and pushes of one key
+    stay in order.
     """
 
     key_name: str
@@ -192,8 +226,18 @@ class PushBatch:
     end: Position
     items: list[Item]
     oldest_received_ns: int
+    pushed: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     created: float = field(default_factory=time.monotonic)
+    prepared: Prepared | None = None
+
+    def prepare(self, loki: LokiSettings) -> None:
+        """Cut the batch to Loki's burst and encode every push body now: the batcher does
+        this while the key's previous batch is still in flight, so only sending is left
+        once that one is in."""
+        chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes)
+        encoded = [(chunk, *encode_push(chunk, self.tenant, loki)) for chunk in chunks]
+        self.prepared = (encoded, oversized)
 
     @property
     def entry_count(self) -> int:
@@ -214,23 +258,28 @@ class PushBatch:
         *,
         structured_metadata: bool = False,
     ) -> PushBatch:
-        items: list[Item] = []
-        append = items.append
-        encode = _line_encoder.encode
-        for batch in batches:
-            for entry in batch.entries:
-                if structured_metadata:
-                    sm = entry_metadata(entry)
-                    line = entry_line(entry, structured_metadata=True)
-                    append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
-                    continue
-                # entry_line, inlined: this loop runs for every entry delivered.
-                text = encode(
-                    _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
-                ).decode()
-                append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, text)))
         oldest = batches[0].received_ns if batches else time.time_ns()
-        return cls(key_name, tenant, start, end, items, oldest)
+        push = cls(key_name, tenant, start, end, [], oldest)
+        for batch in batches:
+            push.add(batch, structured_metadata=structured_metadata)
+        return push
+
+    def add(self, batch: EntryBatch, *, structured_metadata: bool = False) -> None:
+        """Append the entries of one WAL record as Loki entries with their streams."""
+        append = self.items.append
+        if structured_metadata:
+            for entry in batch.entries:
+                sm = entry_metadata(entry)
+                line = entry_line(entry, structured_metadata=True)
+                append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
+            return
+        encode = _line_encoder.encode
+        for entry in batch.entries:
+            # entry_line, inlined: this loop runs for every entry delivered.
+            text = encode(
+                _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
+            ).decode()
+            append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, text)))
 
     def __repr__(self) -> str:
         return (

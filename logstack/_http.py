@@ -48,6 +48,7 @@ from ._errors import (
 )
 from ._logging import request_id_var
 from ._openapi import openapi_document
+from ._workers import gather_metrics
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -294,7 +295,11 @@ def create_app(service: Service) -> QuartTrio:
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         service.refresh_gauges()
-        return Response(metrics.exposition(), status=200, content_type=metrics.content_type)
+        body = metrics.exposition()
+        role = service.role
+        if role.peers_dir is not None and request.args.get("scope") != "worker":
+            body = await gather_metrics(role, body)  # every worker's, labelled by worker
+        return Response(body, status=200, content_type=metrics.content_type)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

@@ -142,3 +142,42 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_expositions(by_worker: dict[str, bytes]) -> bytes:
+    """One exposition of several workers' metrics, every sample labelled ``worker="<i>"``.
+
+    Each worker runs the same code, so their families are the same; the text format needs
+    each family's samples together under one ``# HELP``/``# TYPE``, so the families are
+    collected from every worker first and written out once each, in the first worker's
+    order.
+    """
+    families: dict[str, tuple[list[bytes], list[bytes]]] = {}
+    for worker, text in by_worker.items():
+        label = b'worker="' + worker.encode() + b'"'
+        current: tuple[list[bytes], list[bytes]] | None = None
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith(b"# "):
+                parts = line.split(b" ", 3)
+                if len(parts) >= 3 and parts[1] in (b"HELP", b"TYPE"):
+                    current = families.setdefault(parts[2].decode(), ([], []))
+                    if line not in current[0]:
+                        current[0].append(line)
+                continue
+            if current is None:
+                current = families.setdefault("", ([], []))
+            brace, space = line.find(b"{"), line.find(b" ")
+            if 0 <= brace < space:
+                rest = line[brace + 1 :]
+                comma = b"" if rest.startswith(b"}") else b","
+                labelled = line[: brace + 1] + label + comma + rest
+            else:
+                labelled = line[:space] + b"{" + label + b"}" + line[space:]
+            current[1].append(labelled)
+    out: list[bytes] = []
+    for headers, samples in families.values():
+        out += headers
+        out += samples
+    return b"\n".join(out) + b"\n"

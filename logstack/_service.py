@@ -293,15 +293,20 @@ def build_asgi_app(service: Service) -> ASGIApp:
 
 
 def hypercorn_config(
-    settings: Settings, listen_socket: socket.socket | None = None
+    settings: Settings,
+    listen_socket: socket.socket | None = None,
+    private_socket: str | None = None,
 ) -> HypercornConfig:
     """Hypercorn's settings; ``listen_socket`` (bound, not listening) is handed over as
-    ``fd://`` and owned by Hypercorn from then on."""
+    ``fd://`` and owned by Hypercorn from then on; ``private_socket`` is a Unix socket path
+    also listened on (a worker's, for its peers)."""
     config = HypercornConfig()
     if listen_socket is None:
         config.bind = [f"{settings.server.host}:{settings.server.port}"]
     else:
         config.bind = [f"fd://{listen_socket.detach()}"]
+    if private_socket is not None:
+        config.bind.append(f"unix:{private_socket}")
     config.graceful_timeout = settings.server.shutdown_grace_s
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -316,6 +321,7 @@ async def serve_http(
     settings: Settings,
     *,
     listen_socket: socket.socket | None = None,
+    private_socket: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hypercorn until the shutdown event, then until every in-flight request is answered.
@@ -334,7 +340,7 @@ async def serve_http(
             async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(
                     app,
-                    hypercorn_config(settings, listen_socket),
+                    hypercorn_config(settings, listen_socket, private_socket),
                     shutdown_trigger=shutdown.wait,
                     task_status=task_status,
                 )
@@ -417,6 +423,7 @@ async def serve(
                                     app,
                                     settings,
                                     listen_socket=role.listen_socket(settings.server.host),
+                                    private_socket=role.peer_socket(role.index),
                                     task_status=task_status,
                                 )
                         finally:

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import httpx
 import trio
 
 from ._config import Settings
+from ._metrics import merge_expositions
 
 log = logging.getLogger("logstack.workers")
 
@@ -104,6 +106,9 @@ class WorkerRole:
     port: int | None = None
     """Listen on this port with ``SO_REUSEPORT`` (the supervisor picked it)."""
     ports_file: str | None = None
+    peers_dir: str | None = None
+    """Where every serving worker also listens on ``worker-<i>.sock``: ``/metrics`` asks
+    the others there, so any worker's answer covers all of them."""
 
     @property
     def single(self) -> bool:
@@ -153,6 +158,9 @@ class WorkerRole:
                 ),
             }
         )
+
+    def peer_socket(self, index: int) -> str | None:
+        return None if self.peers_dir is None else f"{self.peers_dir}/worker-{index}.sock"
 
     def listen_socket(self, host: str) -> socket.socket | None:
         """A socket bound to the shared port with ``SO_REUSEPORT`` (``None``: bind normally)."""
@@ -229,7 +237,9 @@ class Supervisor:
         port = self._reserve_port()
         for index in range(self.count):
             ports_file = str(self.workdir / f"worker-{index}.ports")
-            role = WorkerRole(index, self.count, port=port, ports_file=ports_file)
+            role = WorkerRole(
+                index, self.count, port=port, ports_file=ports_file, peers_dir=str(self.workdir)
+            )
             self.workers.append(_Worker(role))
         for index in self.orphans:
             self.workers.append(_Worker(WorkerRole(index, self.count, drain=True)))
@@ -334,7 +344,47 @@ def worker_command(role: WorkerRole, config_path: str | None) -> list[str]:
         command += ["--port", str(role.port)]
     if role.ports_file is not None:
         command += ["--ports-file", role.ports_file]
+    if role.peers_dir is not None:
+        command += ["--peers", role.peers_dir]
     return command
+
+
+async def gather_metrics(role: WorkerRole, own: bytes, timeout_s: float = 2.0) -> bytes:
+    """Every worker's metrics in one exposition, each sample labelled with its worker.
+
+    The others are asked over their private sockets (``/metrics?scope=worker``); one that
+    does not answer in time (being restarted, say) is left out and reported as
+    ``logstack_worker_up{worker="<i>"} 0``.
+    """
+    texts: dict[int, bytes] = {role.index: own}
+
+    async def fetch(index: int) -> None:
+        path = role.peer_socket(index)
+        if path is None:
+            return
+        transport = httpx.AsyncHTTPTransport(uds=path)
+        try:
+            async with httpx.AsyncClient(transport=transport, timeout=timeout_s) as client:
+                answer = await client.get("http://worker/metrics", params={"scope": "worker"})
+                answer.raise_for_status()
+        except (httpx.HTTPError, OSError):
+            return
+        texts[index] = answer.content
+
+    async with trio.open_nursery() as nursery:
+        for index in range(role.count):
+            if index != role.index:
+                nursery.start_soon(fetch, index)
+    merged = merge_expositions({str(i): texts[i] for i in sorted(texts)})
+    up = [
+        b"# HELP logstack_worker_up Whether the worker answered this scrape.",
+        b"# TYPE logstack_worker_up gauge",
+        *(
+            b'logstack_worker_up{worker="%d"} %d' % (i, 1 if i in texts else 0)
+            for i in range(role.count)
+        ),
+    ]
+    return merged + b"\n".join(up) + b"\n"
 
 
 def parse_worker(text: str) -> tuple[int, int]:

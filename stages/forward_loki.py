@@ -25,7 +25,6 @@ Delivery rules (docs/forwarding.md has the why):
 
 from __future__ import annotations
 
-import gzip
 import logging
 import random
 import time
@@ -36,16 +35,16 @@ from typing import Any
 import httpx
 import trio
 
-from logstack import __version__
 from logstack._config import LokiSettings, Settings
 from logstack._delivery import (
+    USER_AGENT,
     Item,
     LokiAnswer,
     LokiTransport,
     LokiTransportError,
     PushBatch,
     attribute_rejections,
-    group_streams,
+    encode_push,
     loki_size,
     split_by_size,
 )
@@ -56,19 +55,12 @@ from logstack._dlq import (
     dead_letter_queue,
     make_dead_letter,
 )
-from logstack._loki_proto import (
-    compress_snappy,
-    encode_json_push,
-    encode_push_request,
-    is_valid_label_name,
-    sanitize_label_name,
-)
+from logstack._loki_proto import is_valid_label_name, sanitize_label_name
 from logstack._stage import Stage, StageConfig
 from logstack._wal import WalStore
 
 log = logging.getLogger("logstack.forward")
 
-USER_AGENT = f"LogStack/{__version__}"
 MAX_ANSWER_CHARS = 64 * 1024
 """Loki's answer bodies are read up to this many characters."""
 PROBE_TIMEOUT_S = 5.0
@@ -221,26 +213,6 @@ class EndpointPool:
 # ------------------------------------------------------------------------ pushing
 
 
-def encode_push(
-    items: Sequence[Item], tenant: str | None, loki: LokiSettings
-) -> tuple[bytes, dict[str, str]]:
-    """The HTTP body and headers of one push, in the configured format."""
-    streams = group_streams(items)
-    headers = {"User-Agent": USER_AGENT}
-    if tenant:
-        headers["X-Scope-OrgID"] = tenant
-    if loki.push_format == "json":
-        body = encode_json_push(streams)
-        headers["Content-Type"] = "application/json"
-        if loki.gzip:
-            body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
-    else:
-        body = compress_snappy(encode_push_request(streams))
-        headers["Content-Type"] = "application/x-protobuf"
-    return body, headers
-
-
 def backoff_delay(attempt: int, low: float, high: float) -> float:
     """Exponential backoff with full jitter: uniform in [low, min(high, low·2^attempt)]."""
     ceiling = min(high, low * (2 ** min(attempt, 32)))
@@ -337,7 +309,13 @@ class LokiForwarder:
     # ---------------------------------------------------------------- one push, settled
 
     async def push(
-        self, key: str, tenant: str | None, items: Sequence[Item], *, retry: bool = True
+        self,
+        key: str,
+        tenant: str | None,
+        items: Sequence[Item],
+        *,
+        retry: bool = True,
+        encoded: tuple[bytes, dict[str, str]] | None = None,
     ) -> PushOutcome:
         """Push ``items`` (at most a burst) until Loki settles them.
 
@@ -348,7 +326,7 @@ class LokiForwarder:
         loki = self.loki
         metrics = self.context.metrics
         health = self.context.health
-        body, headers = encode_push(items, tenant, loki)
+        body, headers = encoded or encode_push(items, tenant, loki)
         attempt = 0
         tried: set[str] = set()
         while True:
@@ -453,16 +431,29 @@ class LokiForwarder:
     async def deliver(self, batch: PushBatch) -> bool:
         """Deliver ``batch`` (split to the burst), dead-letter what Loki refused, then
         checkpoint. ``False`` if the service is stopping first (the range stays undelivered)."""
+        if not batch.pushed.is_set():
+            if not await self._push_batch(batch):
+                return False
+            batch.pushed.set()
+        await self.store.log_for(batch.key_name).commit_delivered(batch.end)
+        batch.done.set()
+        return True
+
+    async def _push_batch(self, batch: PushBatch) -> bool:
+        """Push every entry of ``batch`` or dead-letter it; ``False`` if stopping first."""
         loki = self.loki
         limit = loki.burst_limit_bytes
-        chunks, oversized = split_by_size(batch.items, limit)
+        if batch.prepared is None:
+            batch.prepare(loki)
+        assert batch.prepared is not None
+        chunks, oversized = batch.prepared
         dead: list[Dead] = [(item, _oversize_reason(item, limit), False) for item in oversized]
         status: int | None = None
         reasons: list[str] = []
         if oversized:
             reasons.append(_oversize_reason(oversized[0], limit))
-        for chunk in chunks:
-            outcome = await self.push(batch.key_name, batch.tenant, chunk)
+        for chunk, body, headers in chunks:
+            outcome = await self.push(batch.key_name, batch.tenant, chunk, encoded=(body, headers))
             if outcome.gave_up:
                 return False
             if outcome.dead:
@@ -480,8 +471,6 @@ class LokiForwarder:
                 wal_range=(batch.start, batch.end),
             )
             await self._dead_letter(record)
-        await self.store.log_for(batch.key_name).commit_delivered(batch.end)
-        batch.done.set()
         return True
 
     async def _dead_letter(self, record: DeadLetter) -> None:
@@ -502,7 +491,8 @@ class LokiForwarder:
 
     async def deliver_guarded(self, batch: PushBatch) -> None:
         """``deliver``, retried with backoff if something local fails (the DLQ or the WAL
-        checkpoint cannot be written): the range is then simply delivered again."""
+        checkpoint cannot be written): a range not yet pushed is delivered again, one that
+        was is only checkpointed again (the key's next batch may already be in Loki)."""
         attempt = 0
         while True:
             try:

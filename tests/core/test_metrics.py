@@ -321,3 +321,27 @@ def test_every_spec_metric_is_exposed() -> None:
     for name, labels in expected.items():
         assert name in families, name
         assert declared[name] == labels, name
+
+
+def test_merged_expositions_label_every_sample_with_its_worker() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from logstack._metrics import Metrics, merge_expositions
+
+    first, second = Metrics(), Metrics()
+    first.logs_ingested.labels(token="payments").inc(3)
+    second.logs_ingested.labels(token="payments").inc(4)
+    second.logs_ingested.labels(token="users").inc(1)
+    merged = merge_expositions({"0": first.exposition(), "1": second.exposition()})
+    families = {f.name: f for f in text_string_to_metric_families(merged.decode())}
+    ingested = {
+        (s.labels["worker"], s.labels["token"]): s.value
+        for s in families["logs_ingested"].samples
+        if s.name == "logs_ingested_total"
+    }
+    assert ingested == {("0", "payments"): 3, ("1", "payments"): 4, ("1", "users"): 1}
+    # Unlabelled samples get the worker label too; each family is described once.
+    builds = [s for s in families["logstack_build_info"].samples]
+    assert sorted(s.labels["worker"] for s in builds) == ["0", "1"]
+    assert merged.count(b"# TYPE logs_ingested_total counter") == 1
+    assert merged.count(b"# HELP process_cpu_seconds_total") == 1

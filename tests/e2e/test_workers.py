@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from logstack.testing import open_loki_receiver
 from logstack.testing._process import TEST_TOKEN, LogstackProcess, make_test_config
@@ -66,6 +67,15 @@ async def post_batches(url: str, tag: str, count: int, connections: int = 16) ->
     return acked
 
 
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition (which must parse) by name and labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def child_pids(pid: int) -> list[int]:
     """Children of process ``pid``, whichever of its threads started them."""
     return sorted(
@@ -110,6 +120,22 @@ async def test_two_workers_share_the_port_and_write_their_own_shards(tmp_path: P
             assert sorted(delivered) == sorted(acked)  # every entry, exactly once
             # Both workers took connections, and each wrote only its own shard.
             assert set(segments(server.wal_root)) == {".", "_shard-1"}
+            # Whichever worker answers /metrics, the answer covers both, sample by sample.
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                for _ in range(4):
+                    text = (await client.get("/metrics")).text
+                    samples = parse_metrics(text)
+                    assert samples[("logstack_worker_up", (("worker", "0"),))] == 1
+                    assert samples[("logstack_worker_up", (("worker", "1"),))] == 1
+                    ingested = {
+                        labels: value
+                        for (name, labels), value in samples.items()
+                        if name == "logs_ingested_total"
+                    }
+                    assert {dict(labels)["worker"] for labels in ingested} == {"0", "1"}
+                    assert sum(ingested.values()) == len(acked)
+                local = parse_metrics((await client.get("/metrics?scope=worker")).text)
+                assert not any(name == "logstack_worker_up" for name, _ in local)
         finally:
             await trio.to_thread.run_sync(server.stop)
         assert server.proc is not None and server.proc.returncode == 0

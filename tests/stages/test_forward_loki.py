@@ -799,3 +799,61 @@ async def test_throughput_of_small_pushes_over_http(tmp_path: Path) -> None:
     print(f"\nthroughput: {rx.pushes} pushes in {elapsed:.2f} s = {pushes_per_s:.0f} pushes/s")
     assert rx.pushes == 240 and rx.duplicates == 0
     assert pushes_per_s > 20
+
+
+async def test_next_batch_is_built_while_one_is_in_flight_and_pushes_stay_in_order(
+    tmp_path: Path,
+) -> None:
+    """A key's next batch waits only for Loki to take the previous one (not for its
+    checkpoint fsync), and never overlaps it: one push per key in flight, WAL order kept."""
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        inner = rx.handle_push
+        in_flight = peak = 0
+
+        async def slow(headers: dict[str, str], body: bytes) -> tuple[int, str]:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await trio.sleep(0.02)
+                return await inner(headers, body)
+            finally:
+                in_flight -= 1
+
+        rx.handle_push = slow  # type: ignore[method-assign]
+        async with delivering(tmp_path, [rx.url], batch_max_entries=5) as h:
+            for n in range(12):
+                await h.ingest("payments-api", [entry(n * 5 + i) for i in range(5)])
+            await rx.wait_for_entries(60)
+            await h.wait_delivered("payments-api")
+    assert peak == 1
+    assert received_messages(rx) == [f"m{i}" for i in range(60)]
+    assert rx.duplicates == 0
+
+
+async def test_a_failed_checkpoint_is_retried_without_pushing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from logstack._wal import KeyLog
+
+    real = KeyLog.commit_delivered
+    failures = 1
+
+    async def flaky(self: KeyLog, position: Any) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError("disk full")
+        await real(self, position)
+
+    monkeypatch.setattr(KeyLog, "commit_delivered", flaky)
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        async with delivering(tmp_path, [rx.url]) as h:
+            await h.ingest("payments-api", [entry(i) for i in range(3)])
+            await rx.wait_for_entries(3)
+            await h.wait_delivered("payments-api")
+    assert failures == 0
+    assert received_messages(rx) == ["m0", "m1", "m2"]
+    assert rx.statistics()["pushes"] == 1
