@@ -86,6 +86,8 @@ class ScenarioResult:
     lines_per_request: int
     load: LoadResult
     cpu_s: float = 0.0
+    receiver_cpu_s: float = 0.0
+    """CPU of the Loki stand-in over the same period: it shares the machine's cores."""
     workers: int = 1
     peak_rss_mib: float = 0.0
     wal_bytes: int = 0
@@ -113,6 +115,9 @@ class ScenarioResult:
             "deliver_p50_ms": _ms(_percentile(self.delivery_latencies_s, 0.50)),
             "deliver_p99_ms": _ms(_percentile(self.delivery_latencies_s, 0.99)),
             "cpu_s_per_100k_lines": round(self.cpu_s / lines * 1e5, 2) if lines else None,
+            "receiver_cpu_s_per_100k_lines": round(self.receiver_cpu_s / lines * 1e5, 2)
+            if lines and self.receiver_cpu_s
+            else None,
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             "wal_bytes_per_line": round(self.wal_bytes / lines, 1) if lines else None,
             "4xx": load.count_4xx,
@@ -240,8 +245,11 @@ class Bench:
         url = await _start(server)
         assert server.proc is not None
         pid = server.proc.pid
+        assert receiver.proc is not None
+        receiver_pid = receiver.proc.pid
         try:
             cpu0 = tree_cpu_seconds(pid)
+            receiver_cpu0 = tree_cpu_seconds(receiver_pid)
             load = await run_load(
                 url + "/v1/logs:ingest",
                 body_factory(lines, masking_heavy=masking_heavy),
@@ -254,7 +262,12 @@ class Bench:
             )
             cpu = tree_cpu_seconds(pid) - cpu0
             result = ScenarioResult(
-                name, lines, load, cpu_s=cpu, workers=workers or self.args.workers
+                name,
+                lines,
+                load,
+                cpu_s=cpu,
+                receiver_cpu_s=tree_cpu_seconds(receiver_pid) - receiver_cpu0,
+                workers=workers or self.args.workers,
             )
             result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
             t0 = time.perf_counter()
