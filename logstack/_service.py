@@ -372,6 +372,11 @@ async def serve(
     role = role or WorkerRole()
     settings = role.apply(settings)
     resolved = resolve_pipeline(settings)
+    # Bound first (not listening until Hypercorn runs): a taken port is a clear error
+    # before the WAL is touched.
+    listen_socket = (
+        None if role.drain else role.listen_socket(settings.server.host, settings.server.port)
+    )
     service = Service(settings, config_path, role)
     # Build the stages before touching the WAL: a plugin whose constructor fails leaves
     # nothing behind (no WAL directory, no log of a recovery that never mattered).
@@ -422,7 +427,7 @@ async def serve(
                                     service,
                                     app,
                                     settings,
-                                    listen_socket=role.listen_socket(settings.server.host),
+                                    listen_socket=listen_socket,
                                     private_socket=role.peer_socket(role.index),
                                     task_status=task_status,
                                 )
@@ -459,6 +464,8 @@ async def serve(
                 outer.cancel_scope.cancel()
     finally:
         service.stopping = True
+        if listen_socket is not None and listen_socket.fileno() != -1:
+            listen_socket.close()  # never handed to Hypercorn (it failed before)
         store.close()
         if role.drain and clean and service.drained:
             retire_shard(store.root)

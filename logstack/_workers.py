@@ -40,6 +40,7 @@ import httpx
 import trio
 
 from ._config import Settings
+from ._errors import ConfigError
 from ._metrics import merge_expositions
 
 log = logging.getLogger("logstack.workers")
@@ -49,6 +50,7 @@ RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits before restarting a worker that keeps dying; back to the first after a minute up."""
 STABLE_AFTER_S: Final = 60.0
 START_TIMEOUT_S: Final = 60.0
+DRAIN_STARTUP_S: Final = 10.0
 
 
 def shard_root(root: Path, index: int) -> Path:
@@ -162,11 +164,13 @@ class WorkerRole:
     def peer_socket(self, index: int) -> str | None:
         return None if self.peers_dir is None else f"{self.peers_dir}/worker-{index}.sock"
 
-    def listen_socket(self, host: str) -> socket.socket | None:
-        """A socket bound to the shared port with ``SO_REUSEPORT`` (``None``: bind normally)."""
-        if self.port is None:
-            return None
-        return reuse_port_socket(host, self.port)
+    def listen_socket(self, host: str, port: int) -> socket.socket:
+        """The bound (not yet listening) socket this process serves on: the shared port
+        with ``SO_REUSEPORT`` for a worker of several, ``host:port`` for a single process.
+        ``ConfigError`` if it cannot be bound (the port is taken, the address not local)."""
+        if self.port is not None:
+            return bind_socket(host, self.port, reuse_port=True)
+        return bind_socket(host, port, reuse_port=False)
 
 
 def _burst_share(burst: float, workers: int) -> float:
@@ -174,14 +178,22 @@ def _burst_share(burst: float, workers: int) -> float:
     return max(1.0, burst / workers)
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet), or ``ConfigError``."""
+    host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host.strip("[]"), port))
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            [f"server.port: cannot listen on {host}:{port}: {exc.strerror or exc}"]
+        ) from None
     except BaseException:
         sock.close()
         raise
@@ -199,6 +211,8 @@ class _Worker:
     failures: int = 0
     done: bool = False
     """A drain worker that finished its shard (not restarted)."""
+    ever_started: bool = False
+    """It listened (or, a drain worker, ran to an exit) once: a later exit is a crash."""
     bind: str | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
 
@@ -218,6 +232,7 @@ class Supervisor:
         self.command = command or worker_command
         self.count = settings.server.workers
         self.stopping = False
+        self.exit_code = 0
         self._stop = trio.Event()
         self.workdir = Path(tempfile.mkdtemp(prefix="logstack-workers-"))
         root = Path(settings.wal.root_path)
@@ -227,9 +242,14 @@ class Supervisor:
 
     def _reserve_port(self) -> int:
         """Bind (without listening) to learn the port and keep it while the workers run;
-        only listening sockets receive connections."""
+        only listening sockets receive connections.
+
+        ``SO_REUSEPORT`` would also let us join a group that another program (another
+        LogStack, say) listens with; a plain bind first makes a taken port an error."""
         server = self.settings.server
-        self._reserved = reuse_port_socket(server.host, server.port)
+        if server.port:
+            bind_socket(server.host, server.port, reuse_port=False).close()
+        self._reserved = bind_socket(server.host, server.port, reuse_port=True)
         port: int = self._reserved.getsockname()[1]
         return port
 
@@ -260,7 +280,7 @@ class Supervisor:
             if self._reserved is not None:
                 self._reserved.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return 0
+        return self.exit_code
 
     async def _announce(self, port: int) -> None:
         """Once every serving worker listens, write ``server.bound_ports_file``."""
@@ -294,6 +314,17 @@ class Supervisor:
                     worker.done = True
                     log.info("WAL shard drained", extra={"shard": worker.role.index})
                     break
+                if not (worker.ever_started or self._got_going(worker)):
+                    # It never got going (a WAL it cannot open, a plugin that fails, ...):
+                    # starting it again would fail the same way. Stop, as one process would.
+                    log.error(
+                        "worker failed to start; stopping (its own log lines say why)",
+                        extra={"worker": worker.role.index, "exit_code": code},
+                    )
+                    self.exit_code = 1
+                    self._stop_all()
+                    break
+                worker.ever_started = True
                 if time.monotonic() - worker.started_at > STABLE_AFTER_S:
                     worker.failures = 0
                 wait = RESTART_BACKOFF_S[min(worker.failures, len(RESTART_BACKOFF_S) - 1)]
@@ -310,6 +341,20 @@ class Supervisor:
                     await self._stop.wait()
         finally:
             worker.stopped.set()
+
+    @staticmethod
+    def _got_going(worker: _Worker) -> bool:
+        """Whether the process that just exited had started: a serving worker once it
+        listened; a drain worker (no port) once it ran past ``DRAIN_STARTUP_S``."""
+        path = worker.role.ports_file
+        if path is None:
+            return time.monotonic() - worker.started_at > DRAIN_STARTUP_S
+        return Path(path).is_file() and bool(Path(path).read_text().strip())
+
+    def _stop_all(self) -> None:
+        self.stopping = True
+        self._stop.set()
+        self._send_all(signal.SIGTERM)
 
     def _send_all(self, signum: int) -> None:
         for worker in self.workers:
@@ -328,10 +373,8 @@ class Supervisor:
                     self._send_all(signal.SIGHUP)
                     continue
                 log.info("stopping the workers", extra={"signal": signal.Signals(signum).name})
-                self.stopping = True
-                self._stop.set()
                 # A second signal reaches the workers as a second signal: they cancel the drain.
-                self._send_all(signal.SIGTERM)
+                self._stop_all()
 
 
 def worker_command(role: WorkerRole, config_path: str | None) -> list[str]:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from logstack.testing import open_loki_receiver
-from logstack.testing._process import TEST_TOKEN, LogstackProcess, make_test_config
+from logstack.testing._process import TEST_TOKEN, LogstackProcess, deep_merge, make_test_config
 
 INGEST = "/v1/logs:ingest"
 HEADERS = {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "application/json"}
@@ -219,3 +221,27 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> None:
+    """A WAL root the workers cannot open fails them at once: the supervisor stops with
+    an error instead of restarting them forever."""
+    server = server_for(tmp_path, 9, workers=2)
+    (tmp_path / "wal").write_text("not a directory")
+    with pytest.raises(RuntimeError, match="exited with 1 before listening"):
+        await trio.to_thread.run_sync(server.start)
+    assert "worker failed to start; stopping" in server.log_file.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_taken_port_is_a_clear_error(tmp_path: Path, workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = server_for(tmp_path, 9, workers=workers)
+        server.config = deep_merge(server.config, {"server": {"port": port}})
+        with pytest.raises(RuntimeError, match="exited with 2 before listening"):
+            await trio.to_thread.run_sync(server.start)
+    assert f"cannot listen on 127.0.0.1:{port}" in server.log_file.read_text()
+    assert not (tmp_path / "wal").exists()  # refused before the WAL was touched
