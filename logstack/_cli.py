@@ -131,6 +131,7 @@ def _check_config(path: str | None) -> int:
     print(f"  api keys: {len(settings.security.api_keys)} ({active} active)")
     print(f"  pipeline: {' -> '.join(s.spec.instance_name for s in stages)}")
     print(f"  wal root: {settings.wal.root_path}")
+    print(f"  workers: {settings.server.workers}")
     print(f"  loki: {', '.join(settings.loki.endpoints())} ({settings.loki.push_format})")
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,9 +30,10 @@ from ._loki_proto import (
     PushStream,
     compress_snappy,
     encode_json_push,
-    encode_push_request,
+    encode_push_request_steps,
     format_labels,
     parse_push_error,
+    run_steps,
     sanitize_label_name,
 )
 from ._wal import Position
@@ -189,7 +190,15 @@ def encode_push(
     items: Sequence[Item], tenant: str | None, loki: LokiSettings
 ) -> tuple[bytes, dict[str, str]]:
     """The HTTP body and headers of one push, in the configured format."""
+    return run_steps(encode_push_steps(items, tenant, loki))
+
+
+def encode_push_steps(
+    items: Sequence[Item], tenant: str | None, loki: LokiSettings
+) -> Generator[None, None, tuple[bytes, dict[str, str]]]:
+    """``encode_push`` in steps of a few hundred entries (see ``encode_push_request_steps``)."""
     streams = group_streams(items)
+    yield
     headers = {"User-Agent": USER_AGENT}
     if tenant:
         headers["X-Scope-OrgID"] = tenant
@@ -200,7 +209,8 @@ def encode_push(
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
     else:
-        body = compress_snappy(encode_push_request(streams))
+        raw = yield from encode_push_request_steps(streams)
+        body = compress_snappy(raw)
         headers["Content-Type"] = "application/x-protobuf"
     return body, headers
 
@@ -233,10 +243,17 @@ class PushBatch:
 
     def prepare(self, loki: LokiSettings) -> None:
         """Cut the batch to Loki's burst and encode every push body now: the batcher does
-        this while the key's previous batch is still in flight, so only sending is left
-        once that one is in."""
+        this (in steps: ``prepare_steps``) while the key's previous batch is still in
+        flight, so only sending is left once that one is in."""
+        run_steps(self.prepare_steps(loki))
+
+    def prepare_steps(self, loki: LokiSettings) -> Generator[None, None, None]:
         chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes)
-        encoded = [(chunk, *encode_push(chunk, self.tenant, loki)) for chunk in chunks]
+        yield
+        encoded = []
+        for chunk in chunks:
+            body, headers = yield from encode_push_steps(chunk, self.tenant, loki)
+            encoded.append((chunk, body, headers))
         self.prepared = (encoded, oversized)
 
     @property

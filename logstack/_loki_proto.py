@@ -24,13 +24,15 @@ fields (``PushRequest.format``, ``EntryAdapter.parsed``, future additions) as pr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import cramjam
 import msgspec
+
+T = TypeVar("T")
 
 __all__ = [
     "PushEntry",
@@ -323,15 +325,36 @@ def _encode_entries(entries: Iterable[PushEntry], parts: list[bytes]) -> None:
 
 def encode_push_request(streams: Iterable[PushStream]) -> bytes:
     """Serialise a ``logproto.PushRequest`` (uncompressed; see :func:`compress_snappy`)."""
+    return run_steps(encode_push_request_steps(streams))
+
+
+def encode_push_request_steps(
+    streams: Iterable[PushStream], step: int = 500
+) -> Generator[None, None, bytes]:
+    """``encode_push_request`` that pauses (yields) after every ``step`` entries, so a
+    caller on an event loop can let other tasks run while a large push is encoded."""
     chunks: list[bytes] = []
     for stream in streams:
         label_bytes = format_labels(stream.labels).encode()
         parts: list[bytes] = [b"\x0a" + _uvarint(len(label_bytes)), label_bytes]
-        _encode_entries(stream.entries, parts)
+        entries = stream.entries
+        for start in range(0, len(entries), step):
+            _encode_entries(entries[start : start + step], parts)
+            yield
         body = b"".join(parts)
         chunks.append(b"\x0a" + _uvarint(len(body)))
         chunks.append(body)
     return b"".join(chunks)
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run a step-wise computation to its end at once and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
 
 # --------------------------------------------------------------------------- protobuf decode

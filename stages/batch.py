@@ -87,7 +87,8 @@ class BatchStage(Stage):
                     push.add(batch, structured_metadata=loki.structured_metadata)
                     if len(batch.entries) >= READ_STEP_ENTRIES // 2:
                         await trio.lowlevel.checkpoint()
-                push.prepare(loki)
+                for _ in push.prepare_steps(loki):
+                    await trio.lowlevel.checkpoint()
                 # Built while the previous one was in flight; sent once Loki has that one,
                 # so a key's pushes stay in order (its checkpoint fsync overlaps this push).
                 if previous is not None:

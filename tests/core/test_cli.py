@@ -42,6 +42,7 @@ def test_shipped_config_passes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout
     assert "api keys: 2 (2 active)" in result.stdout
+    assert "workers: 1" in result.stdout
     assert "pipeline: " + " -> ".join(DEFAULT_PIPELINE) in result.stdout
     assert result.stderr == ""
     # Nothing was created: check-config only reads.

@@ -339,3 +339,31 @@ def test_truncated_messages_never_crash(streams: list[PushStream], data: st.Data
         decode_push_request(encoded[:cut])
     except ValueError:
         pass
+
+
+def test_step_wise_encoding_gives_the_same_bytes_and_pauses_per_step() -> None:
+    from logstack._loki_proto import (
+        PushEntry,
+        PushStream,
+        encode_push_request,
+        encode_push_request_steps,
+        run_steps,
+    )
+
+    streams = [
+        PushStream(
+            {"service": "a"}, [PushEntry(1_700_000_000_000_000_000 + i, f"l{i}") for i in range(7)]
+        ),
+        PushStream({"service": "b"}, [PushEntry(5, "x", {"trace_id": "t"})]),
+    ]
+    steps = encode_push_request_steps(streams, step=2)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            body = done.value
+            break
+    assert pauses == 4 + 1  # ceil(7 / 2) for the first stream, 1 for the second
+    assert body == encode_push_request(streams) == run_steps(encode_push_request_steps(streams, 3))
