@@ -14,8 +14,12 @@ two processes ever write one file:
   by a hash of their addresses, so this is exact when a key's traffic comes over several
   connections and stricter when a key sends everything over one (the documented
   approximation: the limit is never exceeded);
-* a worker that dies is started again (its shard is recovered like after any crash);
-  SIGTERM/SIGINT/SIGHUP are passed on to every worker.
+* a worker that dies is started again (its shard is recovered like after any crash), but
+  one that fails on its first start stops the supervisor, as a single process would;
+  SIGTERM/SIGINT/SIGHUP are passed on to every worker, and workers stop by themselves if
+  the supervisor disappears;
+* ``/metrics`` of any worker covers all of them: each also listens on a private Unix
+  socket, where the others ask for its samples (``gather_metrics``).
 
 Shards left over from an earlier run with more workers (``_shard-i`` with ``i >= N`` still
 holding entries) are not forgotten: each gets a *drain* worker — the same service without
