@@ -82,6 +82,8 @@ KNOWN_METHODS: Final = frozenset({"GET", "POST", "HEAD"})
 _SLASHES = re.compile(r"/{2,}")
 MAX_IDEMPOTENCY_KEY = 128
 REQUEST_ID_HEADER: Final = b"x-request-id"
+WORKER_HEADER: Final = b"x-logstack-worker"
+"""With several workers: which one answered (its index), e.g. for the admin endpoints."""
 FINAL_SEND_TIMEOUT_S: Final = 5.0
 
 
@@ -131,6 +133,8 @@ def instrument(app: ASGIApp, service: Service) -> ASGIApp:
     a bounded ``endpoint`` label (unknown paths count as ``other``) and method label.
     """
     metrics = service.context.metrics
+    role = service.role
+    extra_headers = [(WORKER_HEADER, str(role.index).encode())] if not role.single else []
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,6 +176,7 @@ def instrument(app: ASGIApp, service: Service) -> ASGIApp:
                 message["headers"] = [
                     *message.get("headers", ()),
                     (REQUEST_ID_HEADER, request_id.encode()),
+                    *extra_headers,
                 ]
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 # Counted before the last byte leaves: whoever saw the answer sees it counted.

@@ -138,6 +138,12 @@ async def test_two_workers_share_the_port_and_write_their_own_shards(tmp_path: P
                     assert sum(ingested.values()) == len(acked)
                 local = parse_metrics((await client.get("/metrics?scope=worker")).text)
                 assert not any(name == "logstack_worker_up" for name, _ in local)
+            # Every answer says which worker gave it; new connections reach both.
+            answered = set()
+            for _ in range(40):
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                    answered.add((await client.get("/healthz")).headers["x-logstack-worker"])
+            assert answered == {"0", "1"}
         finally:
             await trio.to_thread.run_sync(server.stop)
         assert server.proc is not None and server.proc.returncode == 0
