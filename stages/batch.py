@@ -83,9 +83,12 @@ class BatchStage(Stage):
                 push = PushBatch(
                     name, key.loki_tenant if key else None, cursor, end, [], pending[0].received_ns
                 )
+                since_checkpoint = 0
                 for batch in pending:
                     push.add(batch, structured_metadata=loki.structured_metadata)
-                    if len(batch.entries) >= READ_STEP_ENTRIES // 2:
+                    since_checkpoint += len(batch.entries)
+                    if since_checkpoint >= READ_STEP_ENTRIES:
+                        since_checkpoint = 0
                         await trio.lowlevel.checkpoint()
                 for _ in push.prepare_steps(loki):
                     await trio.lowlevel.checkpoint()
