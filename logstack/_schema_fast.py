@@ -4,8 +4,8 @@
 every problem. Most bodies are valid, and most of those rules are types, lengths and sets
 that msgspec checks in C while it decodes. ``validate_body`` does that: one typed decode of
 the body (field names, types, lengths, level spellings, entry count), then per entry only
-what C cannot do (the timestamp's value, name characters, the label allowlist, metadata
-depth and integer range, the encoded size), and builds the same ``LogEntry`` list.
+what C cannot do (the timestamp's value, name characters, the label allowlist, the encoded
+size), and builds the same ``LogEntry`` list.
 
 It is only ever a shortcut. It returns ``None`` for any body it cannot prove valid — invalid
 ones, and valid ones outside its narrower types (an empty array for ``labels``, say) — and
@@ -34,7 +34,6 @@ from ._schema import (
     _known_names,
     _labels,
     _learn_name,
-    _metadata_ok,
     _Rules,
     _rules_for,
     parse_timestamp,
@@ -52,6 +51,20 @@ _encode = msgspec.json.Encoder().encode
 _Level = Literal[tuple(_LEVELS)]  # type: ignore[valid-type]
 
 
+_Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+_Scalar = str | _Int64 | float | bool | None
+
+
+def _metadata_value(levels: int) -> Any:
+    """A metadata value with at most ``levels`` more levels of arrays/objects, integers
+    within int64: depth and integer range checked in C. (The full rule allows integers up
+    to 2**64-1; msgspec bounds stop at int64, so such rare bodies take the full path.)"""
+    value: Any = _Scalar
+    for _ in range(levels):
+        value = _Scalar | list[value] | dict[str, value]
+    return value
+
+
 def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
     """A decoder of the body with the limits of ``rules`` as msgspec constraints."""
     message_t = Annotated[str, Meta(min_length=1, max_length=rules.max_message_chars)]
@@ -60,6 +73,7 @@ def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
     label_value_t = Annotated[str, Meta(max_length=_MAX_LABEL_VALUE_CHARS)]
     trace_id_t = Annotated[str, Meta(max_length=_MAX_TRACE_ID_CHARS)]
     span_id_t = Annotated[str, Meta(max_length=_MAX_SPAN_ID_CHARS)]
+    metadata_t = dict[str, _metadata_value(rules.max_metadata_depth - 1)]  # type: ignore[misc,valid-type]
 
     # defstruct, not class bodies: the types are built here, from the running limits.
     fast_entry = msgspec.defstruct(
@@ -73,7 +87,7 @@ def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
             ("labels", dict[str, label_value_t] | None, None),
             ("trace_id", trace_id_t | None, None),
             ("span_id", span_id_t | None, None),
-            ("metadata", dict[str, Any] | None, None),
+            ("metadata", metadata_t | None, None),
         ],
         forbid_unknown_fields=True,
         omit_defaults=True,
@@ -119,7 +133,6 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
             return None
     known = _known_names
     levels = _LEVELS
-    depth = rules.max_metadata_depth
     entries: list[LogEntry] = []
     append = entries.append
     for entry in raw:
@@ -137,9 +150,7 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
                 return None
         else:
             labels = {}
-        metadata = entry.metadata
-        if metadata and not _metadata_ok(metadata, depth):
-            return None
+        metadata = entry.metadata  # depth and integers were checked by the decoder
         append(
             LogEntry(
                 ns,

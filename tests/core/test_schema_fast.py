@@ -106,3 +106,11 @@ def test_large_bodies_check_each_entry() -> None:
     assert validate_body(body, schema) == full(body, schema)
     big = msgspec.json.encode({"entries": [entry()] * 4 + [entry(message="m" * 3000)]})
     assert validate_body(big, schema) is None
+
+
+def test_uint64_metadata_integers_take_the_full_path_and_are_accepted() -> None:
+    """msgspec bounds stop at int64: the fast path declines 2**63 .. 2**64-1, which the
+    full validator accepts (and the WAL's MessagePack can hold)."""
+    body = msgspec.json.encode({"entries": [entry(metadata={"n": 2**64 - 1})]})
+    assert validate_body(body, DEFAULT) is None
+    assert full(body)[0].metadata == {"n": 2**64 - 1}
