@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import trio
 
+from logstack.bench._procstat import rss_mib
 from logstack.testing._process import (
     TEST_TOKEN,
     LogstackProcess,
@@ -36,13 +37,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def dir_bytes(root: Path) -> int:

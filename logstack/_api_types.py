@@ -141,11 +141,12 @@ def _int_over(root: Any, limit: int) -> bool:
     return False
 
 
-def metadata_value(levels: int) -> Any:
-    """A metadata value holding at most ``levels`` more levels of arrays/objects."""
-    value: Any = MetadataScalar
+def metadata_value(levels: int, scalar: Any = MetadataScalar) -> Any:
+    """A metadata value holding at most ``levels`` more levels of arrays/objects whose
+    leaves are ``scalar`` (the validation fast path narrows its integers)."""
+    value: Any = scalar
     for _ in range(levels):
-        value = MetadataScalar | list[value] | dict[str, value]
+        value = scalar | list[value] | dict[str, value]
     return value
 
 

@@ -12,7 +12,7 @@ from functools import partial
 import trio
 
 from . import __version__
-from ._config import load_settings
+from ._config import MAX_WORKERS, load_settings
 from ._errors import ConfigError
 from ._logging import configure_logging
 from ._registry import describe_stages, resolve_pipeline
@@ -88,8 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
     path: str | None = args.config
     settings = load_settings(path)
     if args.workers is not None:
-        if not 1 <= args.workers <= 64:
-            raise ConfigError(["--workers: must be between 1 and 64"])
+        if not 1 <= args.workers <= MAX_WORKERS:
+            raise ConfigError([f"--workers: must be between 1 and {MAX_WORKERS}"])
         server = settings.server.model_copy(update={"workers": args.workers})
         settings = settings.model_copy(update={"server": server})
     configure_logging(

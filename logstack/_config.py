@@ -29,6 +29,8 @@ from ._errors import ConfigError
 
 ENV_PREFIX = "LOGSTACK_"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_WORKERS = 64
+"""Most worker processes ``server.workers`` / ``--workers`` allows."""
 DEFAULT_BASELINE_KEYS = (
     "password",
     "token",
@@ -68,7 +70,7 @@ class ServerSettings(_Strict):
     workers: int = Field(
         1,
         ge=1,
-        le=64,
+        le=MAX_WORKERS,
         description="Worker processes sharing the port, each with its own WAL shard "
         "(rate limits and WAL quotas are split between them).",
     )

@@ -284,19 +284,10 @@ class PushBatch:
     def add(self, batch: EntryBatch, *, structured_metadata: bool = False) -> None:
         """Append the entries of one WAL record as Loki entries with their streams."""
         append = self.items.append
-        if structured_metadata:
-            for entry in batch.entries:
-                sm = entry_metadata(entry)
-                line = entry_line(entry, structured_metadata=True)
-                append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
-            return
-        encode = _line_encoder.encode
         for entry in batch.entries:
-            # entry_line, inlined: this loop runs for every entry delivered.
-            text = encode(
-                _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
-            ).decode()
-            append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, text)))
+            line = entry_line(entry, structured_metadata=structured_metadata)
+            sm = entry_metadata(entry) if structured_metadata else {}
+            append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
 
     def __repr__(self) -> str:
         return (

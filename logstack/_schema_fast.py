@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from ._api_types import metadata_value
 from ._config import SchemaSettings
 from ._entry import LogEntry
 from ._schema import (
@@ -53,16 +54,9 @@ _Level = Literal[tuple(_LEVELS)]  # type: ignore[valid-type]
 
 _Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 _Scalar = str | _Int64 | float | bool | None
-
-
-def _metadata_value(levels: int) -> Any:
-    """A metadata value with at most ``levels`` more levels of arrays/objects, integers
-    within int64: depth and integer range checked in C. (The full rule allows integers up
-    to 2**64-1; msgspec bounds stop at int64, so such rare bodies take the full path.)"""
-    value: Any = _Scalar
-    for _ in range(levels):
-        value = _Scalar | list[value] | dict[str, value]
-    return value
+"""Metadata leaves with integers within int64, so depth and range are checked in C. (The
+full rule allows integers up to 2**64-1; msgspec bounds stop at int64, so such rare bodies
+take the full path.)"""
 
 
 def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
@@ -73,7 +67,7 @@ def _decoder_for(rules: _Rules) -> msgspec.json.Decoder[Any]:
     label_value_t = Annotated[str, Meta(max_length=_MAX_LABEL_VALUE_CHARS)]
     trace_id_t = Annotated[str, Meta(max_length=_MAX_TRACE_ID_CHARS)]
     span_id_t = Annotated[str, Meta(max_length=_MAX_SPAN_ID_CHARS)]
-    metadata_t = dict[str, _metadata_value(rules.max_metadata_depth - 1)]  # type: ignore[misc,valid-type]
+    metadata_t = dict[str, metadata_value(rules.max_metadata_depth - 1, _Scalar)]  # type: ignore[misc,valid-type]
 
     # defstruct, not class bodies: the types are built here, from the running limits.
     fast_entry = msgspec.defstruct(

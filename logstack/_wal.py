@@ -383,19 +383,28 @@ class KeyLog:
         return fd
 
     def read(
-        self, position: Position, max_entries: int, max_bytes: int, *, at_least_one: bool = True
+        self,
+        position: Position,
+        max_entries: int,
+        max_bytes: int,
+        *,
+        at_least_one: bool = True,
+        stop_after: int | None = None,
     ) -> ReadResult:
         """Entry batches from ``position`` up to the durable end, within the limits.
 
         With ``at_least_one`` the first available batch is returned even if it alone exceeds
-        the limits, so one oversized record cannot stall delivery. Checkpoints and
+        the limits, so one oversized record cannot stall delivery. ``stop_after`` ends the
+        read early, within the limits, once that many entries are gathered (callers read in
+        steps and let other tasks run in between). Checkpoints and
         idempotency records are skipped over; damaged frames are stepped over (counted,
         copied to ``quarantine/``), never a reason to stop delivering.
         """
         batches: list[EntryBatch] = []
         entries = used = 0
         position = self._normalise(position)
-        while position < self.synced_end and entries < max_entries and used < max_bytes:
+        enough = max_entries if stop_after is None else min(stop_after, max_entries)
+        while position < self.synced_end and entries < enough and used < max_bytes:
             segment = next((s for s in self.segments if s.seq == position[0]), None)
             if segment is None:
                 break
@@ -432,6 +441,9 @@ class KeyLog:
                     used += len(frame.payload)
                 position = (segment.seq, frame.end)
                 progressed = True
+                if entries >= enough:
+                    full = True  # asked to stop here (``stop_after``) or at the limit
+                    break
             if full:
                 break
             if not progressed and (scan.corrupt or scan.torn):

@@ -117,13 +117,13 @@ class BatchStage(Stage):
                 and size < loki.batch_max_bytes
             ):
                 await trio.lowlevel.checkpoint()
-                remaining = loki.batch_max_entries - entries
-                step = min(READ_STEP_ENTRIES, remaining)
-                bytes_left = loki.batch_max_bytes - size
-                result = keylog.read(read_pos, step, bytes_left, at_least_one=not pending)
-                if result.end == read_pos and step < remaining:
-                    # The next record is larger than a step; it may still fit the batch.
-                    result = keylog.read(read_pos, remaining, bytes_left, at_least_one=False)
+                result = keylog.read(
+                    read_pos,
+                    loki.batch_max_entries - entries,
+                    loki.batch_max_bytes - size,
+                    at_least_one=not pending,
+                    stop_after=READ_STEP_ENTRIES,
+                )
                 if result.end == read_pos:
                     break  # limits reached mid-way: what we hold is the batch
                 read_pos = result.end

@@ -8,12 +8,6 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """Resident memory (``VmRSS``) or its peak (``VmHWM``) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -40,7 +34,8 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and its live descendants (including what reaped children used)."""
+    """CPU time of ``pid`` and its live descendants (including what reaped children used):
+    user, system, and the children's user and system fields of ``/proc/<pid>/stat``."""
     total = 0.0
     for member in process_tree(pid):
         try:

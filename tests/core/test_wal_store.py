@@ -202,6 +202,21 @@ async def test_read_limits(tmp_path: Path) -> None:
     keylog.close()
 
 
+async def test_stop_after_ends_a_read_early_within_the_limits(tmp_path: Path) -> None:
+    keylog = new_log(tmp_path)
+    batches = [batch(i, n=3) for i in range(4)]
+    ends = [keylog.append([b]) for b in batches]
+    await keylog.sync()
+    start = keylog.delivered
+    early = keylog.read(start, BIG, BIG, stop_after=4)  # 3 is not yet enough, 6 is
+    assert early.batches == batches[:2] and early.end == ends[1]
+    # The hard limits still win, and the rest follows from where it stopped.
+    assert keylog.read(start, 5, BIG, stop_after=4).batches == batches[:1]
+    rest = keylog.read(early.end, BIG, BIG, stop_after=100)
+    assert rest.batches == batches[2:] and rest.end == ends[-1]
+    keylog.close()
+
+
 async def test_at_least_one_returns_an_oversized_first_batch(tmp_path: Path) -> None:
     keylog = new_log(tmp_path)
     huge = batch(1, n=10, pad=500)

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -17,6 +19,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from logstack.bench._procstat import process_tree
 from logstack.testing import open_loki_receiver
 from logstack.testing._process import TEST_TOKEN, LogstackProcess, deep_merge, make_test_config
 
@@ -78,13 +81,19 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
+@asynccontextmanager
+async def running(server: LogstackProcess) -> AsyncIterator[LogstackProcess]:
+    """The server started (it listens) for the block, stopped with SIGTERM after it."""
+    await trio.to_thread.run_sync(server.start)
+    try:
+        yield server
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
 def child_pids(pid: int) -> list[int]:
-    """Children of process ``pid``, whichever of its threads started them."""
-    return sorted(
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    )
+    """The supervisor's worker processes (they start none of their own)."""
+    return sorted(process_tree(pid)[1:])
 
 
 def segments(root: Path) -> dict[str, int]:
@@ -111,8 +120,7 @@ def server_for(tmp_path: Path, loki_port: int, workers: int) -> LogstackProcess:
 async def test_two_workers_share_the_port_and_write_their_own_shards(tmp_path: Path) -> None:
     async with open_loki_receiver() as rx:
         server = server_for(tmp_path, rx.port, workers=2)
-        await trio.to_thread.run_sync(server.start)
-        try:
+        async with running(server):
             assert server.proc is not None
             assert len(child_pids(server.proc.pid)) == 2
             acked = await post_batches(server.url, "share", 200)
@@ -144,16 +152,13 @@ async def test_two_workers_share_the_port_and_write_their_own_shards(tmp_path: P
                 async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                     answered.add((await client.get("/healthz")).headers["x-logstack-worker"])
             assert answered == {"0", "1"}
-        finally:
-            await trio.to_thread.run_sync(server.stop)
         assert server.proc is not None and server.proc.returncode == 0
 
 
 async def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path: Path) -> None:
     async with open_loki_receiver() as rx:
         server = server_for(tmp_path, rx.port, workers=2)
-        await trio.to_thread.run_sync(server.start)
-        try:
+        async with running(server):
             assert server.proc is not None
             before = await post_batches(server.url, "before", 50)
             victim = child_pids(server.proc.pid)[0]
@@ -167,8 +172,6 @@ async def test_a_killed_worker_is_restarted_and_loses_nothing(tmp_path: Path) ->
             await rx.wait_for_entries(len(acked), timeout=60)
             delivered = {json.loads(line)["message"] for line in rx.lines()}
             assert acked <= delivered
-        finally:
-            await trio.to_thread.run_sync(server.stop)
         log = server.log_file.read_text()
         assert "worker exited; starting it again" in log
 
@@ -178,18 +181,14 @@ async def test_fewer_workers_still_deliver_the_shards_left_behind(tmp_path: Path
         port = rx.port
         rx.stop()  # Loki down: both shards fill up
     server = server_for(tmp_path, port, workers=2)
-    await trio.to_thread.run_sync(server.start)
-    try:
+    async with running(server):
         acked = await post_batches(server.url, "left", 100)
-    finally:
-        await trio.to_thread.run_sync(server.stop)
     assert len(acked) == 100 * 5
     assert "_shard-1" in segments(server.wal_root)
 
     async with open_loki_receiver(port=port) as rx:
         single = server_for(tmp_path, port, workers=1)
-        await trio.to_thread.run_sync(single.start)
-        try:
+        async with running(single):
             await rx.wait_for_entries(len(acked), timeout=60)
             delivered = [json.loads(line)["message"] for line in rx.lines()]
             assert sorted(delivered) == sorted(acked)
@@ -203,8 +202,6 @@ async def test_fewer_workers_still_deliver_the_shards_left_behind(tmp_path: Path
             async with httpx.AsyncClient(base_url=single.url, timeout=30) as client:
                 response = await client.post(INGEST, headers=HEADERS, json=batch("new", 0))
             assert response.status_code == 202
-        finally:
-            await trio.to_thread.run_sync(single.stop)
         log = single.log_file.read_text()
         assert "WAL shard drained" in log
 
