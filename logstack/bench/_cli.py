@@ -85,13 +85,15 @@ class ScenarioResult:
     name: str
     lines_per_request: int
     load: LoadResult
-    cpu_s: float = 0.0
-    receiver_cpu_s: float = 0.0
+    cpu_s: float | None = None
+    """Server CPU from the start of the load to the last line delivered (None: not measured,
+    as for ``--target`` or the outage scenario)."""
+    receiver_cpu_s: float | None = None
     """CPU of the Loki stand-in over the same period (load start to last line delivered):
     it shares the machine's cores."""
     workers: int = 1
-    peak_rss_mib: float = 0.0
-    wal_bytes: int = 0
+    peak_rss_mib: float | None = None
+    wal_bytes: int | None = None
     delivered: int = 0
     delivered_all: bool | None = None
     delivery_wait_s: float = 0.0
@@ -115,12 +117,12 @@ class ScenarioResult:
             "ack_p99_ms": round(load.percentile(0.99) * 1000, 2),
             "deliver_p50_ms": _ms(_percentile(self.delivery_latencies_s, 0.50)),
             "deliver_p99_ms": _ms(_percentile(self.delivery_latencies_s, 0.99)),
-            "cpu_s_per_100k_lines": round(self.cpu_s / lines * 1e5, 2) if lines else None,
-            "receiver_cpu_s_per_100k_lines": round(self.receiver_cpu_s / lines * 1e5, 2)
-            if lines and self.receiver_cpu_s
+            "cpu_s_per_100k_lines": _per_100k(self.cpu_s, lines),
+            "receiver_cpu_s_per_100k_lines": _per_100k(self.receiver_cpu_s, lines),
+            "peak_rss_mib": None if self.peak_rss_mib is None else round(self.peak_rss_mib, 1),
+            "wal_bytes_per_line": round(self.wal_bytes / lines, 1)
+            if lines and self.wal_bytes is not None
             else None,
-            "peak_rss_mib": round(self.peak_rss_mib, 1),
-            "wal_bytes_per_line": round(self.wal_bytes / lines, 1) if lines else None,
             "4xx": load.count_4xx,
             "5xx": load.count_5xx,
             "statuses": dict(sorted(load.statuses.items())),
@@ -130,6 +132,10 @@ class ScenarioResult:
         }
         out.update(self.extra)
         return out
+
+
+def _per_100k(seconds: float | None, lines: int) -> float | None:
+    return None if seconds is None or not lines else round(seconds / lines * 1e5, 2)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
