@@ -1,8 +1,8 @@
-"""The HTTP face (SPEC §3): Quart-Trio routes plus two ASGI wrappers.
+"""The HTTP face (SPEC §3): Quart-Trio routes plus three ASGI wrappers.
 
-``ingest`` does only transport work (size, media type, headers) and hands an ``Envelope``
-with its reply slot to the pipeline head; stages decide the answer. A full head channel
-answers 503 at once: backpressure becomes an HTTP status.
+``POST /v1/logs:ingest`` is served by ``IngestEndpoint`` (``_ingest``), installed as the
+Quart app's ASGI middleware: the route that carries the load skips Quart's per-request
+machinery. The others are Quart routes.
 
 ``instrument`` wraps the whole app: it gives each request its id (``X-Request-Id``, and the
 ``request_id`` of every log line written while serving it) and counts
@@ -24,7 +24,7 @@ import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from ._admin import readiness_checks, register_admin_routes
@@ -32,20 +32,12 @@ from ._admin_dlq import register_dlq_routes
 from ._api_types import (
     ERROR_CODES,
     Health,
-    IngestAccepted,
     Readiness,
     ReadinessStatus,
     ServiceInfo,
 )
-from ._envelope import Accepted, Envelope
-from ._errors import (
-    InternalError,
-    PayloadTooLargeError,
-    RejectError,
-    UnavailableError,
-    UnsupportedMediaTypeError,
-    ValidationError,
-)
+from ._errors import InternalError, RejectError
+from ._ingest import INGEST_METHODS, INGEST_PATH, IngestEndpoint, payload_too_large
 from ._logging import request_id_var
 from ._openapi import openapi_document
 from ._workers import gather_metrics
@@ -62,7 +54,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[..., Awaitable[None]]
 
-INGEST_PATH = "/v1/logs:ingest"
 KNOWN_ENDPOINTS = frozenset(
     {
         INGEST_PATH,
@@ -80,7 +71,6 @@ KNOWN_ENDPOINTS = frozenset(
 """The ``endpoint`` label values; any other path counts as ``other`` (bounded cardinality)."""
 KNOWN_METHODS: Final = frozenset({"GET", "POST", "HEAD"})
 _SLASHES = re.compile(r"/{2,}")
-MAX_IDEMPOTENCY_KEY = 128
 REQUEST_ID_HEADER: Final = b"x-request-id"
 WORKER_HEADER: Final = b"x-logstack-worker"
 """With several workers: which one answered (its index), e.g. for the admin endpoints."""
@@ -218,7 +208,7 @@ def create_app(service: Service) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         if code == 413:
-            return error_response(_too_large(service.context.settings.server.max_body_bytes))
+            return error_response(payload_too_large(service.context.settings.server.max_body_bytes))
         names = {404: "not_found", 405: "method_not_allowed", 400: "validation_error"}
         error = names.get(code, "http_error")
         assert error in ERROR_CODES
@@ -230,57 +220,6 @@ def create_app(service: Service) -> QuartTrio:
     async def internal_error(exc: Exception) -> Response:
         log.exception("unhandled error while serving a request")
         return error_response(InternalError("internal error"))
-
-    @app.post(INGEST_PATH)
-    async def ingest() -> Response:
-        request_id = request_id_var.get() or str(uuid.uuid4())
-        server = service.context.settings.server
-        try:
-            envelope = await _read_envelope(request_id, server.max_body_bytes)
-        except RejectError as transport_error:
-            metrics.logs_rejected.labels(
-                token="unauthenticated", reason=transport_error.reason
-            ).inc()
-            return error_response(transport_error)
-        head = service.head
-        error: RejectError
-        try:
-            # While stopping, requests that reached the app are still taken: the head stays
-            # open until every in-flight request is answered ("drain to the WAL"). Only
-            # the listeners are closed, and idle connections once nothing is in flight.
-            if head is None:
-                raise trio.ClosedResourceError
-            head.send_nowait([envelope])
-        except trio.WouldBlock:
-            error = UnavailableError(
-                "ingest pipeline is full; retry later", retry_after=1, reason="pipeline_full"
-            )
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            error = UnavailableError(
-                "service is shutting down", retry_after=5, reason="shutting_down"
-            )
-        else:
-            with trio.move_on_after(server.request_timeout_s):
-                outcome = await envelope.reply.wait()
-                if isinstance(outcome, Accepted):
-                    accepted = IngestAccepted(
-                        "Logs accepted for processing",
-                        outcome.entries_accepted,
-                        outcome.request_id,
-                        _now_rfc3339(),
-                    )
-                    return struct_response(accepted, 202)
-                error = outcome
-            if not envelope.reply.resolved:
-                error = UnavailableError(
-                    "timed out waiting for the WAL", retry_after=5, reason="timeout"
-                )
-        metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
-        if error.status >= 500:
-            log.warning(
-                "ingest unavailable", extra={"token": envelope.key_name, "reason": error.reason}
-            )
-        return error_response(error)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -323,58 +262,20 @@ def create_app(service: Service) -> QuartTrio:
 
     register_admin_routes(app, service)
     register_dlq_routes(app, service)
+    app.asgi_app = IngestEndpoint(app.asgi_app, service)  # type: ignore[method-assign,assignment]
     return app
 
 
-def _too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(
-        f"request body exceeds {limit} bytes", details={"max_body_bytes": limit}
-    )
-
-
-async def _read_envelope(request_id: str, max_body_bytes: int) -> Envelope:
-    """Transport checks only: media type, encoding, size, idempotency key. No JSON decoding."""
-    headers = request.headers
-    media = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise UnsupportedMediaTypeError(
-            "Content-Type must be application/json",
-            details={"content_type": media or None},
-        )
-    encoding = headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", ""):
-        raise UnsupportedMediaTypeError(
-            "Content-Encoding must be gzip or absent", details={"content_encoding": encoding}
-        )
-    if request.content_length is not None and request.content_length > max_body_bytes:
-        raise _too_large(max_body_bytes)
-    idempotency_key = headers.get("X-Idempotency-Key")
-    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-        raise ValidationError(
-            f"X-Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-            details={"errors": [{"field": "X-Idempotency-Key", "message": "1-128 characters"}]},
-            reason="bad_idempotency_key",
-        )
-    try:
-        body = await request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise _too_large(max_body_bytes) from None
-    assert isinstance(body, bytes)
-    if len(body) > max_body_bytes:
-        raise _too_large(max_body_bytes)
-    return Envelope(
-        request_id=request_id,
-        authorization=headers.get("Authorization"),
-        body=body,
-        idempotency_key=idempotency_key,
-        content_encoding="gzip" if encoding == "gzip" else "identity",
-        max_body_bytes=max_body_bytes,
-    )
-
-
-def _now_rfc3339() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+def served_routes(app: QuartTrio) -> list[tuple[str, str]]:
+    """Every (method, path) the app answers: Quart's routes and the ingest endpoint."""
+    routes = {
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    routes.update((method, INGEST_PATH) for method in INGEST_METHODS)
+    return sorted(routes)
 
 
 def disk_free_ratio(path: os.PathLike[str] | str) -> float:

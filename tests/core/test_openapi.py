@@ -9,6 +9,7 @@ import httpx
 import jsonschema_rs
 import msgspec
 
+from logstack import _http
 from logstack._api_types import ANSWER_TYPES, ERROR_CODES, api_types
 from logstack._config import SchemaSettings, Settings
 from logstack._errors import RejectError
@@ -18,13 +19,7 @@ from logstack._service import Service, open_service
 
 
 def served_routes(settings: Settings) -> list[tuple[str, str]]:
-    app = create_app(Service(settings))
-    return sorted(
-        (method, rule.rule)
-        for rule in app.url_map.iter_rules()
-        for method in rule.methods or ()
-        if method not in ("HEAD", "OPTIONS")
-    )
+    return _http.served_routes(create_app(Service(settings)))
 
 
 def test_every_served_route_is_described_and_every_described_route_served() -> None:

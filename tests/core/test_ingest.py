@@ -1,0 +1,194 @@
+"""The ingest endpoint's transport behaviour at the ASGI level (``logstack._ingest``): what
+Quart did for the route before, it still does: 405 with ``Allow``, 413 before the body is
+read, 408 for a body that stops arriving, 500 in the error shape, header spellings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+
+from logstack import _ingest
+from logstack._config import Settings
+from logstack._service import Service, open_service
+from logstack.testing import open_loki_receiver
+from logstack.testing._process import TEST_TOKEN, make_test_config
+
+INGEST = "/v1/logs:ingest"
+ENTRY = {
+    "timestamp": "2025-09-24T12:00:00.000Z",
+    "level": "INFO",
+    "message": "hello",
+    "service": "payments-api",
+    "env": "prod",
+}
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Service, httpx.AsyncClient]]:
+    async with open_loki_receiver() as rx:
+        assert rx.url is not None
+        config = make_test_config(tmp_path, rx.url, server={"max_body_bytes": 4096})
+        settings = Settings.model_validate(config)
+        async with (
+            open_service(settings) as service,
+            httpx.AsyncClient(base_url=service.binds[0]) as client,
+        ):
+            yield service, client
+
+
+def sample(service: Service, name: str, **labels: str) -> float:
+    value = service.context.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def raw_exchange(service: Service, request: bytes, *, wait_s: float = 5.0) -> bytes:
+    """Write ``request`` as is on a fresh connection and read until the server closes it or
+    ``wait_s`` passes."""
+    address = urlsplit(service.binds[0])
+    assert address.hostname is not None and address.port is not None
+    stream = await trio.open_tcp_stream(address.hostname, address.port)
+    received = b""
+    async with stream:
+        await stream.send_all(request)
+        with trio.move_on_after(wait_s):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+                if b"\r\n\r\n" in received:
+                    head, _, body = received.partition(b"\r\n\r\n")
+                    length = [
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ]
+                    if length and len(body) >= length[0]:
+                        break
+    return received
+
+
+def parse(answer: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_other_methods_are_405_with_allow(
+    served: tuple[Service, httpx.AsyncClient], method: str
+) -> None:
+    service, client = served
+    answer = await client.request(method, INGEST, headers=AUTH)
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "POST"
+    assert answer.json()["error"] == "method_not_allowed"
+    assert set(answer.json()) == {"error", "message", "details"}
+    assert answer.headers["X-Request-Id"]
+    assert sample(service, "logs_ingested_total", token="payments-api") == 0
+
+
+async def test_header_names_and_media_type_spellings(
+    served: tuple[Service, httpx.AsyncClient],
+) -> None:
+    service, client = served
+    answer = await client.post(
+        INGEST,
+        headers={
+            "authorization": f"Bearer {TEST_TOKEN}",
+            "CONTENT-TYPE": "Application/JSON; charset=utf-8",
+        },
+        content=json.dumps({"entries": [ENTRY]}),
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["Content-Type"] == "application/json"
+    assert int(answer.headers["Content-Length"]) == len(answer.content)
+    assert answer.json()["entries_accepted"] == 1
+    assert sample(service, "logs_ingested_total", token="payments-api") == 1
+
+
+async def test_announced_oversize_body_is_413_before_it_is_sent(
+    served: tuple[Service, httpx.AsyncClient],
+) -> None:
+    service, _ = served
+    request = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    ).encode()
+    status, headers, body = parse(await raw_exchange(service, request))
+    assert status == 413
+    assert body["error"] == "payload_too_large"
+    assert body["details"] == {"max_body_bytes": 4096}
+    labels = {"token": "unauthenticated", "reason": "payload_too_large"}
+    assert sample(service, "logs_rejected_total", **labels) == 1
+
+
+async def test_a_body_that_stops_arriving_is_408(
+    served: tuple[Service, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, client = served
+    monkeypatch.setattr(_ingest, "BODY_TIMEOUT_S", 0.5)
+    request = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"entries":'
+    ).encode()
+    status, _, body = parse(await raw_exchange(service, request))
+    assert status == 408
+    assert body["error"] == "http_error"
+    assert "did not arrive within 0.5 s" in str(body["message"])
+    # Nothing was half-taken, and the server goes on serving.
+    answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+    assert answer.status_code == 202
+    assert sample(service, "logs_ingested_total", token="payments-api") == 1
+
+
+async def test_a_client_gone_mid_body_costs_nothing(
+    served: tuple[Service, httpx.AsyncClient],
+) -> None:
+    service, client = served
+    request = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"entries":'
+    ).encode()
+    assert await raw_exchange(service, request, wait_s=0.3) == b""  # then hangs up
+    with trio.fail_after(5):
+        while service.requests_in_flight:
+            await trio.sleep(0.02)
+    answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+    assert answer.status_code == 202
+    assert sample(service, "logs_ingested_total", token="payments-api") == 1
+
+
+async def test_an_unexpected_failure_is_500_in_the_error_shape(
+    served: tuple[Service, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    service, client = served
+
+    class Broken:
+        def send_nowait(self, value: object) -> None:
+            raise RuntimeError("boom")
+
+    real_head = service.head
+    service.head = Broken()  # type: ignore[assignment]
+    try:
+        answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+    finally:
+        service.head = real_head
+    assert answer.status_code == 500
+    assert answer.json() == {
+        "error": "internal_error",
+        "message": "internal error",
+        "details": {},
+    }
+    assert "boom" not in answer.text
+    assert "unhandled error while serving a request" in caplog.text
+    status = {"method": "POST", "endpoint": INGEST, "status_code": "500"}
+    assert sample(service, "http_requests_total", **status) == 1
