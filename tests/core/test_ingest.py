@@ -125,6 +125,7 @@ async def test_announced_oversize_body_is_413_before_it_is_sent(
     ).encode()
     status, headers, body = parse(await raw_exchange(service, request))
     assert status == 413
+    assert headers["content-type"] == "application/json"
     assert body["error"] == "payload_too_large"
     assert body["details"] == {"max_body_bytes": 4096}
     labels = {"token": "unauthenticated", "reason": "payload_too_large"}
@@ -192,3 +193,25 @@ async def test_an_unexpected_failure_is_500_in_the_error_shape(
     assert "unhandled error while serving a request" in caplog.text
     status = {"method": "POST", "endpoint": INGEST, "status_code": "500"}
     assert sample(service, "http_requests_total", **status) == 1
+
+
+async def test_a_client_gone_while_its_request_is_written_breaks_nothing(
+    served: tuple[Service, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    service, client = served
+    body = json.dumps({"entries": [ENTRY]}).encode()
+    request = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    await raw_exchange(service, request, wait_s=0)  # hangs up before the answer
+    # The whole request had arrived: it is written all the same (nobody hears the 202).
+    with trio.fail_after(5):
+        while sample(service, "logs_ingested_total", token="payments-api") < 1:
+            await trio.sleep(0.02)
+        while service.requests_in_flight:
+            await trio.sleep(0.02)
+    answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+    assert answer.status_code == 202
+    assert sample(service, "logs_ingested_total", token="payments-api") == 2
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
