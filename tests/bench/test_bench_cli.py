@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from logstack.bench._cli import SETTLE_S, ScenarioResult
+from logstack.bench._load import LoadResult
 from logstack.bench._procstat import process_tree, tree_cpu_seconds, tree_rss_mib
 from logstack.testing._process import LogstackProcess, make_test_config
 
@@ -54,6 +58,7 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
         assert row["cpu_s_per_100k_lines"] > 0 and row["peak_rss_mib"] > 0
         assert row["receiver_cpu_s_per_100k_lines"] > 0
         assert row["ack_p99_ms"] >= row["ack_p50_ms"] > 0
+        assert 0 < row["sustained_lines_per_s"] <= row["lines_per_s"]
     assert rows["workers-2"]["workers"] == 2
     assert 0 < rows["batch-100"]["ceiling_ratio_median"] < 1.5
     assert rows["workers-2"]["over_one_worker_median"] > 0
@@ -91,4 +96,24 @@ def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: 
     assert row["lines_per_s"] > 0 and set(row["statuses"]) == {"202"}
     # It cannot see the target's processes or its Loki: those figures are absent, not zero.
     assert row["cpu_s_per_100k_lines"] is None and row["peak_rss_mib"] is None
-    assert row["all_delivered"] is None
+    assert row["all_delivered"] is None and row["sustained_lines_per_s"] is None
+
+
+def result(accepted_lines: int, duration_s: float, wait_s: float | None) -> ScenarioResult:
+    load = LoadResult(duration_s=duration_s, accepted_lines=accepted_lines)
+    return ScenarioResult(
+        "x", 100, load, delivered=accepted_lines, delivered_all=True, delivery_wait_s=wait_s
+    )
+
+
+def test_sustained_rate_counts_the_delivery_backlog_beyond_the_batching_delay() -> None:
+    # Delivery kept up: the last lines only waited for their batch and the next look.
+    assert result(80_000, 8.0, SETTLE_S).sustained_lines_per_s == 10_000
+    assert result(80_000, 8.0, 0.1).sustained_lines_per_s == 10_000
+    # Delivery needed 2 s more than that after the load: those seconds count.
+    assert result(80_000, 8.0, SETTLE_S + 2.0).sustained_lines_per_s == pytest.approx(8_000)
+    # Not measured (the outage scenario, --target) or not everything delivered: no figure.
+    assert result(80_000, 8.0, None).sustained_lines_per_s is None
+    undelivered = result(80_000, 8.0, 1.0)
+    undelivered.delivered_all = False
+    assert undelivered.sustained_lines_per_s is None
