@@ -17,7 +17,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -37,7 +36,17 @@ from ._api_types import (
     ServiceInfo,
 )
 from ._errors import InternalError, RejectError
-from ._ingest import INGEST_METHODS, INGEST_PATH, IngestEndpoint, payload_too_large
+from ._ingest import (
+    INGEST_METHODS,
+    INGEST_PATH,
+    ASGIApp,
+    IngestEndpoint,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    payload_too_large,
+)
 from ._logging import request_id_var
 from ._openapi import openapi_document
 from ._workers import gather_metrics
@@ -48,11 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("logstack.http")
 _json = msgspec.json.Encoder()
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[..., Awaitable[None]]
 
 KNOWN_ENDPOINTS = frozenset(
     {
