@@ -147,6 +147,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Answer(202, "Accepted: the entries are fsynced to the WAL.", IngestAccepted),
             _E400,
             _E401,
+            Answer(408, "The body did not arrive within 60 s (`http_error`)."),
             Answer(413, "The (decoded) body exceeds `server.max_body_bytes`."),
             Answer(415, "Not `application/json`, or an encoding other than gzip."),
             Answer(
