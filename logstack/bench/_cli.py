@@ -38,6 +38,8 @@ from ._procstat import tree_cpu_seconds, tree_rss_mib
 
 PLACEHOLDER = b"@@@@@@@@@"
 PROBE_MARKER = "bench-probe-"
+"""The first line of every request carries ``bench-probe-<request number>``: the receiver
+records when it arrives, which gives the 202→Loki latency of every accepted request."""
 BATCH_WAIT_S = 0.5
 """``loki.batch_max_wait_s`` of the benchmarked server."""
 DELIVERY_POLL_S = 0.2
@@ -45,8 +47,6 @@ DELIVERY_POLL_S = 0.2
 SETTLE_S = BATCH_WAIT_S + DELIVERY_POLL_S
 """What the last lines of a run wait for even when delivery keeps up: their batch's cut and
 the bench's next look at the receiver."""
-"""The first line of every request carries ``bench-probe-<request number>``: the receiver
-records when it arrives, which gives the 202→Loki latency of every accepted request."""
 
 
 def body_factory(lines: int, *, masking_heavy: bool = False) -> BodyFactory:
@@ -125,15 +125,14 @@ class ScenarioResult:
     def summary(self) -> dict[str, Any]:
         load = self.load
         lines = load.accepted_lines
+        sustained = self.sustained_lines_per_s
         out: dict[str, Any] = {
             "scenario": self.name,
             "lines_per_request": self.lines_per_request,
             "workers": self.workers,
             "duration_s": round(load.duration_s, 2),
             "lines_per_s": round(lines / load.duration_s) if load.duration_s else 0,
-            "sustained_lines_per_s": None
-            if (sustained := self.sustained_lines_per_s) is None
-            else round(sustained),
+            "sustained_lines_per_s": None if sustained is None else round(sustained),
             "requests_per_s": round(load.accepted_requests / load.duration_s)
             if load.duration_s
             else 0,
@@ -424,7 +423,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # sustain (accept and deliver), probed at saturation first.
                 probe = await bench.scenario("capacity-probe", 100)
                 accepted_rps = probe.load.accepted_requests / probe.load.duration_s
-                sustained_rps = (probe.sustained_lines_per_s or 0.0) / 100 or accepted_rps
+                sustained = probe.sustained_lines_per_s
+                sustained_rps = sustained / probe.lines_per_request if sustained else accepted_rps
                 result = await bench.scenario(name, 100, rate_per_s=sustained_rps / 2)
                 result.extra = {
                     "offered_requests_per_s": round(sustained_rps / 2),

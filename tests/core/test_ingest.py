@@ -16,17 +16,11 @@ import trio
 from logstack import _ingest
 from logstack._config import Settings
 from logstack._service import Service, open_service
-from logstack.testing import open_loki_receiver
+from logstack.testing import make_entry, open_loki_receiver
 from logstack.testing._process import TEST_TOKEN, make_test_config
 
 INGEST = "/v1/logs:ingest"
-ENTRY = {
-    "timestamp": "2025-09-24T12:00:00.000Z",
-    "level": "INFO",
-    "message": "hello",
-    "service": "payments-api",
-    "env": "prod",
-}
+ENTRY = make_entry()
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 
 
@@ -70,6 +64,16 @@ async def raw_exchange(service: Service, request: bytes, *, wait_s: float = 5.0)
                     if length and len(body) >= length[0]:
                         break
     return received
+
+
+def raw_post(content_length: int, body: bytes = b"") -> bytes:
+    """An authenticated ingest request as bytes: headers announcing ``content_length``, then
+    ``body`` (which may be shorter: the rest never comes)."""
+    head = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def parse(answer: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
@@ -119,11 +123,7 @@ async def test_announced_oversize_body_is_413_before_it_is_sent(
     served: tuple[Service, httpx.AsyncClient],
 ) -> None:
     service, _ = served
-    request = (
-        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
-    ).encode()
-    status, headers, body = parse(await raw_exchange(service, request))
+    status, headers, body = parse(await raw_exchange(service, raw_post(5000)))
     assert status == 413
     assert headers["content-type"] == "application/json"
     assert body["error"] == "payload_too_large"
@@ -137,10 +137,7 @@ async def test_a_body_that_stops_arriving_is_408(
 ) -> None:
     service, client = served
     monkeypatch.setattr(_ingest, "BODY_TIMEOUT_S", 0.5)
-    request = (
-        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
-        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"entries":'
-    ).encode()
+    request = raw_post(100, b'{"entries":')
     status, _, body = parse(await raw_exchange(service, request))
     assert status == 408
     assert body["error"] == "http_error"
@@ -155,10 +152,7 @@ async def test_a_client_gone_mid_body_costs_nothing(
     served: tuple[Service, httpx.AsyncClient],
 ) -> None:
     service, client = served
-    request = (
-        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
-        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"entries":'
-    ).encode()
+    request = raw_post(100, b'{"entries":')
     assert await raw_exchange(service, request, wait_s=0.3) == b""  # then hangs up
     with trio.fail_after(5):
         while service.requests_in_flight:
@@ -200,10 +194,7 @@ async def test_a_client_gone_while_its_request_is_written_breaks_nothing(
 ) -> None:
     service, client = served
     body = json.dumps({"entries": [ENTRY]}).encode()
-    request = (
-        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = raw_post(len(body), body)
     await raw_exchange(service, request, wait_s=0)  # hangs up before the answer
     # The whole request had arrived: it is written all the same (nobody hears the 202).
     with trio.fail_after(5):

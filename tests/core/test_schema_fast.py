@@ -18,21 +18,21 @@ from logstack._envelope import Envelope
 from logstack._schema import validate_entries
 from logstack._schema_fast import _NULL_FIELDS_SLACK, validate_body
 from logstack.bench._cli import body_factory
+from logstack.testing import make_entry
 
 DEFAULT = SchemaSettings()
 
 
 def entry(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "timestamp": "2025-09-24T12:00:00.123456789Z",
-        "level": "ERROR",
-        "message": "Payment failed",
-        "service": "payments-api",
-        "env": "prod",
-        "labels": {"region": "eu-west-1", "service": "dropped"},
-        "trace_id": "abc",
-        "metadata": {"order": {"id": 7, "items": [1, 2.5, None, True]}},
-    }
+    """The test kit's entry with every optional field the fast path types."""
+    base = make_entry(
+        timestamp="2025-09-24T12:00:00.123456789Z",
+        level="ERROR",
+        message="Payment failed",
+        labels={"region": "eu-west-1", "service": "dropped"},
+        trace_id="abc",
+        metadata={"order": {"id": 7, "items": [1, 2.5, None, True]}},
+    )
     base.update(changes)
     return base
 
