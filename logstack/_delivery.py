@@ -156,23 +156,37 @@ def loki_size(entry: PushEntry) -> int:
 def group_streams(items: Sequence[Item]) -> list[PushStream]:
     """Items as Loki streams, each stream's entries in item order."""
     streams: dict[Labels, list[PushEntry]] = {}
+    last: Labels | None = None
+    entries: list[PushEntry] = []
     for labels, entry in items:
-        streams.setdefault(labels, []).append(entry)
+        # A batch's entries come in runs of one stream, whose labels are one cached tuple:
+        # an identity test finds the run's list without hashing the labels again.
+        if labels is not last:
+            entries = streams.setdefault(labels, [])
+            last = labels
+        entries.append(entry)
     return [PushStream(dict(labels), entries) for labels, entries in streams.items()]
 
 
-def split_by_size(items: Sequence[Item], limit: int) -> tuple[list[list[Item]], list[Item]]:
+def split_by_size(
+    items: Sequence[Item], limit: int, sizes: Sequence[int] | None = None
+) -> tuple[list[list[Item]], list[Item]]:
     """Cut ``items`` (in order) into pushes of at most ``limit`` Loki bytes each.
 
-    Returns the pushes and the entries that alone exceed ``limit``: Loki answers 429 to a
-    push larger than the burst however long one waits, so those can never be delivered.
+    ``sizes``, if given, are the items' ``loki_size`` (``PushBatch.add`` computes them while
+    it has each line at hand). Returns the pushes and the entries that alone exceed
+    ``limit``: Loki answers 429 to a push larger than the burst however long one waits, so
+    those can never be delivered.
     """
+    if sizes is None or len(sizes) != len(items):
+        sizes = [loki_size(entry) for _, entry in items]
+    if sum(sizes) <= limit:  # the usual case: a whole batch fits one push
+        return ([list(items)] if items else []), []
     chunks: list[list[Item]] = []
     oversized: list[Item] = []
     current: list[Item] = []
     used = 0
-    for item in items:
-        size = loki_size(item[1])
+    for item, size in zip(items, sizes, strict=True):
         if size > limit:
             oversized.append(item)
             continue
@@ -240,6 +254,8 @@ class PushBatch:
     done: trio.Event = field(default_factory=trio.Event)
     created: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
+    sizes: list[int] = field(default_factory=list)
+    """``loki_size`` of each item, filled by ``add`` (empty if items were given directly)."""
 
     def prepare(self, loki: LokiSettings) -> None:
         """Cut the batch to Loki's burst and encode every push body now: the batcher does
@@ -248,7 +264,7 @@ class PushBatch:
         run_steps(self.prepare_steps(loki))
 
     def prepare_steps(self, loki: LokiSettings) -> Generator[None, None, None]:
-        chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes)
+        chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes, self.sizes)
         yield
         encoded = []
         for chunk in chunks:
@@ -284,10 +300,30 @@ class PushBatch:
     def add(self, batch: EntryBatch, *, structured_metadata: bool = False) -> None:
         """Append the entries of one WAL record as Loki entries with their streams."""
         append = self.items.append
+        add_size = self.sizes.append
+        previous: LogEntry | None = None
+        labels: Labels = ()
         for entry in batch.entries:
             line = entry_line(entry, structured_metadata=structured_metadata)
-            sm = entry_metadata(entry) if structured_metadata else {}
-            append((cached_stream_labels(entry), PushEntry(entry.timestamp_ns, line, sm)))
+            if structured_metadata:
+                push_entry = PushEntry(entry.timestamp_ns, line, entry_metadata(entry))
+                size = loki_size(push_entry)
+            else:
+                push_entry = PushEntry(entry.timestamp_ns, line, {})
+                size = len(line) if line.isascii() else len(line.encode())
+            # Consecutive entries mostly share their stream: comparing four fields with the
+            # previous entry's is cheaper than hashing them for the cache.
+            if (
+                previous is None
+                or entry.level != previous.level
+                or entry.service != previous.service
+                or entry.env != previous.env
+                or entry.labels != previous.labels
+            ):
+                labels = cached_stream_labels(entry)
+            previous = entry
+            append((labels, push_entry))
+            add_size(size)
 
     def __repr__(self) -> str:
         return (

@@ -453,23 +453,40 @@ def _decode_timestamp(data: bytes, pos: int, end: int) -> int:
     if m is None:
         return _decode_timestamp_fields(data, pos, end)
     sec_bytes, nano_bytes = m.groups()
+    return _timestamp_ns(sec_bytes, nano_bytes)
+
+
+def _timestamp_ns(sec_bytes: bytes, nano_bytes: bytes) -> int:
+    """The timestamp of a matched ``_TS_LAYOUT`` (or ``_ENTRY_HEAD``): its two varints."""
     seconds_ns = _seconds_cache.get(sec_bytes)
     if seconds_ns is None:
         seconds_ns = _int64(_read_varint(sec_bytes, 0, len(sec_bytes))[0]) * _NS
         if len(_seconds_cache) >= 4096:
             _seconds_cache.clear()
         _seconds_cache[sec_bytes] = seconds_ns
-    v = int.from_bytes(nano_bytes, "little")  # a well-formed varint of 1..5 bytes
-    nanos = (
+    nanos = _small_varint(nano_bytes)
+    if nanos >= _NS:
+        raise ValueError(f"timestamp nanos out of range: {nanos}")
+    return seconds_ns + nanos
+
+
+_SHORT_VARINTS: dict[bytes, int] = {v: i for i, v in enumerate(_VARINT)}
+"""Every varint of one or two bytes, by its bytes: lengths of lines and entries."""
+
+
+def _small_varint(varint: bytes) -> int:
+    """The value of a well-formed varint of 1 to 5 bytes (at most 35 bits): its 7-bit
+    groups joined arithmetically, which is much faster than a byte loop."""
+    if len(varint) == 1:
+        return varint[0]
+    v = int.from_bytes(varint, "little")
+    return (
         (v & 0x7F)
         | (v >> 1 & 0x3F80)
         | (v >> 2 & 0x1FC000)
         | (v >> 3 & 0xFE00000)
         | (v >> 4 & 0x7F0000000)
     )
-    if nanos >= _NS:
-        raise ValueError(f"timestamp nanos out of range: {nanos}")
-    return seconds_ns + nanos
 
 
 def _decode_timestamp_fields(data: bytes, pos: int, end: int) -> int:
@@ -539,14 +556,49 @@ def _decode_entry(data: bytes, pos: int, end: int) -> PushEntry:
     return PushEntry(ts, line, metadata)
 
 
+# An entry as every client writes it, up to its line: the StreamAdapter's entry tag and
+# length, the timestamp (seconds and nanos, both present), the line's tag and length. An
+# entry that is exactly this plus its line is decoded from the match alone; any other
+# layout (metadata, zero seconds or nanos, empty line, unknown fields) takes the general path.
+_ENTRY_HEAD = re.compile(
+    rb"\x12([\x80-\xff]{0,4}[\x00-\x7f])\x0a([\x00-\x7f])"
+    rb"\x08([\x80-\xff]{0,9}[\x00-\x7f])\x10([\x80-\xff]{0,4}[\x00-\x7f])"
+    rb"\x12([\x80-\xff]{0,4}[\x00-\x7f])"
+)
+
+
 def _decode_stream(data: bytes, pos: int, end: int) -> tuple[str, list[PushEntry]]:
     labels = ""
     entries: list[PushEntry] = []
+    append = entries.append
+    head = _ENTRY_HEAD.match
+    short = _SHORT_VARINTS
+    seconds_cache = _seconds_cache
     while pos < end:
+        m = head(data, pos, end)
+        if m is not None:  # the fast path: see _ENTRY_HEAD
+            size, ts_size, sec, nanos, line_size = m.groups()
+            line_start = m.end()
+            n = short.get(line_size)
+            stop = line_start + (n if n is not None else _small_varint(line_size))
+            n = short.get(size)
+            seconds_ns = seconds_cache.get(sec)
+            if (
+                seconds_ns is not None
+                and stop == m.end(1) + (n if n is not None else _small_varint(size))
+                and stop <= end
+                and ts_size[0] == len(sec) + len(nanos) + 2
+            ):
+                ts = seconds_ns + _small_varint(nanos)
+                if ts - seconds_ns >= _NS:
+                    raise ValueError(f"timestamp nanos out of range: {ts - seconds_ns}")
+                append(PushEntry(ts, _decode_str(data, line_start, stop), {}))
+                pos = stop
+                continue
         tag, pos = _read_tag(data, pos, end)
         if tag == 0x12:
             start, pos = _read_len(data, pos, end)
-            entries.append(_decode_entry(data, start, pos))
+            append(_decode_entry(data, start, pos))
         elif tag == 0x0A:
             start, pos = _read_len(data, pos, end)
             labels = _decode_str(data, start, pos)

@@ -189,7 +189,11 @@ def _progress(name: str) -> Callable[[LoadResult, float], None]:
     def show(result: LoadResult, elapsed: float) -> None:
         rate = result.accepted_lines / elapsed if elapsed else 0
         statuses = " ".join(f"{k}:{v}" for k, v in sorted(result.statuses.items()))
-        print(f"  {name:<16} {elapsed:5.1f}s  {rate:>10,.0f} lines/s  [{statuses}]", flush=True)
+        print(
+            f"  {name:<16} {elapsed:5.1f}s  {rate:>10,.0f} lines/s  [{statuses}]",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return show
 
@@ -396,7 +400,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         wanted = args.scenario or list(SCENARIOS)
         ratios: dict[str, list[float]] = {}
         for name in wanted:
-            print(f"scenario {name}", flush=True)
+            print(f"scenario {name}", file=sys.stderr, flush=True)
             if name in ("lines-1", "batch-100"):
                 lines = 1 if name == "lines-1" else 100
                 results = []

@@ -29,7 +29,7 @@ def test_process_tree_sums_a_parent_and_its_children() -> None:
 
 
 def test_short_run_reports_every_figure_and_delivers_everything() -> None:
-    out = subprocess.run(
+    run = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -48,8 +48,10 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
         text=True,
         timeout=300,
         check=True,
-    ).stdout
-    report = json.loads(out[out.index("{\n") :])
+    )
+    # Progress goes to stderr, so that --json's standard output is the report alone.
+    report = json.loads(run.stdout)
+    assert "scenario batch-100" in run.stderr and "lines/s" in run.stderr
     rows = {row["scenario"]: row for row in report["scenarios"]}
     assert set(rows) == {"batch-100", "workers-2"}
     for row in rows.values():
@@ -90,7 +92,7 @@ def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: 
         ).stdout
     finally:
         server.stop()
-    [row] = json.loads(out[out.index("{\n") :])["scenarios"]
+    [row] = json.loads(out)["scenarios"]
     assert row["scenario"] == "target" and row["lines_per_request"] == 10
     # Only 202s: the test config's key allows 1,000 requests/s, more than two connections send.
     assert row["lines_per_s"] > 0 and set(row["statuses"]) == {"202"}

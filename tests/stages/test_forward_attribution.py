@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logstack._delivery import (
     Item,
     PushBatch,
     attribute_rejections,
     entry_line,
+    group_streams,
     loki_size,
     split_by_size,
     stream_labels,
@@ -22,6 +25,7 @@ from logstack._delivery import (
 from logstack._entry import LogEntry
 from logstack._loki_proto import (
     PushEntry,
+    PushStream,
     format_labels,
     go_time_string,
     parse_go_time,
@@ -115,6 +119,93 @@ def test_split_by_size_never_exceeds_the_limit_and_keeps_order() -> None:
     assert all(sum(loki_size(e) for _, e in c) <= 1000 for c in chunks)
     assert [e.timestamp_ns for c in chunks for _, e in c] == [NOW + i for i in range(10)]
     assert [e.line[0] for _, e in oversized] == ["y"]
+
+
+def _split_reference(items: list[Item], limit: int) -> tuple[list[list[Item]], list[Item]]:
+    """``split_by_size`` as its contract states it, one entry at a time."""
+    chunks: list[list[Item]] = []
+    oversized: list[Item] = []
+    current: list[Item] = []
+    used = 0
+    for labels_entry in items:
+        size = loki_size(labels_entry[1])
+        if size > limit:
+            oversized.append(labels_entry)
+        else:
+            if current and used + size > limit:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(labels_entry)
+            used += size
+    return ([*chunks, current] if current else chunks), oversized
+
+
+_lines = st.text(st.characters(codec="utf-8"), max_size=30)
+_items = st.lists(
+    st.builds(
+        item,
+        st.sampled_from([{"a": "1"}, {"a": "2"}, {"b": "1"}]),
+        st.integers(NOW, NOW + 5),
+        _lines,
+    ),
+    max_size=20,
+)
+
+
+@given(_items, st.integers(0, 120))
+def test_split_by_size_with_or_without_given_sizes_is_its_contract(
+    items: list[Item], limit: int
+) -> None:
+    expected = _split_reference(items, limit)
+    assert split_by_size(items, limit) == expected
+    assert split_by_size(items, limit, [loki_size(e) for _, e in items]) == expected
+
+
+@given(_items)
+def test_group_streams_keeps_each_streams_order_however_runs_interleave(
+    items: list[Item],
+) -> None:
+    # Labels equal but not identical, as well as identical (as the stream cache gives them).
+    copies = [(tuple(list(labels)), entry) for labels, entry in items[::2]]
+    mixed = [copies[i // 2] if i % 2 == 0 else it for i, it in enumerate(items)]
+    expected: dict[tuple[tuple[str, str], ...], list[PushEntry]] = {}
+    for labels, entry in mixed:
+        expected.setdefault(labels, []).append(entry)
+    assert group_streams(mixed) == [
+        PushStream(dict(labels), entries) for labels, entries in expected.items()
+    ]
+
+
+_log_entries = st.builds(
+    LogEntry,
+    timestamp_ns=st.integers(NOW, NOW + 5),
+    level=st.sampled_from(["INFO", "ERROR"]),
+    message=_lines,
+    service=st.sampled_from(["api", "db"]),
+    env=st.sampled_from(["prod", "dev"]),
+    labels=st.sampled_from([{}, {"region": "eu"}, {"region": "us"}, {"k8s.pod": "p"}]),
+    trace_id=st.sampled_from([None, "4bf92f3577b34da6a3ce929d0e0e4736"]),
+)
+
+
+@given(st.lists(_log_entries, max_size=12), st.booleans())
+@settings(max_examples=200)
+def test_push_batch_streams_and_sizes_are_each_entrys_own(
+    entries: list[LogEntry], structured_metadata: bool
+) -> None:
+    """``add`` reuses the previous entry's stream while service, env, level and labels stay
+    the same, and sizes each entry as it converts it: neither may differ from computing
+    them entry by entry."""
+    batch = PushBatch.from_wal(
+        "k",
+        None,
+        (1, 0),
+        (1, 9),
+        [EntryBatch("r", NOW, entries)],
+        structured_metadata=structured_metadata,
+    )
+    assert [labels for labels, _ in batch.items] == [stream_labels(e) for e in entries]
+    assert batch.sizes == [loki_size(e) for _, e in batch.items]
 
 
 # ----------------------------------------------------------------------------- Go formats

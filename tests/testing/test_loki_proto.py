@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logstack import _loki_proto
 from logstack._loki_proto import (
     PushEntry,
     PushStream,
@@ -367,3 +370,86 @@ def test_step_wise_encoding_gives_the_same_bytes_and_pauses_per_step() -> None:
             break
     assert pauses == 4 + 1  # ceil(7 / 2) for the first stream, 1 for the second
     assert body == encode_push_request(streams) == run_steps(encode_push_request_steps(streams, 3))
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+_NS = 1_000_000_000
+_common_entries = st.builds(
+    PushEntry,
+    # Mostly a few seconds apart (the cached seconds), sometimes anywhere, sometimes 0 ns.
+    timestamp_ns=st.one_of(
+        st.integers(1_700_000_000 * _NS, 1_700_000_003 * _NS),
+        st.integers(-(2**63), 2**63 - 1),
+        st.just(0),
+    ),
+    line=st.one_of(_text, st.text(st.characters(codec="utf-8"), min_size=100, max_size=300)),
+    structured_metadata=st.one_of(st.just({}), st.dictionaries(_text, _text, max_size=2)),
+)
+
+
+def _decode_generally(data: bytes) -> list[tuple[str, list[PushEntry]]] | str:
+    """What the decoder gives without its fast path: the result, or the error's text."""
+    original = _loki_proto._ENTRY_HEAD
+    _loki_proto._ENTRY_HEAD = re.compile(rb"(?!)")  # matches nothing
+    try:
+        return _decode_or_error(data)
+    finally:
+        _loki_proto._ENTRY_HEAD = original
+
+
+def _decode_or_error(data: bytes) -> list[tuple[str, list[PushEntry]]] | str:
+    try:
+        return decode_push_request_raw(data)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@given(
+    st.lists(
+        st.builds(
+            PushStream,
+            labels=st.dictionaries(_names, _text, max_size=2),
+            entries=st.lists(_common_entries, max_size=8),
+        ),
+        max_size=3,
+    ),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+)
+@settings(max_examples=500)
+def test_fast_entry_path_decodes_exactly_as_the_general_path(
+    streams: list[PushStream], changes: list[tuple[int, int]]
+) -> None:
+    """Clients' usual entry layout is decoded from one regex match (``_ENTRY_HEAD``); any
+    push, valid or damaged (bytes replaced), must decode to the same entries or fail with the
+    same error as field by field."""
+    data = bytearray(encode_push_request(streams))
+    for where, value in changes:
+        if data:
+            data[where % len(data)] = value
+    assert _decode_or_error(bytes(data)) == _decode_generally(bytes(data))
+
+
+def test_fast_entry_path_is_taken_for_the_usual_layout() -> None:
+    entries = [PushEntry(1_700_000_000 * _NS + i, f"line {i}") for i in range(1, 4)]
+    data = encode_push_request([PushStream({"a": "b"}, entries)])
+    assert _loki_proto._ENTRY_HEAD.search(data) is not None
+    assert decode_push_request_raw(data) == [('{a="b"}', entries)]
+
+
+def test_fast_entry_path_agrees_on_every_damaged_header_byte() -> None:
+    """Each byte up to the end of the first entry's head (the stream's length, its labels,
+    the entry's tag, lengths and timestamp), replaced by values near it and at the varint
+    boundaries: the fast path must agree with the general one every time."""
+    entries = [PushEntry(1_700_000_000 * _NS + 123_456_789, "a line of text")] * 2
+    data = encode_push_request([PushStream({"a": "b"}, entries)])
+    head = _loki_proto._ENTRY_HEAD.search(data)
+    assert head is not None
+    checked = 0
+    for where in range(head.end()):
+        for value in {data[where] - 1, data[where] + 1, 0x00, 0x01, 0x7F, 0x80, 0xFF} - {-1, 256}:
+            damaged = bytearray(data)
+            damaged[where] = value
+            assert _decode_or_error(bytes(damaged)) == _decode_generally(bytes(damaged))
+            checked += 1
+    assert checked > 80
