@@ -1,0 +1,37 @@
+"""``benchmarks/hot_path_instructions.py``: each step's workload runs on the bench's bodies,
+and step names are checked before valgrind is started."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "hot_path_instructions.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("hot_path_instructions", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("step", ["mask", "validate", "wal", "delivery", "receiver"])
+def test_each_step_runs_its_workload(step: str) -> None:
+    module = _load()
+    assert step in module.STEPS
+    module.workload(step, 1)  # asserts inside: the bodies take the validation fast path
+
+
+def test_unknown_steps_are_refused_with_the_list_of_steps() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "deliveri"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2
+    assert "unknown step(s): deliveri" in out.stderr and "receiver" in out.stderr
