@@ -129,6 +129,7 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
     levels = _LEVELS
     entries: list[LogEntry] = []
     append = entries.append
+    passed: dict[str, str] | None = None  # the last labels that passed the checks unchanged
     for entry in raw:
         ns = parse_timestamp(entry.timestamp)
         if type(ns) is not int:
@@ -138,12 +139,15 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
         if not (service in known or _learn_name(service)) or not (env in known or _learn_name(env)):
             return None
         labels = entry.labels
-        if labels:
-            labels = _labels(labels, rules)
-            if labels is None:
-                return None
-        else:
+        if not labels:
             labels = {}
+        elif labels != passed:  # a service's entries mostly repeat their labels: checked once
+            checked = _labels(labels, rules)
+            if checked is None:
+                return None
+            if checked is labels:
+                passed = labels
+            labels = checked
         metadata = entry.metadata  # depth and integers were checked by the decoder
         append(
             LogEntry(

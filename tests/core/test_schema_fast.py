@@ -48,12 +48,27 @@ def full(body: bytes, schema: SchemaSettings = DEFAULT) -> Any:
         msgspec.json.encode({"entries": [entry(), entry(level="warning", labels=None)]}),
         msgspec.json.encode({"entries": [entry(metadata={}, labels={}, span_id=None)]}),
         msgspec.json.encode({"entries": [entry(), entry()]}).replace(b"{", b"{ \n", 3),
+        # Labels repeated from entry to entry are checked once; a reserved key is still
+        # dropped from each, and a change of labels is checked again.
+        msgspec.json.encode(
+            {
+                "entries": [
+                    entry(labels={"region": "eu"}),
+                    entry(labels={"region": "eu"}),
+                    entry(labels={"region": "eu", "env": "x"}),
+                    entry(labels={"region": "eu", "env": "x"}),
+                    entry(labels={"region": "us"}),
+                ]
+            }
+        ),
     ],
 )
 def test_usual_bodies_take_the_fast_path_with_the_same_entries(body: bytes) -> None:
     fast = validate_body(body, DEFAULT)
     assert fast is not None
     assert fast == full(body)
+    labels = [e.labels for e in fast if e.labels]
+    assert len({id(x) for x in labels}) == len(labels)  # each entry keeps its own dict
 
 
 @pytest.mark.parametrize(
@@ -67,6 +82,19 @@ def test_usual_bodies_take_the_fast_path_with_the_same_entries(body: bytes) -> N
         ("bad timestamp", {"entries": [entry(timestamp="yesterday")]}),
         ("bad service", {"entries": [entry(service="Payments")]}),
         ("label not allowed", {"entries": [entry(labels={"pod": "x"})]}),
+        (
+            "label not allowed after labels that passed",
+            {
+                "entries": [
+                    entry(labels={"region": "eu"}),
+                    entry(labels={"region": "eu", "pod": "x"}),
+                ]
+            },
+        ),
+        (
+            "label value too long after the same name passed",
+            {"entries": [entry(labels={"region": "eu"}), entry(labels={"region": "e" * 65})]},
+        ),
         ("metadata too deep", {"entries": [entry(metadata={"a": {"b": {"c": {"d": {"e": {}}}}}})]}),
         ("metadata int too big", {"entries": [entry(metadata={"n": 2**64})]}),
         ("no entries", {"entries": []}),
