@@ -577,22 +577,23 @@ def _decode_stream(data: bytes, pos: int, end: int) -> tuple[str, list[PushEntry
     while pos < end:
         m = head(data, pos, end)
         if m is not None:  # the fast path: see _ENTRY_HEAD
-            size, ts_size, sec, nanos, line_size = m.groups()
+            size, ts_size, sec, nano_bytes, line_size = m.groups()
             line_start = m.end()
             n = short.get(line_size)
             stop = line_start + (n if n is not None else _small_varint(line_size))
             n = short.get(size)
+            # The first entry of each second goes the general way, which caches the second.
             seconds_ns = seconds_cache.get(sec)
             if (
                 seconds_ns is not None
                 and stop == m.end(1) + (n if n is not None else _small_varint(size))
                 and stop <= end
-                and ts_size[0] == len(sec) + len(nanos) + 2
+                and ts_size[0] == len(sec) + len(nano_bytes) + 2
             ):
-                ts = seconds_ns + _small_varint(nanos)
-                if ts - seconds_ns >= _NS:
-                    raise ValueError(f"timestamp nanos out of range: {ts - seconds_ns}")
-                append(PushEntry(ts, _decode_str(data, line_start, stop), {}))
+                nanos = _small_varint(nano_bytes)
+                if nanos >= _NS:
+                    raise ValueError(f"timestamp nanos out of range: {nanos}")
+                append(PushEntry(seconds_ns + nanos, _decode_str(data, line_start, stop), {}))
                 pos = stop
                 continue
         tag, pos = _read_tag(data, pos, end)
