@@ -6,8 +6,9 @@
 This machine's speed moves by 20-30% from one minute to the next, so a change of a few
 percent cannot be seen in wall-clock time. An instruction count can: it is the same for the
 same code and inputs whatever else the machine is doing. Each step runs twice under
-callgrind, with ``--repeat`` and with one request's worth of warm-up only; the difference,
-divided by the entries processed, is what one entry costs, start-up excluded.
+callgrind (with a fixed hash seed), with ``--repeat`` rounds and with the warm-up round only;
+the difference, divided by the entries processed, is what one entry costs, start-up
+excluded.
 
 Steps, on the bench's own 100-line bodies (``logstack.bench``'s ``body_factory``):
 
@@ -25,11 +26,13 @@ The counts leave out the HTTP stack, trio's scheduler and the fsync: see
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 STEPS = ("mask", "validate", "wal", "delivery", "receiver")
 ENTRIES_PER_REQUEST = 100
@@ -59,20 +62,19 @@ def workload(step: str, repeat: int) -> None:
     masker = Masker(MaskingSettings()).for_key("bench")
     loki = LokiSettings()
 
-    def delivery() -> None:
+    def to_push(wal_batches: list[Any]) -> PushBatch:
         push = PushBatch("bench", None, (0, 0), (0, 0), [], 1)
-        for record in records:
-            batch = decode_record(record)
-            assert isinstance(batch, EntryBatch)
+        for batch in wal_batches:
             push.add(batch)
         push.prepare(loki)
+        return push
 
-    delivery_body = PushBatch("bench", None, (0, 0), (0, 0), [], 1)
-    for batch in batches:
-        delivery_body.add(batch)
-    delivery_body.prepare(loki)
-    assert delivery_body.prepared is not None
-    push_body = decompress_snappy(delivery_body.prepared[0][0][1])
+    def delivery() -> None:
+        to_push([decode_record(record) for record in records])
+
+    prepared = to_push(batches).prepared
+    assert prepared is not None
+    push_body = decompress_snappy(prepared[0][0][1])
 
     runs: dict[str, Callable[[], object]] = {  # each: ENTRIES_PER_ROUND entries
         "mask": lambda: [masker.could_match(b) for b in bodies],
@@ -103,6 +105,7 @@ def count(step: str, repeat: int) -> int:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
     )
     found = re.search(r"Collected : (\d+)", out.stderr)
     if found is None:
