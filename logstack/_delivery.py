@@ -310,6 +310,8 @@ class PushBatch:
                 size = loki_size(push_entry)
             else:
                 push_entry = PushEntry(entry.timestamp_ns, line, {})
+                # loki_size of an entry without metadata, inlined: the call costs ~5% of
+                # delivery's instructions (hot_path_instructions.py delivery).
                 size = len(line) if line.isascii() else len(line.encode())
             # Consecutive entries mostly share their stream: comparing four fields with the
             # previous entry's is cheaper than hashing them for the cache.

@@ -74,6 +74,16 @@ class _BodyTimeout(RejectError):
     code = "http_error"
 
 
+class _MethodNotAllowed(RejectError):
+    """Not a POST (the other routes get the same answer from Quart's handler)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(INGEST_METHODS)}
+
+
 class _Gone(Exception):
     """The client disconnected before its body arrived: nobody is left to answer."""
 
@@ -96,16 +106,8 @@ class IngestEndpoint:
             await self.app(scope, receive, send)
             return
         if scope["method"] not in INGEST_METHODS:
-            await _answer(
-                send,
-                405,
-                {
-                    "error": "method_not_allowed",
-                    "message": "The method is not allowed for the requested URL.",
-                    "details": {},
-                },
-                {"Allow": ", ".join(INGEST_METHODS)},
-            )
+            refused = _MethodNotAllowed("The method is not allowed for the requested URL.")
+            await _answer(send, refused.status, refused.body(), refused.headers())
             return
         try:
             status, body, headers = await self._ingest(scope, receive)

@@ -176,12 +176,19 @@ async def test_read_skips_checkpoints_and_idempotency_records(tmp_path: Path) ->
     keylog.close()
 
 
-async def test_read_limits(tmp_path: Path) -> None:
+async def four_batches_of_three(
+    tmp_path: Path,
+) -> tuple[KeyLog, list[EntryBatch], list[Position], Position]:
+    """A synced log of four 3-entry batches: (log, batches, each batch's end, start)."""
     keylog = new_log(tmp_path)
     batches = [batch(i, n=3) for i in range(4)]
     ends = [keylog.append([b]) for b in batches]
     await keylog.sync()
-    start = keylog.delivered
+    return keylog, batches, ends, keylog.delivered
+
+
+async def test_read_limits(tmp_path: Path) -> None:
+    keylog, batches, ends, start = await four_batches_of_three(tmp_path)
     size = payload_size(batches[0])
 
     by_entries = keylog.read(start, 5, BIG)  # 3 fit, 6 would not
@@ -203,11 +210,7 @@ async def test_read_limits(tmp_path: Path) -> None:
 
 
 async def test_stop_after_ends_a_read_early_within_the_limits(tmp_path: Path) -> None:
-    keylog = new_log(tmp_path)
-    batches = [batch(i, n=3) for i in range(4)]
-    ends = [keylog.append([b]) for b in batches]
-    await keylog.sync()
-    start = keylog.delivered
+    keylog, batches, ends, start = await four_batches_of_three(tmp_path)
     early = keylog.read(start, BIG, BIG, stop_after=4)  # 3 is not yet enough, 6 is
     assert early.batches == batches[:2] and early.end == ends[1]
     # The hard limits still win, and the rest follows from where it stopped.
