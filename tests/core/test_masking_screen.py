@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logstack._config import MaskingSettings, ValueDetector, load_settings
-from logstack._masking import KeyMasker, Masker
+from logstack._masking import KeyMasker, Masker, _may_hold_card_run
 
 KEYS = st.one_of(
     st.sampled_from(
@@ -112,6 +113,29 @@ def test_plain_bodies_skip_the_walk_and_risky_ones_do_not() -> None:
         {"message": "tab\there"},  # an escape in the JSON: walked
     ):
         assert masker.could_match(json.dumps({"entries": [risky]}).encode()), risky
+
+
+def test_key_names_in_text_are_no_reason_to_walk() -> None:
+    """The screen looks for masked keys as whole strings: a message or a longer key that
+    only mentions one is skipped, the key itself (in any spelling) is walked."""
+    masker = Masker(load_settings(env={}).masking).for_key("svc")
+    mentions = {
+        "message": "password reset: token refreshed, secret rotated",
+        "metadata": {"token_count": 2, "password_age_days": 30, "note": "see the apiKey docs"},
+    }
+    assert not masker.could_match(json.dumps({"entries": [mentions]}).encode())
+    for spelling in ("token", "TOKEN", "to.ken", "api_key", "Api-Key"):
+        keyed = {"message": "x", "metadata": {"a": {spelling: "v"}}}
+        assert masker.could_match(json.dumps({"entries": [keyed]}).encode()), spelling
+
+
+CARD_RUN_START = re.compile(rb"[0-9](?:[ -]?[0-9]){12}")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64) | st.text(alphabet="0123456789 -x", max_size=64).map(str.encode))
+def test_card_run_check_equals_the_card_run_regex(text: bytes) -> None:
+    assert _may_hold_card_run(text) == (CARD_RUN_START.search(text) is not None)
 
 
 def test_user_detectors_always_walk() -> None:
