@@ -34,3 +34,6 @@ class StageContext:
     """Set when the service starts to stop; long waits (retry backoff) give up on it."""
     services: dict[str, Any] = field(default_factory=dict)
     """Shared resources opened by the runtime (``"wal"``: the ``WalStore``)."""
+    requests_in_flight: int = 0
+    """HTTP requests being served right now (kept by the runtime). Background work that
+    runs in steps (the batcher) yields more often while there are any."""

@@ -209,10 +209,11 @@ def encode_push(
 
 def encode_push_steps(
     items: Sequence[Item], tenant: str | None, loki: LokiSettings
-) -> Generator[None, None, tuple[bytes, dict[str, str]]]:
-    """``encode_push`` in steps of a few hundred entries (see ``encode_push_request_steps``)."""
+) -> Generator[int, None, tuple[bytes, dict[str, str]]]:
+    """``encode_push`` in steps of ~100 entries, yielding how many each step encoded (see
+    ``encode_push_request_steps``)."""
     streams = group_streams(items)
-    yield
+    yield 0
     headers = {"User-Agent": USER_AGENT}
     if tenant:
         headers["X-Scope-OrgID"] = tenant
@@ -263,9 +264,10 @@ class PushBatch:
         flight, so only sending is left once that one is in."""
         run_steps(self.prepare_steps(loki))
 
-    def prepare_steps(self, loki: LokiSettings) -> Generator[None, None, None]:
+    def prepare_steps(self, loki: LokiSettings) -> Generator[int, None, None]:
+        """``prepare`` in steps; each yield says how many entries the step worked on."""
         chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes, self.sizes)
-        yield
+        yield 0
         encoded = []
         for chunk in chunks:
             body, headers = yield from encode_push_steps(chunk, self.tenant, loki)

@@ -329,25 +329,27 @@ def encode_push_request(streams: Iterable[PushStream]) -> bytes:
 
 
 def encode_push_request_steps(
-    streams: Iterable[PushStream], step: int = 500
-) -> Generator[None, None, bytes]:
-    """``encode_push_request`` that pauses (yields) after every ``step`` entries, so a
-    caller on an event loop can let other tasks run while a large push is encoded."""
+    streams: Iterable[PushStream], step: int = 100
+) -> Generator[int, None, bytes]:
+    """``encode_push_request`` that pauses after every ``step`` entries, yielding how many it
+    encoded, so a caller on an event loop can let other tasks run while a large push is
+    encoded (and decide how often)."""
     chunks: list[bytes] = []
     for stream in streams:
         label_bytes = format_labels(stream.labels).encode()
         parts: list[bytes] = [b"\x0a" + _uvarint(len(label_bytes)), label_bytes]
         entries = stream.entries
         for start in range(0, len(entries), step):
-            _encode_entries(entries[start : start + step], parts)
-            yield
+            chunk = entries[start : start + step]
+            _encode_entries(chunk, parts)
+            yield len(chunk)
         body = b"".join(parts)
         chunks.append(b"\x0a" + _uvarint(len(body)))
         chunks.append(body)
     return b"".join(chunks)
 
 
-def run_steps(steps: Generator[None, None, T]) -> T:
+def run_steps(steps: Generator[Any, None, T]) -> T:
     """Run a step-wise computation to its end at once and return its result."""
     while True:
         try:

@@ -102,8 +102,6 @@ class Service:
         self.config_loaded_at = self.started_at
         self.last_reload_error: list[str] | None = None
         self.binds: list[str] = []
-        self.requests_in_flight = 0
-        """HTTP requests inside the app (``instrument`` counts them)."""
         self._no_requests = trio.Event()
         self._stop_scope: trio.CancelScope | None = None
         self.drained = False
@@ -228,14 +226,19 @@ class Service:
         )
         return True
 
+    @property
+    def requests_in_flight(self) -> int:
+        """HTTP requests inside the app (``instrument`` counts them)."""
+        return self.context.requests_in_flight
+
     def request_started(self) -> None:
-        self.requests_in_flight += 1
+        self.context.requests_in_flight += 1
         if self._no_requests.is_set():
             self._no_requests = trio.Event()
 
     def request_finished(self) -> None:
-        self.requests_in_flight -= 1
-        if self.requests_in_flight == 0:
+        self.context.requests_in_flight -= 1
+        if self.context.requests_in_flight == 0:
             self._no_requests.set()
 
     async def wait_requests_answered(self) -> None:

@@ -360,15 +360,14 @@ def test_step_wise_encoding_gives_the_same_bytes_and_pauses_per_step() -> None:
         PushStream({"service": "b"}, [PushEntry(5, "x", {"trace_id": "t"})]),
     ]
     steps = encode_push_request_steps(streams, step=2)
-    pauses = 0
+    encoded: list[int] = []  # what each pause says it encoded
     while True:
         try:
-            next(steps)
-            pauses += 1
+            encoded.append(next(steps))
         except StopIteration as done:
             body = done.value
             break
-    assert pauses == 4 + 1  # ceil(7 / 2) for the first stream, 1 for the second
+    assert encoded == [2, 2, 2, 1, 1]  # the first stream's 7 in steps of 2, the second's 1
     assert body == encode_push_request(streams) == run_steps(encode_push_request_steps(streams, 3))
 
 
