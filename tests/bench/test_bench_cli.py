@@ -66,6 +66,34 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
     assert rows["workers-2"]["over_one_worker_median"] > 0
 
 
+def test_half_load_repeats_its_paced_run_and_reports_the_median_p99() -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "logstack.bench",
+            "--scenario",
+            "half-load",
+            "--duration",
+            "1",
+            "--pairs",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    [row] = json.loads(run.stdout)["scenarios"]
+    assert row["scenario"] == "half-load" and row["all_delivered"] is True
+    runs = row["ack_p99_ms_runs"]
+    assert len(runs) == 3 and all(p > 0 for p in runs)
+    assert row["ack_p99_ms_median"] == sorted(runs)[1]
+    assert row["ack_p99_ms"] == runs[-1]  # the rest of the row is the last paced run's
+    assert 0 < row["offered_requests_per_s"] <= row["probe_sustained_requests_per_s"]
+
+
 def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: Path) -> None:
     server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
     server.start()
