@@ -160,3 +160,19 @@ def test_stages_list_rows_without_summary_or_with_errors(
     assert out[2].split()[3:] == ["ERROR:", "boom"]
     assert out[3].split()[:3] == ["?", "?", "?"]
     assert "ERROR: logstack-b[acme_dup]" in out[3]
+
+
+def test_serve_runtime_tuning() -> None:
+    """What ``logstack serve`` sets before it starts: a young-generation threshold of
+    20,000 with start-up objects frozen, and a 0.5 ms GIL switch interval (in a subprocess:
+    both are process-wide)."""
+    probe = (
+        "import gc, sys; from logstack import _cli; _cli._tune_runtime(); "
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0, sys.getswitchinterval())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    threshold, frozen, interval = out.stdout.split()
+    assert int(threshold) == 20_000 and frozen == "True"
+    assert float(interval) == _cli.GIL_SWITCH_INTERVAL_S < sys.getswitchinterval()
