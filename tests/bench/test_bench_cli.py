@@ -28,26 +28,20 @@ def test_process_tree_sums_a_parent_and_its_children() -> None:
         child.wait()
 
 
-def test_short_run_reports_every_figure_and_delivers_everything() -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "logstack.bench",
-            "--scenario",
-            "batch-100",
-            "--scenario",
-            "workers-2",
-            "--duration",
-            "1",
-            "--pairs",
-            "1",
-            "--json",
-        ],
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m logstack.bench ARGS --json`` as a subprocess; fails on a non-zero exit."""
+    return subprocess.run(
+        [sys.executable, "-m", "logstack.bench", *args, "--json"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=True,
+    )
+
+
+def test_short_run_reports_every_figure_and_delivers_everything() -> None:
+    run = bench(
+        "--scenario", "batch-100", "--scenario", "workers-2", "--duration", "1", "--pairs", "1"
     )
     # Progress goes to stderr, so that --json's standard output is the report alone.
     report = json.loads(run.stdout)
@@ -67,24 +61,7 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
 
 
 def test_half_load_repeats_its_paced_run_and_reports_the_median_p99() -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "logstack.bench",
-            "--scenario",
-            "half-load",
-            "--duration",
-            "1",
-            "--pairs",
-            "3",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    run = bench("--scenario", "half-load", "--duration", "1", "--pairs", "3")
     [row] = json.loads(run.stdout)["scenarios"]
     assert row["scenario"] == "half-load" and row["all_delivered"] is True
     runs = row["ack_p99_ms_runs"]
@@ -98,25 +75,16 @@ def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: 
     server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
     server.start()
     try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "logstack.bench",
-                "--target",
-                server.url + "/v1/logs:ingest",
-                "--lines",
-                "10",
-                "--duration",
-                "1",
-                "--connections",
-                "2",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
+        out = bench(
+            "--target",
+            server.url + "/v1/logs:ingest",
+            "--lines",
+            "10",
+            "--duration",
+            "1",
+            "--connections",
+            "2",
             timeout=120,
-            check=True,
         ).stdout
     finally:
         server.stop()
