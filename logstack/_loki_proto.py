@@ -455,11 +455,6 @@ def _decode_timestamp(data: bytes, pos: int, end: int) -> int:
     if m is None:
         return _decode_timestamp_fields(data, pos, end)
     sec_bytes, nano_bytes = m.groups()
-    return _timestamp_ns(sec_bytes, nano_bytes)
-
-
-def _timestamp_ns(sec_bytes: bytes, nano_bytes: bytes) -> int:
-    """The timestamp of a matched ``_TS_LAYOUT`` (or ``_ENTRY_HEAD``): its two varints."""
     seconds_ns = _seconds_cache.get(sec_bytes)
     if seconds_ns is None:
         seconds_ns = _int64(_read_varint(sec_bytes, 0, len(sec_bytes))[0]) * _NS

@@ -53,13 +53,14 @@ class Pacer:
         self.context = context
         self.since_checkpoint = 0
 
-    @property
-    def step(self) -> int:
-        return BUSY_STEP_ENTRIES if self.context.requests_in_flight else READ_STEP_ENTRIES
+    @staticmethod
+    def step_for(context: Any) -> int:
+        """Entries to work on between two checkpoints, now."""
+        return BUSY_STEP_ENTRIES if context.requests_in_flight else READ_STEP_ENTRIES
 
     async def worked(self, entries: int) -> None:
         self.since_checkpoint += entries
-        if self.since_checkpoint >= self.step:
+        if self.since_checkpoint >= self.step_for(self.context):
             self.since_checkpoint = 0
             await trio.lowlevel.checkpoint()
 
@@ -146,7 +147,7 @@ class BatchStage(Stage):
                     loki.batch_max_entries - entries,
                     loki.batch_max_bytes - size,
                     at_least_one=not pending,
-                    stop_after=Pacer(self.context).step,
+                    stop_after=Pacer.step_for(self.context),
                 )
                 if result.end == read_pos:
                     break  # limits reached mid-way: what we hold is the batch

@@ -45,6 +45,6 @@ async def test_the_pacer_pauses_after_each_record_while_requests_are_served() ->
 
 async def test_the_read_step_follows_the_requests_in_flight() -> None:
     context = StageContext(load_settings(env={}))
-    assert Pacer(context).step == READ_STEP_ENTRIES
+    assert Pacer.step_for(context) == READ_STEP_ENTRIES
     context.requests_in_flight = 3
-    assert Pacer(context).step == BUSY_STEP_ENTRIES
+    assert Pacer.step_for(context) == BUSY_STEP_ENTRIES
