@@ -28,7 +28,6 @@ from logstack._config import LokiSettings
 from logstack._delivery import PushBatch
 from logstack._stage import Stage, StageConfig
 from logstack._wal import KeyLog, Position, WalStore
-from logstack._wal_format import EntryBatch
 
 log = logging.getLogger("logstack.batch")
 
@@ -97,24 +96,16 @@ class BatchStage(Stage):
             nursery.cancel_scope.cancel()
 
     async def _follow(self, keylog: KeyLog, outbox: trio.MemorySendChannel[PushBatch]) -> None:
-        name = keylog.name
         cursor: Position = keylog.delivered
         previous: PushBatch | None = None
         async with outbox:
             while True:
                 loki = self.context.settings.loki
-                pending, end = await self._accumulate(keylog, cursor, loki)
-                if not pending:
+                push, end = await self._collect(keylog, cursor, loki)
+                if push is None:
                     cursor = end
                     continue
-                key = self.context.settings.key_by_name(name)
-                push = PushBatch(
-                    name, key.loki_tenant if key else None, cursor, end, [], pending[0].received_ns
-                )
                 pacer = Pacer(self.context)
-                for batch in pending:
-                    push.add(batch, structured_metadata=loki.structured_metadata)
-                    await pacer.worked(len(batch.entries))
                 for entries in push.prepare_steps(loki):
                     await pacer.worked(entries)
                 # Built while the previous one was in flight; sent once Loki has that one,
@@ -127,11 +118,18 @@ class BatchStage(Stage):
                 previous = push
                 cursor = end
 
-    async def _accumulate(
+    async def _collect(
         self, keylog: KeyLog, cursor: Position, loki: LokiSettings
-    ) -> tuple[list[EntryBatch], Position]:
-        """Read from ``cursor`` until a limit is reached or the oldest entry waited long enough."""
-        pending: list[EntryBatch] = []
+    ) -> tuple[PushBatch | None, Position]:
+        """Read from ``cursor`` until a limit is reached or the oldest entry waited long
+        enough, turning each WAL record into Loki entries as soon as it is read.
+
+        Converted and dropped at once, a record's ~10 objects per entry are freed while they
+        are still in the CPU's caches; held until the batch was complete, they cost several
+        times more to convert and to free (docs/performance.md, "Cold execution").
+        """
+        push: PushBatch | None = None
+        pacer = Pacer(self.context)
         entries = size = 0
         read_pos = cursor
         deadline = math.inf
@@ -146,23 +144,35 @@ class BatchStage(Stage):
                     read_pos,
                     loki.batch_max_entries - entries,
                     loki.batch_max_bytes - size,
-                    at_least_one=not pending,
+                    at_least_one=push is None,
                     stop_after=Pacer.step_for(self.context),
                 )
                 if result.end == read_pos:
                     break  # limits reached mid-way: what we hold is the batch
                 read_pos = result.end
-                entries += sum(len(batch.entries) for batch in result.batches)
                 size += result.payload_bytes
-                if result.batches and deadline == math.inf:
-                    received = result.batches[0].received_ns
+                batches = result.batches
+                del result
+                if batches and push is None:
+                    received = batches[0].received_ns
                     age = max(0.0, (time.time_ns() - received) / 1e9)
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
-                pending.extend(result.batches)
+                    key = self.context.settings.key_by_name(keylog.name)
+                    tenant = key.loki_tenant if key else None
+                    push = PushBatch(keylog.name, tenant, cursor, cursor, [], received)
+                batches.reverse()
+                while batches:
+                    batch = batches.pop()
+                    assert push is not None
+                    push.add(batch, structured_metadata=loki.structured_metadata)
+                    converted = len(batch.entries)
+                    del batch
+                    entries += converted
+                    await pacer.worked(converted)
                 continue
-            if not pending and read_pos != cursor:
-                return pending, read_pos  # skipped non-entry records only
-            if pending and (
+            if push is None and read_pos != cursor:
+                return None, read_pos  # skipped non-entry records only
+            if push is not None and (
                 entries >= loki.batch_max_entries
                 or size >= loki.batch_max_bytes
                 or trio.current_time() >= deadline
@@ -172,4 +182,6 @@ class BatchStage(Stage):
                 break
             with trio.move_on_at(deadline):
                 await keylog.wait_changed()
-        return pending, read_pos
+        if push is not None:
+            push.end = read_pos
+        return push, read_pos

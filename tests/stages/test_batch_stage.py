@@ -1,13 +1,23 @@
-"""The batcher's pacing: how often long delivery work gives the event loop back."""
+"""The batcher: the batches it cuts from a key's WAL, and how often long delivery work
+gives the event loop back."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import trio
 import trio.lowlevel
 
 from logstack._config import load_settings
 from logstack._context import StageContext
-from stages.batch import BUSY_STEP_ENTRIES, READ_STEP_ENTRIES, Pacer
+from logstack._delivery import PushBatch
+from logstack._entry import LogEntry
+from logstack._metrics import Metrics
+from logstack._stage import StageConfig
+from logstack._wal import KeyLog
+from logstack._wal_format import EntryBatch
+from stages.batch import BUSY_STEP_ENTRIES, READ_STEP_ENTRIES, BatchStage, Pacer
 
 
 class _StepCounter(trio.abc.Instrument):
@@ -48,3 +58,53 @@ async def test_the_read_step_follows_the_requests_in_flight() -> None:
     assert Pacer.step_for(context) == READ_STEP_ENTRIES
     context.requests_in_flight = 3
     assert Pacer.step_for(context) == BUSY_STEP_ENTRIES
+
+
+def _record(i: int, entries: int) -> EntryBatch:
+    return EntryBatch(
+        f"req-{i}",
+        time.time_ns(),
+        [
+            LogEntry(
+                1_700_000_000_000_000_000 + i * 1000 + j,
+                "ERROR" if j % 7 == 0 else "INFO",
+                f"request {i} line {j}",
+                "checkout",
+                "prod",
+                {"region": "eu"} if j % 2 else {},
+                metadata={"i": i, "j": j},
+            )
+            for j in range(entries)
+        ],
+    )
+
+
+async def test_collect_cuts_batches_at_the_entry_limit_equal_to_converting_the_records(
+    tmp_path: Path,
+) -> None:
+    """Each record is converted as it is read; the batch must be the one converting the
+    same records afterwards gives, over the same WAL range, cut at ``batch_max_entries``."""
+    context = StageContext(load_settings(env={"LOGSTACK_LOKI_BATCH_MAX_WAIT_S": "0.05"}))
+    stage = BatchStage(StageConfig(), context)
+    loki = context.settings.loki
+    keylog = KeyLog("alpha", tmp_path / "alpha", 1 << 20, Metrics())
+    keylog.directory.mkdir()
+    records = [_record(i, 100) for i in range(12)]  # 1,200 entries: two batches
+    ends = [keylog.append([record]) for record in records]
+    await keylog.sync()
+    assert loki.batch_max_entries == 1000
+
+    first, end = await stage._collect(keylog, keylog.delivered, loki)
+    assert first is not None
+    assert (first.start, first.end, end) == (keylog.delivered, ends[9], ends[9])
+    expected = PushBatch.from_wal("alpha", None, first.start, end, records[:10])
+    assert first.items == expected.items
+    assert first.sizes == expected.sizes
+    assert first.oldest_received_ns == records[0].received_ns
+
+    with trio.fail_after(5):  # the rest goes once its oldest entry waited batch_max_wait_s
+        second, end = await stage._collect(keylog, end, loki)
+    assert second is not None
+    assert (second.start, second.end, end) == (ends[9], ends[11], ends[11])
+    assert second.items == PushBatch.from_wal("alpha", None, ends[9], end, records[10:]).items
+    keylog.close()
