@@ -64,7 +64,8 @@ class Envelope:
 
     The HTTP layer fills ``authorization``, ``body`` and ``idempotency_key``; ``auth`` sets
     ``key``; ``document()`` decodes the body once for whichever stage needs it first;
-    ``validate`` fills ``entries``; ``wal_append`` resolves ``reply`` after the fsync.
+    ``validate`` fills ``entries``; ``wal_append`` drops ``entries`` (and the decoded
+    document) once they are written, and resolves ``reply`` after the fsync.
     """
 
     request_id: str

@@ -91,6 +91,24 @@ async def test_ack_after_fsync_and_hint_downstream(tmp_path: Path) -> None:
         assert value == 3
 
 
+async def test_a_written_request_lets_go_of_its_entries_before_its_fsync(tmp_path: Path) -> None:
+    """Entries are freed once written (cheaper while their encoding has them in the CPU's
+    caches); the answer after the fsync still counts them, and the WAL holds them."""
+    async with running(tmp_path) as h:
+        envelope = Envelope("req-free", None, b"")
+        envelope.key = ApiKey(name="alpha")
+        envelope.entries = [ENTRY] * 4
+        envelope.raw_entries = [{"message": "hello"}] * 4
+        await h.head.send([envelope])
+        await trio.testing.wait_all_tasks_blocked()  # written; its fsync may still run
+        assert envelope.entries is None and envelope.raw_entries is None
+        answer = await envelope.reply.wait()
+        assert isinstance(answer, Accepted) and answer.entries_accepted == 4
+        keylog = h.store.logs["alpha"]
+        (record,) = keylog.read(keylog.delivered, 100, 1 << 20).batches
+        assert record.request_id == "req-free" and record.entries == [ENTRY] * 4
+
+
 async def test_concurrent_requests_share_fsyncs(tmp_path: Path) -> None:
     async with running(tmp_path) as h:
         async with trio.open_nursery() as nursery:
