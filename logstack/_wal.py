@@ -49,6 +49,10 @@ log = logging.getLogger("logstack.wal")
 SEGMENT_SUFFIX = ".seg"
 IDEMPOTENCY_WINDOW_NS = 15 * 60 * 10**9
 RESYNC_CHUNK = 4 * 1024 * 1024
+READ_CHUNK = 128 * 1024
+"""Bytes ``read`` copies from a segment at a time (more if one record is larger). Delivery
+reads a few records per step; reading up to its byte limit (1 MiB by default) each time
+copied some twenty times what the step used."""
 Position = tuple[int, int]
 """(segment sequence number, byte offset within that segment)."""
 Clock = Callable[[], float]
@@ -415,7 +419,7 @@ class KeyLog:
                 position = self._normalise((segment.seq, segment.size))
                 continue
             fd = self._read_fd(segment)
-            want = min(limit - position[1], max_bytes - used + FRAME_OVERHEAD)
+            want = min(limit - position[1], max_bytes - used + FRAME_OVERHEAD, READ_CHUNK)
             first = os.pread(fd, FRAME_OVERHEAD, position[1])
             if len(first) == FRAME_OVERHEAD:
                 want = max(want, FRAME_OVERHEAD + int.from_bytes(first[:4], "little"))

@@ -22,11 +22,25 @@ def _load() -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("step", ["mask", "validate", "wal", "delivery", "receiver"])
+@pytest.mark.parametrize("step", ["mask", "validate", "wal", "read", "delivery", "receiver"])
 def test_each_step_runs_its_workload(step: str) -> None:
     module = _load()
     assert step in module.STEPS
     module.workload(step, 1)  # asserts inside: the bodies take the validation fast path
+
+
+def test_timed_steps_report_a_time_per_entry_and_leave_no_backlog_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    module = _load()
+    module.tempfile.tempdir = None  # take TMPDIR from the environment again
+    try:
+        per_entry = module.workload("read", 1, timed=True)
+    finally:
+        module.tempfile.tempdir = None
+    assert 0 < per_entry < 0.01  # seconds per entry: well under 10 ms on any machine
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_steps_are_refused_with_the_list_of_steps() -> None:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from logstack._entry import LogEntry
 from logstack._metrics import Metrics
 from logstack._wal import (
+    READ_CHUNK,
     KeyLog,
     Position,
     ReadResult,
@@ -270,6 +271,28 @@ async def test_sync_without_appends_is_a_no_op(tmp_path: Path) -> None:
     end = keylog.synced_end
     await keylog.sync()
     assert keylog.synced_end == end
+    keylog.close()
+
+
+async def test_one_read_gathers_records_beyond_its_read_chunk_and_larger_ones(
+    tmp_path: Path,
+) -> None:
+    """``read`` copies the segment ``READ_CHUNK`` bytes at a time: a read whose limits reach
+    further goes on past the chunk, and a record larger than a chunk is read whole."""
+    keylog = new_log(tmp_path, segment_max_bytes=64 << 20)
+    small = [batch(i, pad=900) for i in range(400)]  # ~400 KiB: several chunks
+    huge = batch(400, n=3, pad=READ_CHUNK)  # ~3 chunks on its own
+    ends = [keylog.append([b]) for b in [*small, huge]]
+    await keylog.sync()
+    result = keylog.read(keylog.delivered, BIG, BIG)
+    assert result.batches == [*small, huge]
+    assert result.end == ends[-1]
+    # Byte and entry limits still end the read where they did, chunk or not.
+    limited = keylog.read(keylog.delivered, 250, BIG)
+    assert limited.batches == small[:250] and limited.end == ends[249]
+    cut = sum(payload_size(b) for b in small[:300])
+    by_bytes = keylog.read(keylog.delivered, BIG, cut)
+    assert by_bytes.batches == small[:300] and by_bytes.end == ends[299]
     keylog.close()
 
 
