@@ -153,17 +153,18 @@ class BatchStage(Stage):
                 size += result.payload_bytes
                 batches = result.batches
                 del result
-                if batches and push is None:
+                if not batches:
+                    continue
+                if push is None:
                     received = batches[0].received_ns
                     age = max(0.0, (time.time_ns() - received) / 1e9)
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
                     key = self.context.settings.key_by_name(keylog.name)
                     tenant = key.loki_tenant if key else None
                     push = PushBatch(keylog.name, tenant, cursor, cursor, [], received)
-                batches.reverse()
+                batches.reverse()  # popped from the end: each record freed once converted
                 while batches:
                     batch = batches.pop()
-                    assert push is not None
                     push.add(batch, structured_metadata=loki.structured_metadata)
                     converted = len(batch.entries)
                     del batch
