@@ -208,6 +208,18 @@ def test_malformed_protobuf_raises_value_error(data: bytes, why: str) -> None:
         decode_push_request_raw(data)
 
 
+def test_a_line_that_is_not_utf8_is_refused_on_the_fast_path_too() -> None:
+    """The second entry of a second is decoded from the entry-head match alone (the fast
+    path); a line there that is not UTF-8 gets the same ValueError as anywhere else."""
+    body = encode_push_request(
+        [PushStream({"a": "b"}, [PushEntry(10**9 + 5, "ab", {}), PushEntry(10**9 + 6, "cd", {})])]
+    )
+    assert decode_push_request_raw(body)[0][1][1].line == "cd"
+    damaged = body.replace(b"cd", b"c\xff")
+    with pytest.raises(ValueError, match="string field is not valid UTF-8"):
+        decode_push_request_raw(damaged)
+
+
 @pytest.mark.parametrize(
     ("ts_body", "expected"),
     [
