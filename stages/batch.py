@@ -152,7 +152,6 @@ class BatchStage(Stage):
                 read_pos = result.end
                 size += result.payload_bytes
                 batches = result.batches
-                del result
                 if not batches:
                     continue
                 if push is None:

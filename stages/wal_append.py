@@ -108,7 +108,6 @@ class WalAppendStage(Stage):
             keylog.idempotency[digest] = (envelope.request_id, len(entries), now)
             waiting[digest] = (envelope.request_id, len(entries))
         keylog.append(records)
-        del records
         envelope.entries = envelope.raw_entries = None
         return keylog, None, len(entries)
 
