@@ -427,13 +427,18 @@ class _Detectors:
     def could_match_raw(self, body: bytes, squeezed: bytes) -> bool:
         """Whether any detector could match any string of this (ASCII, escape-free) JSON
         body. A superset of ``scan``'s own pre-checks, applied once to the whole body;
-        ``squeezed`` is the body lower-cased with every character but ``[0-9a-z"]`` deleted
-        (deleting characters only joins text, so a word ``scan`` looks for stays a substring)."""
+        ``squeezed`` is the body lower-cased with every character but letters, ``"`` and
+        ``,`` deleted, and perhaps digits (deleting characters only joins text, so a word
+        ``scan`` looks for stays a substring)."""
         if self._user_passes:
             return True  # their patterns may anchor on string boundaries: always walk
-        if self._bearer is not None and (b"bearer" in squeezed or b"basic" in squeezed):
+        # One regex for both words: its scan for their first letter runs in C, two
+        # substring searches cost ~2.5 times as much (``bytes.__contains__`` is ~0.45 ns a
+        # byte on JSON, whatever the needle).
+        if self._bearer is not None and _BEARER_OR_BASIC.search(squeezed) is not None:
             return True
-        if self._jwt is not None and b"eyj" in squeezed:
+        # ``scan`` looks for "eyJ" as written; a body without a "J" (one memchr) has none.
+        if self._jwt is not None and b"J" in body and b"eyJ" in body:
             return True
         if self._email and b"@" in body:
             return True
@@ -479,12 +484,32 @@ _CARD_SHAPE: Final = bytes(
     48 if 48 <= b <= 57 else 45 if b in (32, 45) else 120 for b in range(256)
 )
 _THIRTEEN_DIGITS: Final = b"0" * MIN_CARD_MATCH
-_LOWER: Final = bytes(b + 32 if 65 <= b <= 90 else b for b in range(256))
-_NOT_SQUEEZED: Final = bytes(
-    b for b in range(256) if not (48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or b == 34)
-)
-"""Deleted from an ASCII body (then lower-cased) so that every JSON string appears as its
-normalised form (``normalise_key``) between two quotes."""
+_BEARER_OR_BASIC: Final = re.compile(rb"b(?:earer|asic)")
+_SQUEEZE: Final = bytes(b + 32 if 65 <= b <= 90 else 44 if b == 123 else b for b in range(256))
+"""Lower-cases ASCII letters and turns ``{`` into ``,``: see ``KeyMasker.could_match``."""
+
+
+def _deleted_but(kept: bytes) -> bytes:
+    return bytes(b for b in range(256) if b not in kept)
+
+
+_LETTERS: Final = bytes(range(65, 91)) + bytes(range(97, 123))
+_NOT_SQUEEZED: Final = _deleted_but(_LETTERS + b'0123456789",{')
+_NOT_SQUEEZED_NOR_DIGITS: Final = _deleted_but(_LETTERS + b'",{')
+"""What the squeeze deletes: everything but letters, ``"``, ``,``, ``{`` and (only where a
+masked key has one) digits."""
+
+
+def _key_pattern(keys: Sequence[bytes]) -> re.Pattern[bytes] | None:
+    """What finds any of ``keys`` (normalised: ``[0-9a-z]`` only) as an object key in the
+    squeezed body (``KeyMasker.could_match``): ``,"``, the key's characters with any commas
+    around and between them, ``"``. The quantifiers are possessive: a comma is never a key
+    character, so giving one back could not make a match."""
+    if not keys:
+        return None
+    spelled = (b",*+".join(re.escape(key[i : i + 1]) for i in range(len(key))) for key in keys)
+    return re.compile(b',",*+(?:' + b"|".join(spelled) + b'),*+"')
+
 
 _MISSING: Final[Any] = object()
 _PLAIN_SCALARS: Final = frozenset({int, float, bool, type(None)})
@@ -499,9 +524,14 @@ class KeyMasker:
         self._cache: dict[Any, _Rule | None] = {}
         self._detectors = detectors
         self.scan = detectors.scan
-        # Each masked key as it appears in the squeezed body (see ``could_match``).
-        self._quoted_keys = tuple(b'"%b"' % key.encode() for key in rules if key.isascii() and key)
         self._walk_always = any(not key.isascii() or not key for key in rules)
+        keys = [key.encode() for key in rules if key.isascii() and key]
+        self._key_in_squeezed = _key_pattern(keys)
+        self._not_squeezed = (
+            _NOT_SQUEEZED
+            if any(c in b"0123456789" for key in keys for c in key)
+            else _NOT_SQUEEZED_NOR_DIGITS
+        )
 
     def could_match(self, body: bytes) -> bool:
         """A C-speed screen of the raw JSON body: ``False`` proves that no masked key and no
@@ -509,17 +539,22 @@ class KeyMasker:
 
         Sound only for bodies whose strings appear verbatim: pure ASCII (so the walker's
         NFKC/casefold normalisation is plain lower-casing) and without backslash escapes.
-        Anything else is walked. Keys: deleting every character but ``[0-9A-Za-z"]`` and
-        lower-casing (one pass) leaves each JSON string as its normalised form between two
-        quotes, so a key the walk would mask appears as ``"<rule>"``: an exact match, not
-        a substring (a message that mentions a password is no reason to walk).
+        Anything else is walked. Keys: the squeeze lower-cases the body and deletes every
+        character but letters, ``"``, ``,`` and ``{`` (and digits, unless a masked key has
+        one), turning ``{`` into ``,``. Every object key of a JSON body follows a ``{`` or a
+        ``,`` (whitespace between is deleted), so each appears as ``,"<key>"``, the key's
+        normalised form with at most some commas kept from it (``"pass,word"``, which
+        ``normalise_key`` reads as ``password``). ``_key_pattern`` finds exactly those: an
+        exact match, not a substring (a message that mentions a password is no reason to
+        walk), and a search that the rare ``,"`` anchors.
         """
         if self._walk_always or not body.isascii() or b"\\" in body:
             return True
-        squeezed = body.translate(_LOWER, _NOT_SQUEEZED)
+        squeezed = body.translate(_SQUEEZE, self._not_squeezed)
         if self._detectors.could_match_raw(body, squeezed):
             return True
-        return any(key in squeezed for key in self._quoted_keys)
+        pattern = self._key_in_squeezed
+        return pattern is not None and pattern.search(squeezed) is not None
 
     @property
     def masked_keys(self) -> list[str]:

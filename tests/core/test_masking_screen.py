@@ -34,6 +34,12 @@ KEYS = st.one_of(
             "secret",
             "TOKEN",
             "to.ken",
+            # Characters the squeeze keeps, inside a key the walk normalises to a rule.
+            "pass,word",
+            ",token,",
+            "api{key",
+            "{e,mail}",
+            "card,,Number",
         ]
     ),
     st.text(min_size=1, max_size=12),
@@ -79,9 +85,13 @@ def walked(masker: KeyMasker, entries: list[Any]) -> list[Any]:
 
 
 def check(masker: KeyMasker, entries: list[Any]) -> None:
-    body = json.dumps({"entries": entries}).encode()
-    if not masker.could_match(body):
-        assert walked(masker, entries) == entries, body
+    for body in (
+        json.dumps({"entries": entries}).encode(),
+        json.dumps({"entries": entries}, separators=(",", ":")).encode(),
+        json.dumps({"entries": entries}, indent=1).encode(),
+    ):
+        if not masker.could_match(body):
+            assert walked(masker, entries) == entries, body
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,6 +110,31 @@ def test_screen_never_skips_a_body_the_walk_would_change(
 def test_screen_is_sound_with_overrides(entries: list[Any]) -> None:
     settings_ = MaskingSettings(overrides={"svc": {"keys": ["order_id", "iban"]}})  # type: ignore[dict-item]
     check(Masker(settings_).for_key("svc"), entries)
+
+
+DIGIT_KEYS = st.sampled_from(["x509", "X-509", "x5,09", "x5o9", "x59", "x_5_0_9", "509"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(DIGIT_KEYS | KEYS, VALUES, max_size=3), min_size=1, max_size=3))
+def test_screen_is_sound_with_a_masked_key_that_has_digits(
+    metadata: list[dict[str, Any]],
+) -> None:
+    """Digits stay in the squeezed body only when a masked key has one: then they must."""
+    settings_ = MaskingSettings(overrides={"svc": {"keys": ["x509"]}})  # type: ignore[dict-item]
+    check(Masker(settings_).for_key("svc"), [{"message": "m", "metadata": m} for m in metadata])
+
+
+def test_keys_with_kept_characters_inside_are_walked() -> None:
+    """``{`` and ``,`` stay in the squeezed body (they mark where keys start); a key that
+    holds them is still a masked key once normalised, and must be walked."""
+    masker = Masker(load_settings(env={}).masking).for_key("svc")
+    for spelling in ("pass,word", "{password}", ",,token", "api,{,key,"):
+        keyed = {"message": "x", "metadata": {"a": [{spelling: "v"}]}}
+        assert masker.could_match(json.dumps({"entries": [keyed]}).encode()), spelling
+    for mention in ("pass,word", "x,password", "passwords"):
+        said = {"message": mention, "metadata": {"note": mention, "list": [mention]}}
+        assert not masker.could_match(json.dumps({"entries": [said]}).encode()), mention
 
 
 def test_plain_bodies_skip_the_walk_and_risky_ones_do_not() -> None:
