@@ -26,17 +26,21 @@ from ._api_types import metadata_value
 from ._config import SchemaSettings
 from ._entry import LogEntry
 from ._schema import (
+    _FRACTION_SCALE,
     _LEVELS,
     _MAX_ENV_CHARS,
     _MAX_LABEL_VALUE_CHARS,
+    _MAX_NS,
     _MAX_SERVICE_CHARS,
     _MAX_SPAN_ID_CHARS,
     _MAX_TRACE_ID_CHARS,
+    _NS_PER_S,
     _known_names,
     _labels,
     _learn_name,
     _Rules,
     _rules_for,
+    _second_cache,
     parse_timestamp,
 )
 
@@ -130,10 +134,29 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
     entries: list[LogEntry] = []
     append = entries.append
     passed: dict[str, str] | None = None  # the last labels that passed the checks unchanged
+    seconds_of = _second_cache.get
     for entry in raw:
-        ns = parse_timestamp(entry.timestamp)
-        if type(ns) is not int:
-            return None
+        timestamp = entry.timestamp
+        # parse_timestamp's fast path for a fraction and "Z", inlined: the call and the
+        # tail's slice are a quarter of what it costs per entry. Anything else calls it.
+        n = len(timestamp)
+        seconds = seconds_of(timestamp[:19])
+        if (
+            seconds is not None
+            and 22 <= n <= 30
+            and timestamp[19] == "."
+            and timestamp[-1] in "Zz"
+            and (fraction := timestamp[20:-1]).isdigit()
+            and fraction.isascii()
+        ):
+            ns = seconds * _NS_PER_S + int(fraction) * _FRACTION_SCALE[n - 21]
+            if not 0 <= ns <= _MAX_NS:
+                return None
+        else:
+            parsed = parse_timestamp(timestamp)
+            if type(parsed) is not int:
+                return None
+            ns = parsed
         service = entry.service
         env = entry.env
         if not (service in known or _learn_name(service)) or not (env in known or _learn_name(env)):
@@ -160,7 +183,7 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
                 entry.trace_id,
                 entry.span_id,
                 metadata,
-                entry.timestamp,
+                timestamp,
             )
         )
     return entries

@@ -12,10 +12,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from logstack._config import SchemaSettings
 from logstack._envelope import Envelope
-from logstack._schema import validate_entries
+from logstack._schema import parse_timestamp, validate_entries
 from logstack._schema_fast import _NULL_FIELDS_SLACK, validate_body
 from logstack.bench._cli import body_factory
 from logstack.testing import make_entry
@@ -142,3 +144,38 @@ def test_uint64_metadata_integers_take_the_full_path_and_are_accepted() -> None:
     body = msgspec.json.encode({"entries": [entry(metadata={"n": 2**64 - 1})]})
     assert validate_body(body, DEFAULT) is None
     assert full(body)[0].metadata == {"n": 2**64 - 1}
+
+
+SECONDS = st.sampled_from(
+    ["2025-09-24T12:00:00", "1969-12-31T23:59:59", "2262-04-11T23:47:16", "2026-02-29T00:00:00"]
+)
+TAILS = st.one_of(
+    st.sampled_from(["Z", "z", ".5Z", ".123456789Z", ".854775807Z", ".854775808Z", "+02:00"]),
+    st.builds(
+        lambda digits, end: "." + digits + end,
+        st.text(alphabet="0123456789_+-٣ ", min_size=0, max_size=11),
+        st.sampled_from(["Z", "z", "", "Zz", "+00:00"]),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(SECONDS, TAILS), min_size=1, max_size=4))
+@example([("2025-09-24T12:00:00", ".\u0663Z")])  # a digit, but not an ASCII one
+@example([("2025-09-24T12:00:00", ".1_2Z"), ("2025-09-24T12:00:00", ".+5Z")])
+@example([("1969-12-31T23:59:59", ".5Z")])  # before the epoch
+def test_timestamps_parse_as_parse_timestamp_does(stamps: list[tuple[str, str]]) -> None:
+    """The loop's inlined fast path for ``.<fraction>Z`` gives what ``parse_timestamp``
+    gives, and declines what it refuses (a body with any such entry takes the full path)."""
+    texts = [seconds + tail for seconds, tail in stamps]
+    for text in texts:  # the first sight of a second fills the cache the fast path reads
+        parse_timestamp(text)
+    body = msgspec.json.encode({"entries": [entry(timestamp=t) for t in texts]})
+    parsed = [parse_timestamp(t) for t in texts]
+    entries = validate_body(body, DEFAULT)
+    if all(type(ns) is int for ns in parsed):
+        assert entries is not None
+        assert [e.timestamp_ns for e in entries] == parsed
+        assert [e.timestamp for e in entries] == texts
+    else:
+        assert entries is None
