@@ -6,9 +6,9 @@
 
 On this shared 2-core VM, lines/s at saturation moves by 10-20% from one run to the next, so
 a change of a few percent needs many alternating pairs to show. Paced below saturation, the
-server's CPU per request moves by ~1-2% (five runs of one tree on 2026-11-27: 2.02-2.13 ms,
-drifting with the machine; alternating, two trees kept their order in every pair). It is
-the cost a change removes, whatever the throughput does with it.
+server's CPU per request moves by ~2-3% (2026-11-27: 1.98-2.11 ms over fifteen runs of one
+tree, drifting with the machine). It is the cost a change removes, whatever the throughput
+does with it.
 
 Each run starts the bench's Loki stand-in and a LogStack server (the same configuration as
 ``python -m logstack.bench``), drives ``--rate`` requests/s of the bench's 100-line bodies
