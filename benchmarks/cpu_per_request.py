@@ -6,16 +6,17 @@
 
 On this shared 2-core VM, lines/s at saturation moves by 10-20% from one run to the next, so
 a change of a few percent needs many alternating pairs to show. Paced below saturation, the
-server's CPU per request moves by ~2-3% (2026-11-27: 1.98-2.11 ms over fifteen runs of one
-tree, drifting with the machine). It is the cost a change removes, whatever the throughput
-does with it.
+server's CPU per request moved by ~2-3% in a calm phase of the machine (2026-11-27: 1.98-2.11
+ms over fifteen runs of one tree) and by up to +-10% in a slow one: repeat the sets. It is
+the cost a change removes, whatever the throughput does with it.
 
-Each run starts the bench's Loki stand-in and a LogStack server (the same configuration as
-``python -m logstack.bench``), drives ``--rate`` requests/s of the bench's 100-line bodies
-for ``--duration`` seconds, and reads the server's CPU time (all its processes) from
-``/proc``. With several ``--code`` trees, the server runs with each tree first on its
-``PYTHONPATH``, in turn, ``--pairs`` times. A run whose server could not keep up with the
-rate is flagged: its figure is a saturated one.
+Each run is the bench's own paced 100-line scenario (``python -m logstack.bench``'s stand-in,
+server configuration, bodies and load generator) at ``--rate`` requests/s for
+``--duration`` seconds: the server's CPU time (all its processes, from ``/proc``) from the
+start of the load until every line reached the stand-in, per request. With several
+``--code`` trees, the server runs with each tree first on its ``PYTHONPATH``, in turn,
+``--pairs`` times. A run whose server could not keep up with the rate is flagged: its figure
+is a saturated one.
 """
 
 from __future__ import annotations
@@ -26,52 +27,46 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from logstack.bench._cli import Bench, _start, _stop, body_factory, build_parser
-from logstack.bench._load import run_load
-from logstack.bench._procstat import tree_cpu_seconds
-from logstack.testing._process import LokiReceiverProcess
+from logstack.bench._cli import Bench, build_parser
+from logstack.testing._process import LogstackProcess
 
 LINES = 100
 KEPT_UP = 0.97
 """A run that got fewer answers than this share of the requests it offered was saturated."""
 
 
-async def measure(bench: Bench, code: str | None, rate: float, duration: float) -> str:
-    """One run: the server with ``code`` (a source tree) first on its path, paced at
-    ``rate``. Returns a line of figures."""
-    receiver = LokiReceiverProcess(bench.workdir / f"loki-{bench.runs}")
-    loki_url = await _start(receiver)
-    server = bench._server(loki_url)
-    if code is not None:
-        paths = [code, os.environ.get("PYTHONPATH", "")]
-        server.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    try:
-        url = await _start(server)
-        assert server.proc is not None
-        before = tree_cpu_seconds(server.proc.pid)
-        load = await run_load(
-            url + "/v1/logs:ingest",
-            body_factory(LINES),
-            lines_per_request=LINES,
-            headers=bench.headers,
-            connections=bench.args.connections,
-            duration_s=duration,
-            rate_per_s=rate,
-        )
-        cpu = tree_cpu_seconds(server.proc.pid) - before
-    finally:
-        await _stop(server)
-        await _stop(receiver)
+class _TreeBench(Bench):
+    """The bench, with its server run on a given source tree (``tree`` first on its path)."""
+
+    tree: str | None = None
+
+    def _server(
+        self, loki_url: str, *, workers: int | None = None, **sections: Any
+    ) -> LogstackProcess:
+        server = super()._server(loki_url, workers=workers, **sections)
+        if self.tree is not None:
+            paths = [self.tree, os.environ.get("PYTHONPATH", "")]
+            server.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        return server
+
+
+async def measure(bench: _TreeBench, tree: str | None, rate: float) -> str:
+    """One run of the bench's paced 100-line scenario on ``tree``; a line of figures."""
+    bench.tree = tree
+    result = await bench.scenario("cpu-per-request", LINES, rate_per_s=rate)
+    load = result.load
     requests = load.accepted_requests
     kept_up = requests >= KEPT_UP * rate * load.duration_s
     return (
-        f"{code or '.':<24} cpu/request {cpu / max(requests, 1) * 1e3:6.3f} ms  "
+        f"{tree or '.':<24} cpu/request {(result.cpu_s or 0) / max(requests, 1) * 1e3:6.3f} ms  "
         f"requests {requests:>6,}  ack p50 {load.percentile(0.5) * 1e3:5.1f} "
         f"p99 {load.percentile(0.99) * 1e3:6.1f} ms  non-202 "
         f"{sum(n for s, n in load.statuses.items() if s != 202)}"
+        + ("" if result.delivered_all else "  NOT ALL DELIVERED")
         + ("" if kept_up else "  SATURATED: lower --rate")
     )
 
@@ -81,13 +76,17 @@ def cpu_of(line: str) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    bench = Bench(build_parser().parse_args(["--connections", str(args.connections)]))
+    bench = _TreeBench(
+        build_parser().parse_args(
+            ["--connections", str(args.connections), "--duration", str(args.duration)]
+        )
+    )
     trees: list[str | None] = list(args.code) or [None]
     results: list[list[float]] = [[] for _ in trees]  # by position: a tree may come twice
     try:
         for _ in range(args.pairs):
             for tree, figures in zip(trees, results, strict=True):
-                line = await measure(bench, tree, args.rate, args.duration)
+                line = await measure(bench, tree, args.rate)
                 print(line, flush=True)
                 figures.append(cpu_of(line))
     finally:
