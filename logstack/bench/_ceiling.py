@@ -2,6 +2,11 @@
 decodes the body (msgspec) and answers 202. Same server stack, no LogStack work.
 
     python -m logstack.bench._ceiling --port-file PATH
+    python -m logstack.bench._ceiling --port-file PATH --asgi   # the same without Quart
+
+``--asgi`` serves the same route as a plain ASGI function under the same Hypercorn: what
+is left is Hypercorn's, h11's and trio's own cost (``benchmarks/server_instructions.py``
+counts both).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
@@ -39,7 +45,37 @@ def create_app() -> QuartTrio:
     return app
 
 
-async def main(port_file: Path) -> None:
+_ANSWER_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def plain_asgi(scope: Any, receive: Any, send: Any) -> None:
+    """``create_app``'s route as a bare ASGI function (any path, any method)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    count = len(_decoder.decode(b"".join(chunks))["entries"])
+    body = b'{"message":"Logs accepted for processing","entries_accepted":%d}' % count
+    headers = [*_ANSWER_HEADERS, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def main(port_file: Path, asgi: bool = False) -> None:
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -55,7 +91,10 @@ async def main(port_file: Path) -> None:
         nursery.start_soon(on_signal)
         binds = await nursery.start(
             lambda task_status: serve(
-                create_app(), config, shutdown_trigger=shutdown.wait, task_status=task_status
+                plain_asgi if asgi else create_app(),
+                config,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
             )
         )
         await trio.Path(port_file).write_text(binds[0] + "\n")
@@ -66,4 +105,6 @@ async def main(port_file: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port-file", type=Path, required=True)
-    trio.run(main, parser.parse_args().port_file)
+    parser.add_argument("--asgi", action="store_true", help="a plain ASGI function, no Quart")
+    arguments = parser.parse_args()
+    trio.run(main, arguments.port_file, arguments.asgi)

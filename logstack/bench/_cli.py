@@ -359,9 +359,12 @@ class Bench:
 
 class _CeilingProcess(ChildProcess):
     name = "ceiling"
+    plain_asgi = False
+    """Serve the route as a plain ASGI function, without Quart (``_ceiling --asgi``)."""
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "logstack.bench._ceiling", "--port-file", str(self.port_file)]
+        command = [sys.executable, "-m", "logstack.bench._ceiling", "--port-file"]
+        return [*command, str(self.port_file)] + (["--asgi"] if self.plain_asgi else [])
 
 
 SCENARIOS = (

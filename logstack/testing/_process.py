@@ -74,6 +74,8 @@ class ChildProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.starts = 0
+        self.launcher: list[str] = []
+        """A command the child runs under (``valgrind --tool=callgrind``, say)."""
 
     @property
     def port_file(self) -> Path:
@@ -97,7 +99,7 @@ class ChildProcess:
             log.write(f"--- start #{self.starts + 1} ---\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                list(self.command()),
+                [*self.launcher, *self.command()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
