@@ -23,6 +23,8 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ..testing._loki import answer_lifespan
+
 _decoder = msgspec.json.Decoder()
 
 
@@ -51,13 +53,7 @@ _ANSWER_HEADERS = [(b"content-type", b"application/json")]
 async def plain_asgi(scope: Any, receive: Any, send: Any) -> None:
     """``create_app``'s route as a bare ASGI function (any path, any method)."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
     if scope["type"] != "http":
         return
     chunks = []

@@ -138,6 +138,17 @@ class PushRecord:
     user_agent: str
 
 
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI server's lifespan startup and shutdown (nothing to set up)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def _grouped_errors(errors: list[str]) -> str:
     """Go's ``util.GroupedErrors.Error()``: identical messages grouped and counted, joined
     by ``"; "``; each prefixed ``"<n> errors like: "`` unless there is a single error."""
@@ -392,13 +403,7 @@ class LokiReceiver:
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         if kind != "http":
             return
         method: str = scope["method"]

@@ -3,9 +3,9 @@ and step names are checked before valgrind is started."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -14,26 +14,21 @@ import pytest
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "hot_path_instructions.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hot_path_instructions", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+LoadScript = Callable[[str], ModuleType]
 
 
 @pytest.mark.parametrize("step", ["mask", "validate", "wal", "read", "delivery", "receiver"])
-def test_each_step_runs_its_workload(step: str) -> None:
-    module = _load()
+def test_each_step_runs_its_workload(step: str, load_script: LoadScript) -> None:
+    module = load_script("hot_path_instructions")
     assert step in module.STEPS
     module.workload(step, 1)  # asserts inside: the bodies take the validation fast path
 
 
 def test_timed_steps_report_a_time_per_entry_and_leave_no_backlog_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_script: LoadScript
 ) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    module = _load()
+    module = load_script("hot_path_instructions")
     module.tempfile.tempdir = None  # take TMPDIR from the environment again
     try:
         per_entry = module.workload("read", 1, timed=True)

@@ -4,12 +4,12 @@ ASGI variant answers as the Quart one does, and a child process runs under its l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -24,14 +24,6 @@ SCRIPT = ROOT / "benchmarks" / "server_instructions.py"
 COUNT_LINE = re.compile(
     r"asgi: ([0-9.]+) M instructions per 100-line request \(([0-9,]+) requests, 4 connections"
 )
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("server_instructions", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -55,8 +47,10 @@ def test_a_count_under_callgrind_gives_instructions_per_request() -> None:
     assert int(found[2].replace(",", "")) > 0
 
 
-def test_the_total_comes_from_the_dumps_summary_line() -> None:
-    module = _load()
+def test_the_total_comes_from_the_dumps_summary_line(
+    load_script: Callable[[str], ModuleType],
+) -> None:
+    module = load_script("server_instructions")
     dump = "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 2336920837\ntotals: 1\n"
     assert module.summary_instructions(dump) == 2_336_920_837
     with pytest.raises(ValueError, match="summary"):
