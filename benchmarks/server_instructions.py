@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -97,8 +98,7 @@ async def count(args: argparse.Namespace) -> str:
         out_file = bench.workdir / "callgrind.out"
         server.launcher = valgrind_launcher(out_file)
         server.env["PYTHONHASHSEED"] = "0"
-        started = server
-        url = await trio.to_thread.run_sync(lambda: started.start(START_TIMEOUT_S))
+        url = await trio.to_thread.run_sync(partial(server.start, START_TIMEOUT_S))
         make = body_factory(LINES)
 
         async def load(duration: float, offset: int) -> LoadResult:
