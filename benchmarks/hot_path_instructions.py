@@ -79,7 +79,7 @@ def workload(step: str, repeat: int, timed: bool = False) -> float:
     loki = LokiSettings()
 
     def to_push(wal_batches: list[Any]) -> PushBatch:
-        push = PushBatch("bench", None, (0, 0), (0, 0), [], 1)
+        push = PushBatch("bench", None, (0, 0), (0, 0), 1)
         for batch in wal_batches:
             push.add(batch)
         push.prepare(loki)

@@ -15,7 +15,7 @@ import gzip
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import msgspec
 import trio
@@ -28,7 +28,9 @@ from ._loki_proto import (
     PushEntry,
     PushRejection,
     PushStream,
+    append_stream_field,
     compress_snappy,
+    encode_entry_fields,
     encode_json_push,
     encode_push_request_steps,
     format_labels,
@@ -168,19 +170,14 @@ def group_streams(items: Sequence[Item]) -> list[PushStream]:
     return [PushStream(dict(labels), entries) for labels, entries in streams.items()]
 
 
-def split_by_size(
-    items: Sequence[Item], limit: int, sizes: Sequence[int] | None = None
-) -> tuple[list[list[Item]], list[Item]]:
+def split_by_size(items: Sequence[Item], limit: int) -> tuple[list[list[Item]], list[Item]]:
     """Cut ``items`` (in order) into pushes of at most ``limit`` Loki bytes each.
 
-    ``sizes``, if given, are the items' ``loki_size`` (``PushBatch.add`` computes them while
-    it has each line at hand). Returns the pushes and the entries that alone exceed
-    ``limit``: Loki answers 429 to a push larger than the burst however long one waits, so
-    those can never be delivered.
+    Returns the pushes and the entries that alone exceed ``limit``: Loki answers 429 to a
+    push larger than the burst however long one waits, so those can never be delivered.
     """
-    if sizes is None or len(sizes) != len(items):
-        sizes = [loki_size(entry) for _, entry in items]
-    if sum(sizes) <= limit:  # the usual case: a whole batch fits one push
+    sizes = [loki_size(entry) for _, entry in items]
+    if sum(sizes) <= limit:  # a whole batch fits one push
         return ([list(items)] if items else []), []
     chunks: list[list[Item]] = []
     oversized: list[Item] = []
@@ -214,30 +211,75 @@ def encode_push_steps(
     ``encode_push_request_steps``)."""
     streams = group_streams(items)
     yield 0
-    headers = {"User-Agent": USER_AGENT}
-    if tenant:
-        headers["X-Scope-OrgID"] = tenant
     if loki.push_format == "json":
         body = encode_json_push(streams)
-        headers["Content-Type"] = "application/json"
+        headers = _push_headers(tenant, "application/json")
         if loki.gzip:
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
     else:
         raw = yield from encode_push_request_steps(streams)
         body = compress_snappy(raw)
-        headers["Content-Type"] = "application/x-protobuf"
+        headers = _push_headers(tenant, "application/x-protobuf")
     return body, headers
 
 
-Prepared = tuple[list[tuple[list[Item], bytes, dict[str, str]]], list[Item]]
+def _push_headers(tenant: str | None, content_type: str) -> dict[str, str]:
+    headers = {"User-Agent": USER_AGENT, "Content-Type": content_type}
+    if tenant:
+        headers["X-Scope-OrgID"] = tenant
+    return headers
+
+
+Prepared = tuple[list[tuple[Sequence[Item], bytes, dict[str, str]]], list[Item]]
 """A batch cut to the burst and encoded: (chunk, body, headers) per push, and the entries
 too large to ever be pushed."""
+
+WireEntry = tuple[Labels, int, bytes, dict[str, str] | None]
+"""An entry as ``PushBatch.add`` keeps it: its stream's labels, timestamp (ns), Loki line as
+UTF-8 JSON, and structured metadata (``None`` without)."""
+
+
+def wire_item(entry: WireEntry) -> Item:
+    """The ``Item`` of a kept entry (its line decoded, its metadata copied)."""
+    labels, timestamp_ns, line, metadata = entry
+    return labels, PushEntry(timestamp_ns, line.decode(), dict(metadata) if metadata else {})
+
+
+class WireItems(Sequence[Item]):
+    """A batch's entries as ``Item``s, made on first use: a push that Loki took never needs
+    them, only one it refused in part or whole (to attribute and dead-letter entries)."""
+
+    def __init__(self, entries: list[WireEntry]) -> None:
+        self._entries = entries
+        self._items: list[Item] | None = None
+
+    def _all(self) -> list[Item]:
+        if self._items is None:
+            self._items = [wire_item(entry) for entry in self._entries]
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+
+    def __getitem__(self, index: int | slice) -> Item | list[Item]:
+        return self._all()[index]
 
 
 @dataclass(eq=False)
 class PushBatch:
     """Entries of one key's WAL range ``[start, end)``, ready for Loki, in WAL order.
+
+    ``add`` turns WAL records into Loki lines and, for the protobuf format, encodes each
+    entry's protobuf field at once, while the line is at hand: a batch that fits one push
+    (the usual case) is then only joined and compressed, and its entries never become
+    ``PushEntry`` objects unless Loki refuses some of them (``WireItems``).
 
     The forwarder sets ``pushed`` once Loki took the range (or it was dead-lettered) and
     ``done`` once the checkpoint after it is durable. The batcher sends a key's next batch
@@ -249,14 +291,17 @@ class PushBatch:
     tenant: str | None
     start: Position
     end: Position
-    items: list[Item]
     oldest_received_ns: int
     pushed: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     created: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
-    sizes: list[int] = field(default_factory=list)
-    """``loki_size`` of each item, filled by ``add`` (empty if items were given directly)."""
+    entries: list[WireEntry] = field(default_factory=list)
+    loki_bytes: int = 0
+    """``loki_size`` of all entries, summed by ``add``."""
+    fields: dict[Labels, list[bytes]] | None = None
+    """Each stream's entries as protobuf ``EntryAdapter`` fields (``add`` with ``protobuf``);
+    ``None`` if some entries were added without."""
 
     def prepare(self, loki: LokiSettings) -> None:
         """Cut the batch to Loki's burst and encode every push body now: the batcher does
@@ -266,9 +311,24 @@ class PushBatch:
 
     def prepare_steps(self, loki: LokiSettings) -> Generator[int, None, None]:
         """``prepare`` in steps; each yield says how many entries the step worked on."""
-        chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes, self.sizes)
+        fields = self.fields
+        if (
+            fields is not None
+            and self.entries
+            and loki.push_format == "protobuf"
+            and self.loki_bytes <= loki.burst_limit_bytes
+        ):
+            out: list[bytes] = []
+            for labels, stream_fields in fields.items():
+                append_stream_field(dict(labels), stream_fields, out)
+            body = compress_snappy(b"".join(out))
+            headers = _push_headers(self.tenant, "application/x-protobuf")
+            self.prepared = ([(WireItems(self.entries), body, headers)], [])
+            yield len(self.entries)
+            return
+        chunks, oversized = split_by_size(self.items, loki.burst_limit_bytes)
         yield 0
-        encoded = []
+        encoded: list[tuple[Sequence[Item], bytes, dict[str, str]]] = []
         for chunk in chunks:
             body, headers = yield from encode_push_steps(chunk, self.tenant, loki)
             encoded.append((chunk, body, headers))
@@ -276,7 +336,12 @@ class PushBatch:
 
     @property
     def entry_count(self) -> int:
-        return len(self.items)
+        return len(self.entries)
+
+    @property
+    def items(self) -> list[Item]:
+        """The entries as ``Item``s (made anew at each call)."""
+        return [wire_item(entry) for entry in self.entries]
 
     @property
     def streams(self) -> list[PushStream]:
@@ -294,27 +359,35 @@ class PushBatch:
         structured_metadata: bool = False,
     ) -> PushBatch:
         oldest = batches[0].received_ns if batches else time.time_ns()
-        push = cls(key_name, tenant, start, end, [], oldest)
+        push = cls(key_name, tenant, start, end, oldest)
         for batch in batches:
             push.add(batch, structured_metadata=structured_metadata)
         return push
 
-    def add(self, batch: EntryBatch, *, structured_metadata: bool = False) -> None:
-        """Append the entries of one WAL record as Loki entries with their streams."""
-        append = self.items.append
-        add_size = self.sizes.append
+    def add(
+        self, batch: EntryBatch, *, structured_metadata: bool = False, protobuf: bool = True
+    ) -> None:
+        """Append the entries of one WAL record as Loki lines with their streams, and with
+        ``protobuf`` (the push format, as configured) their protobuf fields too."""
+        first = len(self.entries)
+        append = self.entries.append
+        encode = _line_encoder.encode
         previous: LogEntry | None = None
         labels: Labels = ()
+        size = 0
         for entry in batch.entries:
-            line = entry_line(entry, structured_metadata=structured_metadata)
             if structured_metadata:
-                push_entry = PushEntry(entry.timestamp_ns, line, entry_metadata(entry))
-                size = loki_size(push_entry)
+                line = encode(_Line(entry.message, entry.metadata or None))
+                pairs = entry_metadata(entry)
+                for name, value in pairs.items():
+                    size += len(name.encode()) + len(value.encode())
+                metadata: dict[str, str] | None = pairs
             else:
-                push_entry = PushEntry(entry.timestamp_ns, line, {})
-                # loki_size of an entry without metadata, inlined: the call costs ~5% of
-                # delivery's instructions (hot_path_instructions.py delivery).
-                size = len(line) if line.isascii() else len(line.encode())
+                line = encode(
+                    _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
+                )
+                metadata = None
+            size += len(line)
             # Consecutive entries mostly share their stream: comparing four fields with the
             # previous entry's is cheaper than hashing them for the cache.
             if (
@@ -326,13 +399,20 @@ class PushBatch:
             ):
                 labels = cached_stream_labels(entry)
             previous = entry
-            append((labels, push_entry))
-            add_size(size)
+            append((labels, entry.timestamp_ns, line, metadata))
+        self.loki_bytes += size
+        if protobuf and (self.fields is not None or not first):
+            if self.fields is None:
+                self.fields = {}
+            # The record's entries again, while they are still in the CPU's caches.
+            encode_entry_fields(self.entries[first:], self.fields)
+        else:
+            self.fields = None  # some entries have no fields: prepare encodes them all
 
     def __repr__(self) -> str:
         return (
             f"<PushBatch {self.key_name} {self.start}->{self.end} "
-            f"entries={len(self.items)} done={self.done.is_set()}>"
+            f"entries={len(self.entries)} done={self.done.is_set()}>"
         )
 
 

@@ -275,17 +275,33 @@ def _encode_pairs(pairs: Mapping[str, str]) -> bytes:
     return out[0] if len(out) == 1 else b"".join(out)
 
 
-def _encode_entries(entries: Iterable[PushEntry], parts: list[bytes]) -> None:
-    """Append the ``EntryAdapter`` fields (tag, length, body) of ``entries`` to ``parts``."""
-    ap = parts.append
+EncodedEntry = tuple[Any, int, bytes, Mapping[str, str] | None]
+"""An entry as :func:`encode_entry_fields` takes it: its stream (any hashable key), timestamp
+(ns), line (UTF-8) and structured metadata (``None`` or empty for none)."""
+
+
+def encode_entry_fields(entries: Iterable[EncodedEntry], streams: dict[Any, list[bytes]]) -> None:
+    """Append each entry's ``EntryAdapter`` field (tag, length, body) to the list of its stream
+    in ``streams`` (a new list for a stream seen first), keeping the entries' order.
+
+    Entries mostly come in runs of one stream under one key object: an identity test finds
+    the run's list without hashing the key again."""
     varint = _VARINT
     group = _GROUP14
     tag1 = _TAG1_LEN
     tag2 = _TAG2_LEN
     last_sec: int | None = None
     sec_field = b""
-    for entry in entries:
-        sec, nanos = divmod(entry.timestamp_ns, _NS)
+    last_stream: Any = streams  # no entry's stream key is this dict
+    parts: list[bytes] = []
+    for stream, timestamp_ns, line, metadata in entries:
+        if stream is not last_stream:
+            last_stream = stream
+            found = streams.get(stream)
+            if found is None:
+                found = streams[stream] = []
+            parts = found
+        sec, nanos = divmod(timestamp_ns, _NS)
         if sec != last_sec:  # consecutive entries mostly share their second
             last_sec = sec
             sec_field = b"\x08" + _uvarint(sec & _MASK64) if sec else b""
@@ -301,26 +317,33 @@ def _encode_entries(entries: Iterable[PushEntry], parts: list[bytes]) -> None:
                 group[(nanos >> 14) & 0x3FFF],
                 varint[nanos >> 28],
             )
-        line = entry.line.encode()
         n = len(line)
         line_head = b"" if not n else tag2[n] if n < 0x4000 else b"\x12" + _uvarint(n)
-        sm = entry.structured_metadata
-        if sm:
-            sm_bytes = _encode_pairs(sm)
-            size = 2 + len(ts) + len(line_head) + n + len(sm_bytes)
-            ap(tag2[size] if size < 0x4000 else b"\x12" + _uvarint(size))
-            ap(tag1[len(ts)])
-            ap(ts)
-            ap(line_head)
-            ap(line)
-            ap(sm_bytes)
+        head = tag1[len(ts)] + ts + line_head
+        if metadata:
+            sm_bytes = _encode_pairs(metadata)
+            size = len(head) + n + len(sm_bytes)
+            parts.append(tag2[size] if size < 0x4000 else b"\x12" + _uvarint(size))
+            parts.append(head)
+            parts.append(line)
+            parts.append(sm_bytes)
         else:
-            size = 2 + len(ts) + len(line_head) + n
-            ap(tag2[size] if size < 0x4000 else b"\x12" + _uvarint(size))
-            ap(tag1[len(ts)])
-            ap(ts)
-            ap(line_head)
-            ap(line)
+            size = len(head) + n
+            parts.append(tag2[size] if size < 0x4000 else b"\x12" + _uvarint(size))
+            parts.append(head)
+            parts.append(line)
+
+
+def append_stream_field(labels: Mapping[str, str], fields: list[bytes], out: list[bytes]) -> None:
+    """Append one ``StreamAdapter`` field of ``PushRequest`` to ``out``: its tag and length,
+    the stream's labels, then its ``fields`` (from :func:`encode_entry_fields`), uncopied."""
+    label_bytes = format_labels(labels).encode()
+    label_head = b"\x0a" + _uvarint(len(label_bytes))
+    size = len(label_head) + len(label_bytes) + sum(map(len, fields))
+    out.append(b"\x0a" + _uvarint(size))
+    out.append(label_head)
+    out.append(label_bytes)
+    out.extend(fields)
 
 
 def encode_push_request(streams: Iterable[PushStream]) -> bytes:
@@ -334,19 +357,19 @@ def encode_push_request_steps(
     """``encode_push_request`` that pauses after every ``step`` entries, yielding how many it
     encoded, so a caller on an event loop can let other tasks run while a large push is
     encoded (and decide how often)."""
-    chunks: list[bytes] = []
+    out: list[bytes] = []
     for stream in streams:
-        label_bytes = format_labels(stream.labels).encode()
-        parts: list[bytes] = [b"\x0a" + _uvarint(len(label_bytes)), label_bytes]
+        fields: dict[Any, list[bytes]] = {None: []}
         entries = stream.entries
         for start in range(0, len(entries), step):
             chunk = entries[start : start + step]
-            _encode_entries(chunk, parts)
+            encode_entry_fields(
+                ((None, e.timestamp_ns, e.line.encode(), e.structured_metadata) for e in chunk),
+                fields,
+            )
             yield len(chunk)
-        body = b"".join(parts)
-        chunks.append(b"\x0a" + _uvarint(len(body)))
-        chunks.append(body)
-    return b"".join(chunks)
+        append_stream_field(stream.labels, fields[None], out)
+    return b"".join(out)
 
 
 def run_steps(steps: Generator[Any, None, T]) -> T:

@@ -160,11 +160,15 @@ class BatchStage(Stage):
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
                     key = self.context.settings.key_by_name(keylog.name)
                     tenant = key.loki_tenant if key else None
-                    push = PushBatch(keylog.name, tenant, cursor, cursor, [], received)
+                    push = PushBatch(keylog.name, tenant, cursor, cursor, received)
                 batches.reverse()  # popped from the end: each record freed once converted
                 while batches:
                     batch = batches.pop()
-                    push.add(batch, structured_metadata=loki.structured_metadata)
+                    push.add(
+                        batch,
+                        structured_metadata=loki.structured_metadata,
+                        protobuf=loki.push_format == "protobuf",
+                    )
                     converted = len(batch.entries)
                     del batch
                     entries += converted

@@ -99,7 +99,8 @@ async def test_collect_cuts_batches_at_the_entry_limit_equal_to_converting_the_r
     assert (first.start, first.end, end) == (keylog.delivered, ends[9], ends[9])
     expected = PushBatch.from_wal("alpha", None, first.start, end, records[:10])
     assert first.items == expected.items
-    assert first.sizes == expected.sizes
+    assert first.entries == expected.entries
+    assert (first.fields, first.loki_bytes) == (expected.fields, expected.loki_bytes)
     assert first.oldest_received_ns == records[0].received_ns
 
     with trio.fail_after(5):  # the rest goes once its oldest entry waited batch_max_wait_s

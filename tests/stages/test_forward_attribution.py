@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logstack._config import LokiSettings
 from logstack._delivery import (
     Item,
     PushBatch,
+    WireItems,
     attribute_rejections,
+    encode_push,
     entry_line,
     group_streams,
     loki_size,
@@ -26,6 +30,8 @@ from logstack._entry import LogEntry
 from logstack._loki_proto import (
     PushEntry,
     PushStream,
+    decode_push_request,
+    decompress_snappy,
     format_labels,
     go_time_string,
     parse_go_time,
@@ -153,12 +159,8 @@ _items = st.lists(
 
 
 @given(_items, st.integers(0, 120))
-def test_split_by_size_with_or_without_given_sizes_is_its_contract(
-    items: list[Item], limit: int
-) -> None:
-    expected = _split_reference(items, limit)
-    assert split_by_size(items, limit) == expected
-    assert split_by_size(items, limit, [loki_size(e) for _, e in items]) == expected
+def test_split_by_size_is_its_contract(items: list[Item], limit: int) -> None:
+    assert split_by_size(items, limit) == _split_reference(items, limit)
 
 
 @given(_items)
@@ -205,7 +207,81 @@ def test_push_batch_streams_and_sizes_are_each_entrys_own(
         structured_metadata=structured_metadata,
     )
     assert [labels for labels, _ in batch.items] == [stream_labels(e) for e in entries]
-    assert batch.sizes == [loki_size(e) for _, e in batch.items]
+    assert batch.loki_bytes == sum(loki_size(e) for _, e in batch.items)
+
+
+_timestamps = st.one_of(st.integers(NOW, NOW + 5), st.integers(0, 2**63 - 1))
+
+
+@given(
+    st.lists(st.lists(_log_entries, max_size=8), max_size=4),
+    _timestamps,
+    st.booleans(),
+    st.sampled_from([None, "tenant-a"]),
+    st.sampled_from([10**6, 80]),
+)
+@settings(max_examples=300)
+def test_a_batch_encoded_as_added_pushes_the_bytes_of_its_items(
+    records: list[list[LogEntry]],
+    base: int,
+    structured_metadata: bool,
+    tenant: str | None,
+    burst: int,
+) -> None:
+    """``add`` encodes each entry's protobuf field as it converts it; the push ``prepare``
+    builds from those must be, byte for byte, the one encoding the batch's items gives, and a
+    batch over the burst is cut as ``split_by_size`` cuts its items."""
+    batches = [
+        EntryBatch(
+            "r", NOW, [msgspec.structs.replace(e, timestamp_ns=(base + i) % 2**63) for e in r]
+        )
+        for i, r in enumerate(records)
+    ]
+    batch = PushBatch.from_wal(
+        "k", tenant, (1, 0), (1, 9), batches, structured_metadata=structured_metadata
+    )
+    loki = LokiSettings(burst_limit_bytes=burst)
+    batch.prepare(loki)
+    assert batch.prepared is not None
+    chunks, oversized = batch.prepared
+    if batch.entries and batch.loki_bytes <= burst:  # the fields add encoded are used
+        assert isinstance(chunks[0][0], WireItems)
+    expected_chunks, expected_oversized = split_by_size(batch.items, burst)
+    assert [list(chunk) for chunk, _, _ in chunks] == expected_chunks
+    assert oversized == expected_oversized
+    for chunk, body, headers in chunks:
+        assert (body, headers) == encode_push(list(chunk), tenant, loki)
+
+
+def test_entries_become_push_entries_only_when_a_refused_push_needs_them() -> None:
+    entry = LogEntry(NOW, "INFO", "hello", "api", "prod", {"region": "eu"})
+    batch = PushBatch.from_wal("k", None, (1, 0), (1, 9), [EntryBatch("r", NOW, [entry] * 3)])
+    batch.prepare(LokiSettings())
+    assert batch.prepared is not None
+    [(chunk, body, _)], oversized = batch.prepared
+    assert isinstance(chunk, WireItems) and oversized == []
+    assert len(chunk) == 3 and chunk._items is None  # counted without being made
+    assert chunk[1] == batch.items[1] and list(chunk[1:]) == batch.items[1:]
+    assert decode_push_request(decompress_snappy(body)) == batch.streams
+
+
+def test_records_added_without_protobuf_fields_are_encoded_by_prepare() -> None:
+    """A batch partly converted under the JSON push format (the setting was reloaded midway)
+    keeps no fields: ``prepare`` encodes all of its items, in whatever format is set now."""
+    records = [
+        EntryBatch("r", NOW, [LogEntry(NOW + i, "INFO", f"m{i}", "api", "prod")]) for i in range(3)
+    ]
+    batch = PushBatch("k", None, (1, 0), (1, 9), NOW)
+    batch.add(records[0])
+    batch.add(records[1], protobuf=False)
+    batch.add(records[2])
+    assert batch.fields is None
+    loki = LokiSettings()
+    batch.prepare(loki)
+    assert batch.prepared is not None
+    [(chunk, body, headers)], _ = batch.prepared
+    assert chunk == batch.items
+    assert (body, headers) == encode_push(batch.items, None, loki)
 
 
 # ----------------------------------------------------------------------------- Go formats
