@@ -56,21 +56,11 @@ USER_AGENT = f"LogStack/{__version__}"
 # ------------------------------------------------------------------------ entries → Loki
 
 
-def entry_line(entry: LogEntry, *, structured_metadata: bool = False) -> str:
-    """The Loki log line: compact JSON of the masked entry's content fields.
-
-    With ``structured_metadata`` the ``trace_id``/``span_id`` travel as Loki structured
-    metadata instead (see :func:`entry_metadata`) and are left out of the line.
-    """
-    if structured_metadata:
-        line = _Line(entry.message, entry.metadata or None)
-    else:
-        line = _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
-    return _line_encoder.encode(line).decode()
-
-
 class _Line(msgspec.Struct, omit_defaults=True, gc=False):
-    """The Loki line's fields in their order; absent ones are left out."""
+    """The Loki log line: compact JSON of the masked entry's content fields, in this order;
+    absent ones are left out. With ``structured_metadata`` the ``trace_id``/``span_id``
+    travel as Loki structured metadata instead (:func:`entry_metadata`), not in the line
+    (``PushBatch.add`` builds it)."""
 
     message: str
     metadata: dict[str, Any] | None = None

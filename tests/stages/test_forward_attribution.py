@@ -20,7 +20,6 @@ from logstack._delivery import (
     WireItems,
     attribute_rejections,
     encode_push,
-    entry_line,
     group_streams,
     loki_size,
     split_by_size,
@@ -67,27 +66,28 @@ def receiver_answer(rx: LokiReceiver, items: list[Item]) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- lines, labels
 
 
-def test_entry_line_and_structured_metadata() -> None:
+def test_the_line_and_structured_metadata() -> None:
     entry = LogEntry(
         NOW, "ERROR", "boom", "api", "prod", {}, "t-1", "s-1", {"order": "O-1"}, "2025-09-24T12Z"
     )
-    assert json.loads(entry_line(entry)) == {
+    batch = PushBatch.from_wal("k", None, (1, 24), (1, 99), [EntryBatch("r", NOW, [entry])])
+    [(_, pushed)] = batch.items
+    assert json.loads(pushed.line) == {
         "message": "boom",
         "metadata": {"order": "O-1"},
         "trace_id": "t-1",
         "span_id": "s-1",
     }
-    assert json.loads(entry_line(entry, structured_metadata=True)) == {
-        "message": "boom",
-        "metadata": {"order": "O-1"},
-    }
-    batch = PushBatch.from_wal("k", None, (1, 24), (1, 99), [EntryBatch("r", NOW, [entry])])
-    assert batch.items[0][1].structured_metadata == {}
+    assert pushed.structured_metadata == {}
+    assert batch.oldest_received_ns == NOW
     batch = PushBatch.from_wal(
         "k", None, (1, 24), (1, 99), [EntryBatch("r", NOW, [entry])], structured_metadata=True
     )
-    assert batch.items[0][1].structured_metadata == {"trace_id": "t-1", "span_id": "s-1"}
-    assert batch.oldest_received_ns == NOW
+    [(_, pushed)] = batch.items
+    assert json.loads(pushed.line) == {"message": "boom", "metadata": {"order": "O-1"}}
+    assert pushed.structured_metadata == {"trace_id": "t-1", "span_id": "s-1"}
+    # Compact: no whitespace between tokens, the fields in their order.
+    assert pushed.line == '{"message":"boom","metadata":{"order":"O-1"}}'
 
 
 def test_stream_labels_reserved_win_and_invalid_names_are_sanitised() -> None:
