@@ -54,25 +54,23 @@ class _TreeBench(Bench):
         return server
 
 
-async def measure(bench: _TreeBench, tree: str | None, rate: float) -> str:
-    """One run of the bench's paced 100-line scenario on ``tree``; a line of figures."""
+async def measure(bench: _TreeBench, tree: str | None, rate: float) -> tuple[float, str]:
+    """One run of the bench's paced 100-line scenario on ``tree``: the server's CPU per
+    request (ms) and a line of figures."""
     bench.tree = tree
     result = await bench.scenario("cpu-per-request", LINES, rate_per_s=rate)
     load = result.load
     requests = load.accepted_requests
     kept_up = requests >= KEPT_UP * rate * load.duration_s
-    return (
-        f"{tree or '.':<24} cpu/request {(result.cpu_s or 0) / max(requests, 1) * 1e3:6.3f} ms  "
+    cpu_ms = (result.cpu_s or 0) / max(requests, 1) * 1e3
+    return cpu_ms, (
+        f"{tree or '.':<24} cpu/request {cpu_ms:6.3f} ms  "
         f"requests {requests:>6,}  ack p50 {load.percentile(0.5) * 1e3:5.1f} "
         f"p99 {load.percentile(0.99) * 1e3:6.1f} ms  non-202 "
         f"{sum(n for s, n in load.statuses.items() if s != 202)}"
         + ("" if result.delivered_all else "  NOT ALL DELIVERED")
         + ("" if kept_up else "  SATURATED: lower --rate")
     )
-
-
-def cpu_of(line: str) -> float:
-    return float(line.split("cpu/request")[1].split()[0])
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -86,9 +84,9 @@ async def main(args: argparse.Namespace) -> None:
     try:
         for _ in range(args.pairs):
             for tree, figures in zip(trees, results, strict=True):
-                line = await measure(bench, tree, args.rate)
+                cpu_ms, line = await measure(bench, tree, args.rate)
                 print(line, flush=True)
-                figures.append(cpu_of(line))
+                figures.append(cpu_ms)
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
     for tree, figures in zip(trees, results, strict=True):

@@ -140,9 +140,12 @@ def loki_size(entry: PushEntry) -> int:
     structured metadata names and values (``util.EntryTotalSize``)."""
     line = entry.line
     size = len(line) if line.isascii() else len(line.encode())
-    for name, value in entry.structured_metadata.items():
-        size += len(name.encode()) + len(value.encode())
-    return size
+    return size + metadata_size(entry.structured_metadata)
+
+
+def metadata_size(pairs: Mapping[str, str]) -> int:
+    """Bytes Loki charges for structured metadata: every name and value, UTF-8."""
+    return sum(len(name.encode()) + len(value.encode()) for name, value in pairs.items())
 
 
 def group_streams(items: Sequence[Item]) -> list[PushStream]:
@@ -369,8 +372,7 @@ class PushBatch:
             if structured_metadata:
                 line = encode(_Line(entry.message, entry.metadata or None))
                 pairs = entry_metadata(entry)
-                for name, value in pairs.items():
-                    size += len(name.encode()) + len(value.encode())
+                size += metadata_size(pairs)
                 metadata: dict[str, str] | None = pairs
             else:
                 line = encode(
