@@ -281,6 +281,12 @@ class LokiReceiver:
         self.push_log: list[PushRecord] = []
         """Every answered push, in answer order."""
         self.entry_count = 0
+        self.first_stored_ns: int | None = None
+        """Wall clock (``time.time_ns``) when the first push that stored entries was answered."""
+        self.first_stored_entries = 0
+        """How many entries that first push stored."""
+        self.last_stored_ns: int | None = None
+        """Wall clock when the last push that stored entries was answered."""
         self._notify()
 
     # ------------------------------------------------------------------ inspection
@@ -327,6 +333,9 @@ class LokiReceiver:
             "pushes": self.pushes,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "entries": self.entry_count,
+            "first_stored_ns": self.first_stored_ns,
+            "first_stored_entries": self.first_stored_entries,
+            "last_stored_ns": self.last_stored_ns,
             "streams": len(self.streams),
             "duplicates": self.duplicates,
             "last_error": self.last_error,
@@ -511,7 +520,10 @@ class LokiReceiver:
         if failure is not None:
             status, text = failure, f"simulated failure: {failure}\n"
         else:
+            before = self.entry_count
             status, text, entries, streams = self._process(headers, body)
+            if self.entry_count > before:
+                self._stored_at(time.time_ns(), self.entry_count - before)
         self.status_counts[status] += 1
         self.push_log.append(
             PushRecord(
@@ -527,6 +539,14 @@ class LokiReceiver:
             self.last_error = text
         self._notify()
         return status, text
+
+    def _stored_at(self, now_ns: int, stored: int) -> None:
+        """Note when pushes stored entries: a backlog's drain rate is measured between the
+        first and the last of them (``python -m logstack.bench --scenario outage``)."""
+        if self.first_stored_ns is None:
+            self.first_stored_ns = now_ns
+            self.first_stored_entries = stored
+        self.last_stored_ns = now_ns
 
     def _process(
         self, headers: dict[str, str], body: bytes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from logstack.bench._cli import SETTLE_S, ScenarioResult
+from logstack.bench._cli import SETTLE_S, ScenarioResult, drain_figures
 from logstack.bench._load import LoadResult
 from logstack.bench._procstat import process_tree, tree_cpu_seconds, tree_rss_mib
 from logstack.testing._process import LogstackProcess, make_test_config
@@ -115,3 +115,44 @@ def test_sustained_rate_counts_the_delivery_backlog_beyond_the_batching_delay() 
     undelivered = result(80_000, 8.0, 1.0)
     undelivered.delivered_all = False
     assert undelivered.sustained_lines_per_s is None
+
+
+def test_drain_rate_counts_the_pushes_after_the_first_over_their_own_window() -> None:
+    load = LoadResult(duration_s=10.0, accepted_lines=500_000)
+    second = 1_000_000_000
+    stats = {
+        "entries": 500_000,
+        "first_stored_ns": 7 * second,
+        "first_stored_entries": 1_000,
+        "last_stored_ns": 9 * second + second // 2,
+    }
+    figures = drain_figures(stats, up_ns=6 * second + second // 2, drain_s=3.3, load=load)
+    # Receiver up at 6.5 s, first push stored at 7 s, last at 9.5 s: 499,000 lines in 2.5 s.
+    assert figures == {
+        "drain_s": 3.3,
+        "recovery_s": 0.5,
+        "drain_window_s": 2.5,
+        "drain_lines_per_s": 199_600,
+        "drain_over_ingest": 3.99,
+    }
+    # Nothing stored, or everything in one push: no rate to give, only the total time.
+    for first, last in ((None, None), (7 * second, 7 * second)):
+        alone = drain_figures(
+            stats | {"first_stored_ns": first, "last_stored_ns": last}, 0, 3.3, load
+        )
+        assert alone == {
+            "drain_s": 3.3,
+            "recovery_s": None,
+            "drain_lines_per_s": None,
+            "drain_over_ingest": None,
+        }
+
+
+def test_outage_reports_the_recovery_and_the_drain() -> None:
+    run = bench("--scenario", "outage", "--duration", "1")
+    [row] = json.loads(run.stdout)["scenarios"]
+    assert row["scenario"] == "outage-recovery" and row["all_delivered"] is True
+    assert row["4xx"] == 0 and row["5xx"] == 0
+    assert 0 <= row["recovery_s"] <= row["drain_s"]
+    assert 0 < row["drain_window_s"] <= row["drain_s"]
+    assert row["drain_lines_per_s"] > 0 and row["drain_over_ingest"] > 0

@@ -525,6 +525,31 @@ async def test_receiver_over_http_control(rx: LokiReceiver, client: httpx.AsyncC
     ]
 
 
+async def test_stats_tell_when_the_first_and_last_pushes_stored_entries(
+    rx: LokiReceiver, client: httpx.AsyncClient
+) -> None:
+    stats = (await client.get("/_receiver/stats")).json()
+    assert stats["first_stored_ns"] is None and stats["last_stored_ns"] is None
+    rx.fail_next(503, 1)
+    assert (await push_proto(client, stream({"a": "b"}, (NOW, "x")))).status_code == 503
+    # A refused push and a push of nothing new store nothing: neither counts.
+    assert (await client.get("/_receiver/stats")).json()["first_stored_ns"] is None
+    before = time.time_ns()
+    first = stream({"a": "b"}, (NOW, "x"), (NOW + 1, "y"))
+    assert (await push_proto(client, first)).status_code == 204
+    assert (await push_proto(client, first)).status_code == 204  # duplicates only
+    stats = (await client.get("/_receiver/stats")).json()
+    assert stats["first_stored_entries"] == 2
+    assert before <= stats["first_stored_ns"] == stats["last_stored_ns"] <= time.time_ns()
+    assert (await push_proto(client, stream({"a": "b"}, (NOW + 2, "z")))).status_code == 204
+    later = (await client.get("/_receiver/stats")).json()
+    assert later["first_stored_ns"] == stats["first_stored_ns"]
+    assert later["first_stored_entries"] == 2
+    assert later["last_stored_ns"] > stats["last_stored_ns"]
+    rx.reset()
+    assert rx.statistics()["first_stored_ns"] is None
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
