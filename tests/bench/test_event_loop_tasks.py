@@ -1,0 +1,93 @@
+"""``benchmarks/event_loop_tasks.py``: a real server timed task by task, the table read
+right, and arguments refused with a reason."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "benchmarks" / "event_loop_tasks.py"
+ROW = re.compile(r"^(\S+) +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)%$", re.MULTILINE)
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server() -> None:
+    out = run("--lines", "10", "--connections", "2", "--warmup", "0.5", "--duration", "1")
+    assert out.returncode == 0, out.stderr
+    head = r"LogStack, delivery included: [0-9,]+ requests of 10 lines, 2 connections"
+    assert re.search(head, out.stdout)
+    rows = {row[0]: row for row in ROW.findall(out.stdout)}
+    for task in ("stage:validate", "stage:wal_append", "BatchStage._follow"):
+        assert task in rows, out.stdout
+        assert float(rows[task][2]) > 0  # µs per request
+    # A simple stage takes at most two steps per batch of requests (its work, and passing
+    # the batch on), whether or not requests were merged into it.
+    assert 0 < float(rows["stage:validate"][1]) <= 2
+    assert sum(float(row[4]) for row in rows.values()) <= 100.5
+    assert re.search(r"^all tasks +[0-9.]+ +[0-9.]+$", out.stdout, re.MULTILINE)
+
+
+def test_the_table_ranks_tasks_by_time_and_leaves_io_waits_out_of_the_shares(
+    load_script: Callable[[str], ModuleType],
+) -> None:
+    module = load_script("event_loop_tasks")
+    counts = {
+        "steps": {"stage:validate": 10, "TCPServer.run": 40, module.IO_WAIT: 30},
+        "ns": {"stage:validate": 3_000_000, "TCPServer.run": 1_000_000, module.IO_WAIT: 9_000_000},
+    }
+    lines = module.table(counts, requests=100, top=10).splitlines()
+    assert lines[1].split() == ["<I/O", "wait>", "0.30", "90.0", "300.0"]
+    assert lines[2].split() == ["stage:validate", "0.10", "30.0", "300.0", "75.0%"]
+    assert lines[3].split() == ["TCPServer.run", "0.40", "10.0", "25.0", "25.0%"]
+    assert lines[4].split() == ["all", "tasks", "0.50", "40.0"]
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("hypercorn.trio.tcp_server.TCPServer._read_data", "TCPServer._read_data"),
+        ("stage:validate", "stage:validate"),
+        ("logstack._service.Service.serve.<locals>.run_hypercorn", "serve.run_hypercorn"),
+    ],
+)
+def test_tasks_are_named_without_their_module(
+    load_script: Callable[[str], ModuleType], name: str, label: str
+) -> None:
+    assert load_script("event_loop_tasks").task_label(name) == label
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--target", "nginx"], "invalid choice: 'nginx'"),
+        (["--connections", "0"], "--lines and --connections must be at least 1"),
+        (["--duration", "0"], "--duration and --warmup above 0"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_reason(args: list[str], reason: str) -> None:
+    out = run(*args)
+    assert out.returncode == 2
+    assert reason in out.stderr
+
+
+def test_the_server_side_refuses_a_command_it_cannot_run(
+    load_script: Callable[[str], ModuleType],
+) -> None:
+    with pytest.raises(SystemExit, match="not a '<python> -m <module>' command"):
+        load_script("event_loop_tasks").serve_with_step_timer(["python", "server.py"])
