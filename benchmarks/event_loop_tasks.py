@@ -4,6 +4,7 @@
     python benchmarks/event_loop_tasks.py --connections 32 --lines 500
     python benchmarks/event_loop_tasks.py --target ceiling    # the bench's bare endpoint
     python benchmarks/event_loop_tasks.py --target asgi       # the same, without Quart
+    python benchmarks/event_loop_tasks.py --drain              # a backlog's drain, per push
 
 LogStack runs on one event loop per process, and at saturation that loop is the bottleneck
 (one core, busy ~99% of the time). py-spy samples it, but it under-samples some code (the
@@ -56,6 +57,8 @@ OUT_ENV = "EVENT_LOOP_TASKS_OUT"
 """Where the server writes its counters (not LOGSTACK_*: those are config overrides)."""
 IO_WAIT = "<I/O wait>"
 TARGETS = ("logstack", "ceiling", "asgi")
+PUSH_ENTRIES = 1000
+"""``loki.batch_max_entries`` of the bench's server: a drain's pushes carry this many."""
 MEASURED_OFFSET = 10**6
 """Request numbers of the measured load start here: bodies the warm-up never sent."""
 DELIVERY_TIMEOUT_S = 300.0
@@ -134,21 +137,41 @@ def serve_with_step_timer(server_command: Sequence[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def table(counts: dict[str, dict[str, int]], requests: int, top: int) -> str:
-    """The tasks by time per request, then the loop's total; shares of the time not waited."""
+def table(counts: dict[str, dict[str, int]], units: float, top: int, unit: str = "req") -> str:
+    """The tasks by time per ``unit`` (a request, or a push), then the loop's total; shares
+    of the time not spent waiting for I/O."""
     steps, ns = counts["steps"], counts["ns"]
     busy = sum(value for label, value in ns.items() if label != IO_WAIT)
-    rows = [f"{'task':<48} {'steps/req':>9} {'µs/req':>8} {'µs/step':>8} {'share':>6}"]
+    per = f"/{unit}"
+    rows = [f"{'task':<48} {'steps' + per:>10} {'µs' + per:>9} {'µs/step':>8} {'share':>6}"]
     ranked = sorted(ns.items(), key=lambda item: -item[1])
     for label, value in ranked[:top]:
         share = "" if label == IO_WAIT else f"{100 * value / busy:5.1f}%"
         rows.append(
-            f"{label:<48} {steps[label] / requests:9.2f} {value / requests / 1000:8.1f} "
+            f"{label:<48} {steps[label] / units:10.2f} {value / units / 1000:9.1f} "
             f"{value / steps[label] / 1000:8.1f} {share:>6}"
         )
     task_steps = sum(value for label, value in steps.items() if label != IO_WAIT)
-    rows.append(f"{'all tasks':<48} {task_steps / requests:9.2f} {busy / requests / 1000:8.1f}")
+    rows.append(f"{'all tasks':<48} {task_steps / units:10.2f} {busy / units / 1000:9.1f}")
     return "\n".join(rows)
+
+
+def timed(server: ChildProcess, out: Path) -> ChildProcess:
+    """``server``, set to run under the step timer, its counters written to ``out``."""
+    server.launcher = [sys.executable, str(SCRIPT), CHILD_FLAG]
+    server.env[OUT_ENV] = str(out)
+    return server
+
+
+async def written_counts(server: ChildProcess, out: Path) -> dict[str, dict[str, int]]:
+    """Ask the server for its counters (SIGUSR2) and read them."""
+    server.signal(signal.SIGUSR2)
+    written = trio.Path(out)
+    with trio.fail_after(30):
+        while not await written.exists():
+            await trio.sleep(0.05)
+    counts: dict[str, dict[str, int]] = json.loads(await written.read_text())
+    return counts
 
 
 async def measure(args: argparse.Namespace) -> str:
@@ -165,9 +188,7 @@ async def measure(args: argparse.Namespace) -> str:
             ceiling = _CeilingProcess(bench.workdir / "ceiling")
             ceiling.plain_asgi = args.target == "asgi"
             server = ceiling
-        server.launcher = [sys.executable, str(SCRIPT), CHILD_FLAG]
-        server.env[OUT_ENV] = str(out)
-        url = await _start(server)
+        url = await _start(timed(server, out))
         make = body_factory(args.lines)
 
         async def load(duration: float, offset: int, delivered: int) -> LoadResult:
@@ -190,11 +211,7 @@ async def measure(args: argparse.Namespace) -> str:
         warmup = await load(args.warmup, 0, 0)
         server.signal(signal.SIGUSR1)
         measured = await load(args.duration, MEASURED_OFFSET, warmup.accepted_lines)
-        server.signal(signal.SIGUSR2)
-        with trio.fail_after(30):
-            while not out.exists():
-                await trio.sleep(0.05)
-        counts = json.loads(out.read_text())
+        counts = await written_counts(server, out)
     finally:
         if server is not None:
             await _stop(server)
@@ -215,9 +232,56 @@ async def measure(args: argparse.Namespace) -> str:
     return head + "\n" + table(counts, requests, args.top)
 
 
+async def measure_drain(args: argparse.Namespace) -> str:
+    """The bench's ``outage`` scenario, timed while the backlog drains: the load runs with
+    the stand-in down, then the stand-in starts, and the counters run from its first stored
+    push until it holds every line."""
+    bench = Bench(build_parser().parse_args(["--connections", str(args.connections)]))
+    out = bench.workdir / "steps.json"
+    receiver = LokiReceiverProcess(bench.workdir / "loki")
+    server: ChildProcess | None = None
+    try:
+        loki_url = await _start(receiver)
+        await _stop(receiver)  # down from the start, on a known port
+        server = timed(bench._server(loki_url, loki={"backoff_max_s": 1.0}), out)
+        url = await _start(server)
+        load = await run_load(
+            url + "/v1/logs:ingest",
+            body_factory(args.lines),
+            lines_per_request=args.lines,
+            headers=bench.headers,
+            connections=args.connections,
+            duration_s=args.duration,
+        )
+        await _start(receiver)
+        with trio.fail_after(DELIVERY_TIMEOUT_S):
+            while (first := await _receiver_entries(loki_url)) == 0:
+                await trio.sleep(0.01)
+            server.signal(signal.SIGUSR1)
+            started = trio.current_time()
+            while (delivered := await _receiver_entries(loki_url)) < load.accepted_lines:
+                await trio.sleep(0.05)
+        elapsed = trio.current_time() - started
+        counts = await written_counts(server, out)
+    finally:
+        if server is not None:
+            await _stop(server)
+        await _stop(receiver)
+    drained = delivered - first
+    if drained <= 0 or load.duration_s <= 0:
+        raise RuntimeError("nothing was left to drain once the first push was stored")
+    head = (
+        f"LogStack draining {drained:,} lines in {elapsed:.2f} s ({drained / elapsed:,.0f} "
+        f"lines/s; ingest with Loki down: {load.accepted_lines / load.duration_s:,.0f} "
+        f"lines/s); per {PUSH_ENTRIES}-entry push:"
+    )
+    return head + "\n" + table(counts, drained / PUSH_ENTRIES, args.top, unit="push")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--target", choices=TARGETS, default="logstack", help="what to time")
+    p.add_argument("--drain", action="store_true", help="time the drain after an outage (per push)")
     p.add_argument("--lines", type=int, default=100, help="lines per request")
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of measured load")
@@ -234,7 +298,9 @@ def main(argv: Sequence[str]) -> int:
     args = cli.parse_args(argv)
     if args.lines < 1 or args.connections < 1 or args.duration <= 0 or args.warmup <= 0:
         cli.error("--lines and --connections must be at least 1, --duration and --warmup above 0")
-    print(trio.run(measure, args), flush=True)
+    if args.drain and args.target != "logstack":
+        cli.error("--drain applies to --target logstack only")
+    print(trio.run(measure_drain if args.drain else measure, args), flush=True)
     return 0
 
 

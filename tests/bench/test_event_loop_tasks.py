@@ -43,6 +43,18 @@ def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server() -> N
     assert re.search(r"^all tasks +[0-9.]+ +[0-9.]+$", out.stdout, re.MULTILINE)
 
 
+def test_a_drain_is_timed_per_push() -> None:
+    out = run("--drain", "--connections", "4", "--duration", "1")
+    assert out.returncode == 0, out.stderr
+    head = r"LogStack draining [0-9,]+ lines in [0-9.]+ s \([0-9,]+ lines/s; ingest with Loki down"
+    assert re.search(head, out.stdout), out.stdout
+    rows = {row[0]: row for row in ROW.findall(out.stdout)}
+    assert float(rows["BatchStage._follow"][2]) > 0
+    # One push per 1000 entries, each answered once: about one forwarder task per push.
+    assert 0.5 <= float(rows["LokiForwarder.deliver_guarded"][1]) / 10 <= 2
+    assert "stage:validate" not in rows  # nothing is ingested while it drains
+
+
 def test_the_table_ranks_tasks_by_time_and_leaves_io_waits_out_of_the_shares(
     load_script: Callable[[str], ModuleType],
 ) -> None:
@@ -51,7 +63,8 @@ def test_the_table_ranks_tasks_by_time_and_leaves_io_waits_out_of_the_shares(
         "steps": {"stage:validate": 10, "TCPServer.run": 40, module.IO_WAIT: 30},
         "ns": {"stage:validate": 3_000_000, "TCPServer.run": 1_000_000, module.IO_WAIT: 9_000_000},
     }
-    lines = module.table(counts, requests=100, top=10).splitlines()
+    lines = module.table(counts, units=100, top=10).splitlines()
+    assert lines[0].split()[1:3] == ["steps/req", "µs/req"]
     assert lines[1].split() == ["<I/O", "wait>", "0.30", "90.0", "300.0"]
     assert lines[2].split() == ["stage:validate", "0.10", "30.0", "300.0", "75.0%"]
     assert lines[3].split() == ["TCPServer.run", "0.40", "10.0", "25.0", "25.0%"]
@@ -78,6 +91,7 @@ def test_tasks_are_named_without_their_module(
         (["--target", "nginx"], "invalid choice: 'nginx'"),
         (["--connections", "0"], "--lines and --connections must be at least 1"),
         (["--duration", "0"], "--duration and --warmup above 0"),
+        (["--drain", "--target", "asgi"], "--drain applies to --target logstack only"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_reason(args: list[str], reason: str) -> None:
