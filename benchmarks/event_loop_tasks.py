@@ -284,7 +284,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", action="store_true", help="time the drain after an outage (per push)")
     p.add_argument("--lines", type=int, default=100, help="lines per request")
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds of measured load")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=8.0,
+        help="seconds of measured load (with --drain: of load while Loki is down)",
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before it")
     p.add_argument("--top", type=int, default=15, help="tasks shown")
     return p
