@@ -9,7 +9,7 @@ pay a channel hop per entry. Stages with timers or I/O override ``run(inbox, out
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict
@@ -19,6 +19,8 @@ from ._errors import InternalError, RejectError
 from ._logging import request_id_var
 
 log = logging.getLogger("logstack.stage")
+
+T = TypeVar("T")
 
 COALESCE_MAX = 256
 """Most batches merged into one when a stage finds several waiting in its inbox."""
@@ -94,7 +96,7 @@ class Stage:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-def coalesce(batch: Batch, inbox: trio.MemoryReceiveChannel[Any]) -> Batch:
+def coalesce(batch: list[T], inbox: trio.MemoryReceiveChannel[Any]) -> list[T]:
     """Append every batch already waiting in ``inbox`` to ``batch`` (non-blocking)."""
     for _ in range(COALESCE_MAX):
         try:

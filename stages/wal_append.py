@@ -22,6 +22,11 @@ ROTATION_CHECK_S = 1.0
 DISK_CHECK_INTERVAL_S = 1.0
 QUOTA_RETRY_AFTER_S = 30
 DISK_RETRY_AFTER_S = 30
+COMMIT_QUEUE = 64
+"""Written batches of requests that may wait for a group commit (then writing waits too)."""
+
+Written = tuple[Envelope, KeyLog, Accepted | None, int]
+"""A written request: its log, the first answer if it was an idempotent retry, its entries."""
 
 
 def idempotency_hash(key_name: str, idempotency_key: str) -> str:
@@ -124,18 +129,26 @@ class WalAppendStage(Stage):
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Batch], outbox: trio.MemorySendChannel[Any]
     ) -> None:
-        async with inbox, outbox, trio.open_nursery() as nursery:
-            nursery.start_soon(self._maintain)
-            async for first in inbox:
-                await self._write_batch(coalesce(first, inbox), outbox)
-            nursery.cancel_scope.cancel()
+        written_send, written_receive = trio.open_memory_channel[list[Written]](COMMIT_QUEUE)
+        async with inbox, outbox, trio.open_nursery() as timers:
+            timers.start_soon(self._maintain)
+            async with trio.open_nursery() as pipeline:
+                pipeline.start_soon(self._commit, written_receive, outbox)
+                async with written_send:
+                    async for first in inbox:
+                        written = self._write_batch(coalesce(first, inbox))
+                        if written:
+                            await written_send.send(written)
+            # Every written request has been answered.
+            timers.cancel_scope.cancel()
         # Stopping: make everything written durable before the store closes.
         await self._sync_all(list(self.store.logs.values()))
 
-    async def _write_batch(self, batch: Batch, outbox: trio.MemorySendChannel[Any]) -> None:
+    def _write_batch(self, batch: Batch) -> list[Written]:
+        """Write every pending request of ``batch`` (or refuse it); the committer answers
+        the written ones once their group's fsync is done."""
         health = self.context.health
-        metrics = self.context.metrics
-        written: list[tuple[Envelope, KeyLog, Accepted | None, int]] = []
+        written: list[Written] = []
         waiting: dict[str, tuple[str, int]] = {}
         for envelope in batch:
             if not envelope.pending:
@@ -154,12 +167,26 @@ class WalAppendStage(Stage):
                 envelope.reject(UnavailableError("the WAL cannot be written", retry_after=5))
                 continue
             written.append((envelope, keylog, replay, count))
-        if not written:
-            return
+        return written
+
+    async def _commit(
+        self,
+        written_receive: trio.MemoryReceiveChannel[list[Written]],
+        outbox: trio.MemorySendChannel[Any],
+    ) -> None:
+        """Group commit: one fsync per touched log covers every request written before it
+        started. Requests go on being written while it runs (``run``), so the next group's
+        fsync can start as soon as this one ends."""
+        async with written_receive:
+            async for first in written_receive:
+                await self._answer_group(coalesce(first, written_receive), outbox)
+
+    async def _answer_group(
+        self, written: list[Written], outbox: trio.MemorySendChannel[Any]
+    ) -> None:
+        metrics = self.context.metrics
         failed: set[str] = set()
         if self.context.settings.wal.fsync == "always":
-            # Group commit: one fsync per touched log covers every request written above
-            # (and any that queued up while it ran, in the next round).
             failed = await self._sync_all({id(kl): kl for _, kl, _, _ in written}.values())
         for envelope, keylog, replay, count in written:
             if keylog.name in failed:

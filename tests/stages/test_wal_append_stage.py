@@ -109,6 +109,45 @@ async def test_a_written_request_lets_go_of_its_entries_before_its_fsync(tmp_pat
         assert record.request_id == "req-free" and record.entries == [ENTRY] * 4
 
 
+async def test_requests_are_written_while_a_group_is_being_fsynced(tmp_path: Path) -> None:
+    """The next group is on disk (not yet durable) when the current group's fsync ends, so
+    its own fsync starts at once; each request is still answered only after an fsync that
+    began once it was written."""
+    async with running(tmp_path) as h:
+        gate = trio.Event()
+        fsyncs: list[int] = []
+        real_runner = h.store.fsync_runner
+
+        async def gated(fds: list[int]) -> None:
+            fsyncs.append(h.store.logs["alpha"].end[1])  # what this fsync covers
+            await gate.wait()
+            await real_runner(fds)
+
+        h.store.fsync_runner = gated
+        for log in h.store.logs.values():
+            log.fsync_runner = gated
+        answers: list[Accepted | Exception] = []
+
+        async def post(n: int) -> None:
+            answers.append(await h.post(n=n))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, 1)
+            with trio.fail_after(5):
+                while not fsyncs:  # the first group's fsync has started, waits at the gate
+                    await trio.sleep(0.001)
+                keylog = h.store.logs["alpha"]
+                first_end = keylog.end
+                nursery.start_soon(post, 2)
+                while keylog.end == first_end:  # written while that fsync still runs
+                    await trio.sleep(0.001)
+            assert not answers and len(fsyncs) == 1
+            gate.set()
+        assert [a.entries_accepted for a in answers if isinstance(a, Accepted)] == [1, 2]
+        assert fsyncs == [first_end[1], keylog.end[1]]  # the second fsync covered the second
+        assert keylog.synced_end == keylog.end
+
+
 async def test_concurrent_requests_share_fsyncs(tmp_path: Path) -> None:
     async with running(tmp_path) as h:
         async with trio.open_nursery() as nursery:
