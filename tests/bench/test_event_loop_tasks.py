@@ -4,31 +4,20 @@ right, and arguments refused with a reason."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-SCRIPT = ROOT / "benchmarks" / "event_loop_tasks.py"
 ROW = re.compile(r"^(\S+) +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)%$", re.MULTILINE)
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server() -> None:
-    out = run("--lines", "10", "--connections", "2", "--warmup", "0.5", "--duration", "1")
+def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server(
+    run_script: Callable[..., Any],
+) -> None:
+    args = ("--lines", "10", "--connections", "2", "--warmup", "0.5", "--duration", "1")
+    out = run_script("event_loop_tasks", *args)
     assert out.returncode == 0, out.stderr
     head = r"LogStack, delivery included: [0-9,]+ requests of 10 lines, 2 connections"
     assert re.search(head, out.stdout)
@@ -43,8 +32,8 @@ def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server() -> N
     assert re.search(r"^all tasks +[0-9.]+ +[0-9.]+$", out.stdout, re.MULTILINE)
 
 
-def test_a_drain_is_timed_per_push() -> None:
-    out = run("--drain", "--connections", "4", "--duration", "1")
+def test_a_drain_is_timed_per_push(run_script: Callable[..., Any]) -> None:
+    out = run_script("event_loop_tasks", "--drain", "--connections", "4", "--duration", "1")
     assert out.returncode == 0, out.stderr
     head = r"LogStack draining [0-9,]+ lines in [0-9.]+ s \([0-9,]+ lines/s; ingest with Loki down"
     assert re.search(head, out.stdout), out.stdout
@@ -94,8 +83,10 @@ def test_tasks_are_named_without_their_module(
         (["--drain", "--target", "asgi"], "--drain applies to --target logstack only"),
     ],
 )
-def test_bad_arguments_are_refused_with_the_reason(args: list[str], reason: str) -> None:
-    out = run(*args)
+def test_bad_arguments_are_refused_with_the_reason(
+    run_script: Callable[..., Any], args: list[str], reason: str
+) -> None:
+    out = run_script("event_loop_tasks", *args)
     assert out.returncode == 2
     assert reason in out.stderr
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import pytest
@@ -19,26 +18,17 @@ import pytest
 from logstack.bench._cli import _CeilingProcess, body_factory
 from logstack.testing._process import LokiReceiverProcess
 
-ROOT = Path(__file__).parents[2]
-SCRIPT = ROOT / "benchmarks" / "server_instructions.py"
 COUNT_LINE = re.compile(
     r"asgi: ([0-9.]+) M instructions per 100-line request \(([0-9,]+) requests, 4 connections"
 )
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-
-
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
-def test_a_count_under_callgrind_gives_instructions_per_request() -> None:
-    out = run("--target", "asgi", "--connections", "4", "--warmup", "1", "--duration", "2")
+def test_a_count_under_callgrind_gives_instructions_per_request(
+    run_script: Callable[..., Any],
+) -> None:
+    args = ("--target", "asgi", "--connections", "4", "--warmup", "1", "--duration", "2")
+    out = run_script("server_instructions", *args, timeout=600)
     assert out.returncode == 0, out.stderr
     found = COUNT_LINE.search(out.stdout)
     assert found is not None, out.stdout
@@ -68,8 +58,10 @@ def test_the_total_comes_from_the_dumps_summary_line(
         (["--duration", "0"], "--duration and --warmup above 0"),
     ],
 )
-def test_bad_arguments_are_refused_with_the_reason(args: list[str], reason: str) -> None:
-    out = run(*args)
+def test_bad_arguments_are_refused_with_the_reason(
+    run_script: Callable[..., Any], args: list[str], reason: str
+) -> None:
+    out = run_script("server_instructions", *args)
     assert out.returncode == 2
     assert reason in out.stderr
 
