@@ -32,12 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import trio
 
 from logstack._config import LokiSettings, Settings
 from logstack._delivery import (
-    USER_AGENT,
     Item,
     LokiAnswer,
     LokiTransport,
@@ -55,73 +53,14 @@ from logstack._dlq import (
     dead_letter_queue,
     make_dead_letter,
 )
+from logstack._loki_http import Http11Transport
 from logstack._loki_proto import is_valid_label_name, sanitize_label_name
 from logstack._stage import Stage, StageConfig
 from logstack._wal import WalStore
 
 log = logging.getLogger("logstack.forward")
 
-MAX_ANSWER_CHARS = 64 * 1024
-"""Loki's answer bodies are read up to this many characters."""
 PROBE_TIMEOUT_S = 5.0
-
-
-# ------------------------------------------------------------------------ transport
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: rare from Loki's proxies; the backoff applies
-
-
-class HttpxTransport:
-    """:class:`LokiTransport` over one pooled ``httpx.AsyncHTTPTransport``.
-
-    The transport, not an ``AsyncClient``: a push needs none of the client's layers (base
-    URL, cookies, auth, redirects, event hooks), and they cost ~0.2 ms of CPU per push
-    (0.84 to 0.94 against 0.63 to 0.72 ms for a 10 KB push, alternating, three rounds of 500).
-    Timeouts are the caller's (``trio.fail_after``), as with ``timeout=None`` before.
-    """
-
-    def __init__(self, max_connections: int) -> None:
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self.transport = httpx.AsyncHTTPTransport(limits=limits)
-
-    async def _send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes = b""
-    ) -> LokiAnswer:
-        request = httpx.Request(method, url, headers=headers, content=body)
-        try:
-            response = await self.transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        except (httpx.HTTPError, OSError) as exc:
-            raise LokiTransportError(f"{type(exc).__name__}: {exc}") from exc
-        return LokiAnswer(
-            response.status_code,
-            response.text[:MAX_ANSWER_CHARS],
-            _retry_after(response.headers.get("retry-after")),
-        )
-
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> LokiAnswer:
-        return await self._send("POST", url, headers, body)
-
-    async def get(self, url: str) -> LokiAnswer:
-        return await self._send("GET", url, {"User-Agent": USER_AGENT})
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-    def __repr__(self) -> str:
-        return f"<HttpxTransport {self.transport!r}>"
 
 
 # ------------------------------------------------------------------------ endpoints
@@ -718,7 +657,7 @@ class ForwardLokiStage(Stage):
         context = self.context
         loki = context.settings.loki
         injected = context.services.get("loki_transport")
-        transport: LokiTransport = injected or HttpxTransport(loki.max_concurrent_pushes * 2 + 2)
+        transport: LokiTransport = injected or Http11Transport(loki.max_concurrent_pushes * 2 + 2)
         forwarder = self.forwarder = LokiForwarder(context, transport, self.pool)
         context.services["forwarder"] = forwarder
         self._warn_label_names(context.settings)
