@@ -96,12 +96,14 @@ class _Connection:
         self.sock.close()
 
     def expired(self) -> bool:
-        """An idle connection the server closed (or wrote to) is readable: not reusable."""
+        """An idle connection the server closed (or wrote to) is readable: not reusable.
+        (``poll``, not ``select``: a busy server's descriptors pass 1024.)"""
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.sock.fileno()], [], [], 0)
+            poller.register(self.sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     async def exchange(
         self, method: bytes, target: _Target, headers: Mapping[str, str], body: bytes

@@ -3,6 +3,8 @@ scripted raw TCP (and TLS) servers for the answers a stand-in never gives."""
 
 from __future__ import annotations
 
+import os
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -264,6 +266,29 @@ async def test_idle_connection_closed_by_the_server_is_replaced() -> None:
         assert (await transport.post(url + "/p", b"x", PROTOBUF)).status == 204
         await transport.aclose()
     assert transport.connections_opened == 2
+
+
+async def test_connections_past_descriptor_1024_are_reused(rx: LokiReceiver) -> None:
+    """The idle check must not depend on ``select``'s 1024-descriptor limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip(f"needs 1400 open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        transport = Http11Transport(2)
+        for i in range(3):
+            answer = await transport.post(
+                f"{rx.url}/loki/api/v1/push", push_body(f"l{i}"), PROTOBUF
+            )
+            assert answer.status == 204
+        await transport.aclose()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert transport.connections_opened == 1
 
 
 async def test_reused_connection_dropped_unanswered_is_retried_once() -> None:
