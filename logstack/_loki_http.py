@@ -111,17 +111,18 @@ class _Connection:
         """Send one request and read its answer: (answer, connection reusable)."""
         conn = self.h11
         fields = [(b"host", target.host_header)]
-        fields += [
-            (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
-        ]
         if body or method == b"POST":
             fields.append((b"content-length", str(len(body)).encode()))
+        try:
+            fields += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        except UnicodeEncodeError as exc:  # nothing sent, and sending again would not help
+            raise LokiTransportError(f"LocalProtocolError: header not latin-1: {exc}") from None
         try:
             head = conn.send(h11.Request(method=method, target=target.path, headers=fields))
             data = conn.send(h11.Data(data=body)) if body else b""
             tail = conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
-            raise _Failure("LocalProtocolError", str(exc), answered=False) from None
+            raise LokiTransportError(f"LocalProtocolError: {exc}") from None
         try:
             await self.stream.send_all(b"".join((head or b"", data or b"", tail or b"")))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

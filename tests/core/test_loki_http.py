@@ -380,6 +380,17 @@ async def test_unsupported_url_and_closed_transport() -> None:
         await transport.get("http://127.0.0.1:1/ready")
 
 
+async def test_header_that_http_cannot_carry_is_refused_before_sending(rx: LokiReceiver) -> None:
+    transport = Http11Transport(2)
+    url = f"{rx.url}/loki/api/v1/push"
+    for tenant in ("caf\u00e9\u2603", "a\r\nX-Evil: 1"):
+        with pytest.raises(LokiTransportError, match=r"^LocalProtocolError: "):
+            await transport.post(url, push_body("x"), {**PROTOBUF, "X-Scope-OrgID": tenant})
+    assert (await transport.post(url, push_body("x"), PROTOBUF)).status == 204
+    await transport.aclose()
+    assert rx.pushes == 1
+
+
 async def test_idle_connections_are_bounded() -> None:
     async with scripted_server(answer_each_with(*[NO_CONTENT] * 10)) as url:
         transport = Http11Transport(1)
