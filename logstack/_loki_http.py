@@ -1,9 +1,10 @@
 """The forwarder's HTTP client: keep-alive HTTP/1.1 to Loki, written on h11.
 
 Why not httpx: its transport spent ~0.9 ms of CPU on a 10 KB push and ~0.7 ms on a GET,
-against ~0.3 ms for the same push through h11 directly (``docs/performance.md``, "The push's
-HTTP client"). A 1000-entry push is ~10 KB compressed, so that is ~0.6 µs per entry on the
-event loop that also answers ingest requests, and a tenth of a drain's time. The forwarder
+against ~0.3 ms for the same push through h11 directly (``docs/performance.md``, the row
+"Pushes and /ready probes through h11"; ``docs/forwarding.md``, "The HTTP client"). A
+1000-entry push is ~10 KB compressed, so that is ~0.6 µs per entry on the event loop that
+also answers ingest requests, and a tenth of a drain's time. The forwarder
 needs little of a general client: one request at a time per connection, bodies in memory,
 timeouts applied by the caller (``trio.fail_after``). h11, the HTTP/1.1 state machine under
 httpcore and Hypercorn, does the protocol: framing, chunked and close-delimited answers, and
