@@ -205,11 +205,15 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """What went wrong, from trio's wrapper down to the cause it wraps (a TLS error, say)."""
+    """What went wrong, down to the cause trio wraps: a TLS error under a broken stream, the
+    refused attempts under "all attempts to connect ... failed"."""
     cause = exc.__cause__
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return str(exc) or type(exc).__name__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if cause is None:
+        return str(exc) or type(exc).__name__
+    detail = f"{type(cause).__name__}: {cause}"
+    return f"{exc}: {detail}" if str(exc) else detail
 
 
 class Http11Transport:

@@ -347,9 +347,11 @@ async def test_connection_refused_is_a_connect_error() -> None:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     transport = Http11Transport(2)
-    with pytest.raises(LokiTransportError, match=r"^ConnectError: "):
+    with pytest.raises(LokiTransportError, match=r"^ConnectError: ") as refused:
         await transport.get(f"http://127.0.0.1:{port}/ready")
     await transport.aclose()
+    assert "ConnectionRefusedError" in str(refused.value)
+    assert "ExceptionGroup" not in str(refused.value)
 
 
 async def test_timeout_mid_request_drops_the_connection() -> None:
