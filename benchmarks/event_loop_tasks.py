@@ -10,9 +10,12 @@ LogStack runs on one event loop per process, and at saturation that loop is the 
 (one core, busy ~99% of the time). py-spy samples it, but it under-samples some code (the
 HTTP stack, in earlier profiles). This times every step trio runs instead: the server runs
 with a ``trio.abc.Instrument`` that reads the clock before and after each task step and adds
-the time to the task's name, and the time the loop spent waiting for I/O (epoll) under
-``<I/O wait>``. A task's time is wall time on the loop's thread, so it includes what running
-cold costs (cache misses) and any wait for the GIL while an fsync thread held it.
+the time to the task's name. The loop's own calls to epoll are timed too: those that could
+wait (a timeout above zero: no task was runnable) under ``<I/O wait>``, the loop's idle time;
+those that only polled (timeout zero, between two batches of runnable tasks) under
+``<I/O poll>``, which is the loop's work and counts in the shares. A task's time is wall
+time on the loop's thread, so it includes what running cold costs (cache misses) and any
+wait for the GIL while an fsync thread held it.
 
 The bench's configuration, bodies and load generator. A warm-up load runs first and is
 delivered; the counters are then zeroed (SIGUSR1 to the server), the measured load runs and
@@ -56,6 +59,9 @@ CHILD_FLAG = "--serve-with-step-timer"
 OUT_ENV = "EVENT_LOOP_TASKS_OUT"
 """Where the server writes its counters (not LOGSTACK_*: those are config overrides)."""
 IO_WAIT = "<I/O wait>"
+"""epoll calls that could wait: no task was runnable (the loop idle)."""
+IO_POLL = "<I/O poll>"
+"""epoll calls with a zero timeout, between batches of runnable tasks (the loop's work)."""
 TARGETS = ("logstack", "ceiling", "asgi")
 PUSH_ENTRIES = 1000
 """``loki.batch_max_entries`` of the bench's server: a drain's pushes carry this many."""
@@ -101,8 +107,9 @@ class StepTimer(trio.abc.Instrument):
         self._started = time.perf_counter_ns()
 
     def after_io_wait(self, timeout: float) -> None:
-        self.steps[IO_WAIT] += 1
-        self.ns[IO_WAIT] += time.perf_counter_ns() - self._started
+        label = IO_WAIT if timeout > 0 else IO_POLL
+        self.steps[label] += 1
+        self.ns[label] += time.perf_counter_ns() - self._started
 
     def write(self) -> None:
         partial = self.out.with_name(self.out.name + ".partial")
@@ -138,8 +145,9 @@ def serve_with_step_timer(server_command: Sequence[str]) -> None:
 
 
 def table(counts: dict[str, dict[str, int]], units: float, top: int, unit: str = "req") -> str:
-    """The tasks by time per ``unit`` (a request, or a push), then the loop's total; shares
-    of the time not spent waiting for I/O."""
+    """The tasks by time per ``unit`` (a request, or a push), then all tasks' total. Shares
+    are of the time the loop was not idle: the tasks' and the polls' (``IO_POLL``), not
+    ``IO_WAIT``."""
     steps, ns = counts["steps"], counts["ns"]
     busy = sum(value for label, value in ns.items() if label != IO_WAIT)
     per = f"/{unit}"
@@ -151,8 +159,10 @@ def table(counts: dict[str, dict[str, int]], units: float, top: int, unit: str =
             f"{label:<48} {steps[label] / units:10.2f} {value / units / 1000:9.1f} "
             f"{value / steps[label] / 1000:8.1f} {share:>6}"
         )
-    task_steps = sum(value for label, value in steps.items() if label != IO_WAIT)
-    rows.append(f"{'all tasks':<48} {task_steps / units:10.2f} {busy / units / 1000:9.1f}")
+    loop = (IO_WAIT, IO_POLL)
+    task_steps = sum(value for label, value in steps.items() if label not in loop)
+    task_ns = sum(value for label, value in ns.items() if label not in loop)
+    rows.append(f"{'all tasks':<48} {task_steps / units:10.2f} {task_ns / units / 1000:9.1f}")
     return "\n".join(rows)
 
 

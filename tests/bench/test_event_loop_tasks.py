@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -49,15 +50,36 @@ def test_the_table_ranks_tasks_by_time_and_leaves_io_waits_out_of_the_shares(
 ) -> None:
     module = load_script("event_loop_tasks")
     counts = {
-        "steps": {"stage:validate": 10, "TCPServer.run": 40, module.IO_WAIT: 30},
-        "ns": {"stage:validate": 3_000_000, "TCPServer.run": 1_000_000, module.IO_WAIT: 9_000_000},
+        "steps": {
+            "stage:validate": 10,
+            "TCPServer.run": 40,
+            module.IO_WAIT: 30,
+            module.IO_POLL: 20,
+        },
+        "ns": {
+            "stage:validate": 3_000_000,
+            "TCPServer.run": 600_000,
+            module.IO_WAIT: 9_000_000,
+            module.IO_POLL: 400_000,
+        },
     }
     lines = module.table(counts, units=100, top=10).splitlines()
     assert lines[0].split()[1:3] == ["steps/req", "µs/req"]
     assert lines[1].split() == ["<I/O", "wait>", "0.30", "90.0", "300.0"]
     assert lines[2].split() == ["stage:validate", "0.10", "30.0", "300.0", "75.0%"]
-    assert lines[3].split() == ["TCPServer.run", "0.40", "10.0", "25.0", "25.0%"]
-    assert lines[4].split() == ["all", "tasks", "0.50", "40.0"]
+    assert lines[3].split() == ["TCPServer.run", "0.40", "6.0", "15.0", "15.0%"]
+    assert lines[4].split() == ["<I/O", "poll>", "0.20", "4.0", "20.0", "10.0%"]
+    assert lines[5].split() == ["all", "tasks", "0.50", "36.0"]
+
+
+def test_the_timer_tells_idle_waits_from_polls(load_script: Callable[[str], ModuleType]) -> None:
+    module = load_script("event_loop_tasks")
+    timer = module.StepTimer(Path("unused"))
+    for timeout in (0.0, 0.0, 0.5):
+        timer.before_io_wait(timeout)
+        timer.after_io_wait(timeout)
+    assert timer.steps == {module.IO_POLL: 2, module.IO_WAIT: 1}
+    assert set(timer.ns) == {module.IO_POLL, module.IO_WAIT}
 
 
 @pytest.mark.parametrize(
