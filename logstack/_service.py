@@ -23,13 +23,13 @@ from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import __version__
 from ._config import Settings, load_settings
 from ._context import StageContext
 from ._errors import ConfigError
 from ._http import create_app, disk_free_ratio, instrument, normalise_slashes
+from ._http_server import serve as serve_asgi
 from ._logging import set_secrets
 from ._pipeline import build_stages, serve_pipeline
 from ._registry import resolve_pipeline
@@ -341,7 +341,7 @@ async def serve_http(
         async with trio.open_nursery() as nursery:
 
             async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(
+                await serve_asgi(
                     app,
                     hypercorn_config(settings, listen_socket, private_socket),
                     shutdown_trigger=shutdown.wait,

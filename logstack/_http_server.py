@@ -1,0 +1,303 @@
+"""Hypercorn's trio server, with fewer event-loop steps per keep-alive request.
+
+The HTTP protocol stays Hypercorn's and h11's (parsing, ASGI events, ``HTTPStream``, h2,
+lifespan, graceful shutdown). What changes is the glue around one connection, where
+Hypercorn 0.18 spends, per request, scheduler steps that an answer of a few hundred bytes
+does not need (``docs/performance.md``, "Hypercorn's connection glue"):
+
+- **The keep-alive timer.** Hypercorn stops its idle task when a request arrives and starts
+  a new one (``nursery.start``: a task, its start-up handshake, a lock) when the answer is
+  done. Here one watcher task per connection waits in a cancel scope whose deadline moves
+  instead: ``inf`` while a request is in progress, ``now + keep_alive_timeout`` when idle.
+- **Three writes per answer.** The head, the body, and an empty end-of-message write for a
+  ``Content-Length`` answer each took the send lock and made a socket send, each a
+  checkpoint. Here a final answer's head waits for its first body bytes (or its end) and
+  leaves with them, nothing is sent for empty data, and an uncontended send lock is taken
+  without a checkpoint.
+- **The app's queue.** Body events and the app's ``receive()`` went through a memory
+  channel's awaiting ``send``/``receive``, a checkpoint each even when the message is
+  ready. Here they use ``send_nowait``/``receive_nowait`` and wait only when they must
+  (a full queue still holds the connection back, as before).
+
+Dropping those checkpoints is safe for the same reason it is cheap: each of the calls
+either finishes at once or falls back to the awaiting call, and the loops around them end
+when the received data does (h11's ``NEED_DATA``, the body's last message).
+
+``serve`` is ``hypercorn.trio.serve`` with ``LeanTCPServer`` in place of Hypercorn's
+``TCPServer``, without the parts LogStack does not use (QUIC, statsd, ``max_requests``).
+The classes lean on Hypercorn's internals, so ``pyproject.toml`` pins Hypercorn's minor
+version and ``tests/core/test_http_server.py`` checks each change and the behaviour kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import h11
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup, _handle
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import (
+    ShutdownError,
+    parse_socket_addr,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
+
+__all__ = ["LeanTCPServer", "serve"]
+
+
+class LeanTaskGroup(TaskGroup):
+    """Hypercorn's per-connection task group; the app's queue without needless checkpoints."""
+
+    async def spawn_app(self, app: Any, config: Config, scope: Any, send: Any) -> Any:
+        put_channel, get_channel = trio.open_memory_channel[Any](config.max_app_queue_size)
+        put_nowait = put_channel.send_nowait
+        put_waiting = put_channel.send
+        get_nowait = get_channel.receive_nowait
+        get_waiting = get_channel.receive
+
+        async def put(message: Any) -> None:
+            try:
+                put_nowait(message)
+            except trio.WouldBlock:  # the app is behind by a whole queue: wait for it
+                await put_waiting(message)
+
+        async def receive() -> Any:
+            try:
+                return get_nowait()
+            except trio.WouldBlock:
+                return await get_waiting()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            _handle,
+            app,
+            config,
+            scope,
+            receive,
+            send,
+            trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )
+        return put
+
+
+class LeanH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol; a final answer's head leaves with its first bytes."""
+
+    _held_head = b""
+
+    async def _send_h11_event(self, event: Any) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if type(event) is h11.Response:  # a final head (1xx are InformationalResponse)
+            self._held_head = data
+            return
+        if self._held_head:
+            data = self._held_head + data
+            self._held_head = b""
+        if data:
+            await self.send(RawData(data=data))
+
+
+class LeanTCPServer(TCPServer):
+    """One connection: Hypercorn's ``TCPServer`` with a moving keep-alive deadline and
+    fewer checkpoints per write."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._busy = False
+        self._ended = False
+        self._became_idle: trio.Event | None = None
+        self._idle_scope = trio.CancelScope(deadline=math.inf)
+
+    async def run(self) -> None:
+        # Hypercorn's TCPServer.run, with the watcher for its idle task and the lean
+        # protocol and task group.
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # the handshake failed
+            alpn_protocol = self.stream.selected_alpn_protocol()
+            socket = self.stream.transport_stream.socket
+            ssl = True
+        except AttributeError:  # not TLS
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket
+            ssl = False
+
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with LeanTaskGroup() as task_group:
+                self._task_group = task_group
+                state = ConnectionState(self.state)
+                self.protocol = ProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    state,
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                )
+                if type(self.protocol.protocol) is H11Protocol:
+                    self.protocol.protocol = LeanH11Protocol(
+                        self.app,
+                        self.config,
+                        self.context,
+                        task_group,
+                        state,
+                        ssl,
+                        client,
+                        server,
+                        self.protocol_send,
+                    )
+                await self.protocol.initiate()
+                self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
+                assert task_group._nursery is not None
+                task_group._nursery.start_soon(self._watch_idle)
+                try:
+                    await self._read_data()
+                finally:
+                    self._ended = True  # the connection is over: so is its watcher
+                    self._idle_scope.cancel()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            lock = self.send_lock
+            if lock.locked():
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()  # uncontended (the usual case): no checkpoint
+            try:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+            finally:
+                lock.release()
+        elif isinstance(event, Closed):
+            await self._close()
+            await self.protocol.handle(Closed())
+        elif isinstance(event, Updated):
+            self._busy = not event.idle
+            if event.idle:
+                self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
+                if self._became_idle is not None:
+                    self._became_idle.set()
+            else:
+                self._idle_scope.deadline = math.inf
+
+    async def _watch_idle(self) -> None:
+        """Close the connection once idle past the keep-alive timeout, or idle while the
+        server stops (a request in progress is answered first, as in Hypercorn)."""
+        with self._idle_scope:
+            await self.context.terminated.wait()
+            while self._busy:
+                self._became_idle = trio.Event()
+                await self._became_idle.wait()
+        if self._ended:
+            return
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+
+async def serve(
+    app: ASGIFramework,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``hypercorn.trio.serve`` for an ASGI app, its connections served by ``LeanTCPServer``.
+
+    Hands the URLs it listens on to ``task_status``; returns after ``shutdown_trigger``
+    returns and the requests in progress are answered (within ``config.graceful_timeout``).
+    """
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            ssl_context = config.create_ssl_context()
+            listeners: list[trio.SSLListener[trio.SocketStream] | trio.SocketListener] = []
+            binds = []
+            for sock in sockets.secure_sockets:
+                assert ssl_context is not None  # secure sockets exist only with TLS settings
+                sock.listen(config.backlog)
+                listeners.append(
+                    trio.SSLListener(
+                        trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                        ssl_context,
+                        https_compatible=True,
+                    )
+                )
+                binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            for bind in binds:
+                await config.log.info(f"Running on {bind} (CTRL + C to quit)")
+
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    handler = partial(
+                        LeanTCPServer,
+                        wrapped,
+                        config,
+                        context,
+                        ConnectionState(lifespan_state.copy()),
+                    )
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
+                if other_errors is not None:
+                    raise other_errors from None  # the rest, as Hypercorn raises it
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

@@ -1,0 +1,359 @@
+"""Hypercorn's server with LogStack's connection glue (``logstack._http_server``): each of its
+changes, and the behaviour of Hypercorn's kept, through real sockets on loopback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import h11
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Event, RawData, Updated
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from logstack._http_server import LeanH11Protocol, LeanTaskGroup, LeanTCPServer, serve
+
+Scope = dict[str, Any]
+
+
+async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
+    """Answers 202 with the request's body; ``/slow`` waits 0.5 s first; ``/empty`` answers
+    204; ``/stream`` sends its body in two parts."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    if path == "/slow":
+        await trio.sleep(0.5)
+    if path == "/empty":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part1", "more_body": True})
+        await send({"type": "http.response.body", "body": b"part2"})
+        return
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@asynccontextmanager
+async def running(
+    keep_alive_timeout: float = 5.0, graceful_timeout: float = 5.0
+) -> AsyncIterator[tuple[int, trio.Event]]:
+    """``serve`` on 127.0.0.1 with a free port: yields the port and the event that stops it."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.keep_alive_timeout = keep_alive_timeout
+    config.graceful_timeout = graceful_timeout
+    config.accesslog = None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, echo_app, config, shutdown_trigger=stop.wait))
+        yield int(binds[0].rsplit(":", 1)[1]), stop
+        stop.set()
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection, spoken with h11."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def send_request(self, path: str, body: bytes) -> None:
+        headers = [("host", "test"), ("content-length", str(len(body)))]
+        data = self.h11.send(h11.Request(method="POST", target=path, headers=headers))
+        data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+
+    async def read_answer(self) -> tuple[int, bytes]:
+        status, body = 0, b""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.h11.start_next_cycle()
+                return status, body
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        await self.send_request(path, body)
+        return await self.read_answer()
+
+    async def closed_by_server(self, within: float) -> bool:
+        """Whether the server closes the connection within ``within`` seconds."""
+        with trio.move_on_after(within):
+            return await self.stream.receive_some(65536) == b""
+        return False
+
+
+def watcher_tasks() -> int:
+    """How many connection watchers (``LeanTCPServer._watch_idle``) are alive."""
+    count = 0
+    nurseries = list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            count += task.name.endswith("_watch_idle")
+            nurseries.extend(task.child_nurseries)
+    return count
+
+
+async def test_answers_many_requests_on_one_connection() -> None:
+    async with running() as (port, _):
+        client = await Client.connect(port)
+        for n in range(5):
+            assert await client.post("/", b"entry %d" % n) == (202, b"entry %d" % n)
+        assert await client.post("/stream", b"") == (200, b"part1part2")
+        assert await client.post("/empty", b"") == (204, b"")
+        await client.stream.aclose()
+
+
+async def test_a_connection_busy_longer_than_the_keep_alive_timeout_stays_open() -> None:
+    """The deadline moves with each request: never idle 0.3 s, the connection lives on."""
+    async with running(keep_alive_timeout=0.3) as (port, _):
+        client = await Client.connect(port)
+        for _ in range(4):  # 0.6 s in all, idle 0.15 s at a time
+            assert await client.post("/", b"x") == (202, b"x")
+            await trio.sleep(0.15)
+        assert await client.post("/slow", b"y") == (202, b"y")  # busy 0.5 s: not idle
+        assert await client.post("/", b"z") == (202, b"z")
+        await client.stream.aclose()
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async with running(keep_alive_timeout=0.3) as (port, _):
+        fresh = await Client.connect(port)  # no request at all
+        used = await Client.connect(port)
+        assert await used.post("/", b"x") == (202, b"x")
+        start = trio.current_time()
+        assert await used.closed_by_server(within=3)
+        assert 0.25 <= trio.current_time() - start < 2
+        assert await fresh.closed_by_server(within=3)
+
+
+async def test_a_connection_the_client_closes_leaves_no_task_behind() -> None:
+    """Hypercorn's idle task outlived such a connection until its keep-alive timeout."""
+    async with running(keep_alive_timeout=60) as (port, _):
+        client = await Client.connect(port)
+        assert await client.post("/", b"x") == (202, b"x")
+        assert watcher_tasks() == 1
+        await client.stream.aclose()
+        with trio.fail_after(2):
+            while watcher_tasks():
+                await trio.sleep(0.01)
+
+
+async def test_stopping_closes_idle_connections_and_answers_the_request_in_progress() -> None:
+    async with running(graceful_timeout=10) as (port, stop):
+        idle = await Client.connect(port)
+        assert await idle.post("/", b"x") == (202, b"x")
+        busy = await Client.connect(port)
+        await busy.send_request("/slow", b"in progress")
+        await trio.sleep(0.1)  # the slow request has reached the app
+        start = trio.current_time()
+        stop.set()
+        assert await idle.closed_by_server(within=2)
+        assert await busy.read_answer() == (202, b"in progress")
+        assert await busy.closed_by_server(within=2)
+        assert trio.current_time() - start < 2  # not the graceful timeout
+
+
+async def run_protocol(requests: bytes) -> list[Event]:
+    """``requests`` fed to a ``LeanH11Protocol`` serving ``echo_app``: what it sent, until the
+    connection is idle again (or closed)."""
+    sent: list[Event] = []
+    done = trio.Event()
+
+    async def record(event: Event) -> None:
+        sent.append(event)
+        if not isinstance(event, RawData):
+            done.set()
+
+    config = Config()
+    async with LeanTaskGroup() as task_group:
+        protocol = LeanH11Protocol(
+            wrap_app(echo_app, config.wsgi_max_body_size, "asgi"),
+            config,
+            WorkerContext(None),
+            task_group,
+            ConnectionState({}),
+            False,
+            ("127.0.0.1", 1),
+            ("127.0.0.1", 2),
+            record,
+        )
+        with trio.fail_after(5):
+            await protocol.handle(RawData(data=requests))
+            while not any(isinstance(e, Updated) and e.idle for e in sent):
+                await done.wait()
+                done = trio.Event()
+    return sent
+
+
+def writes(sent: list[Event]) -> list[bytes]:
+    return [event.data for event in sent if isinstance(event, RawData)]
+
+
+async def test_an_answer_with_a_length_leaves_in_one_write() -> None:
+    """Hypercorn wrote the head, the body and an empty end of message apart."""
+    request = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello"
+    [answer] = writes(await run_protocol(request))
+    assert answer.startswith(b"HTTP/1.1 202 ")
+    assert answer.endswith(b"\r\n\r\nhello")
+
+
+async def test_an_answer_without_a_body_leaves_in_one_write() -> None:
+    request = b"POST /empty HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"
+    [answer] = writes(await run_protocol(request))
+    assert answer.startswith(b"HTTP/1.1 204 ")
+    assert answer.endswith(b"\r\n\r\n")
+
+
+async def test_a_streamed_answer_sends_its_head_with_the_first_part() -> None:
+    request = b"POST /stream HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"
+    first, second, end = writes(await run_protocol(request))
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding: chunked" in first.lower()
+    assert first.endswith(b"\r\n\r\n5\r\npart1\r\n")
+    assert (second, end) == (b"5\r\npart2\r\n", b"0\r\n\r\n")
+
+
+async def test_100_continue_is_not_held_back() -> None:
+    """An interim answer is sent at once: the client waits for it before sending the body."""
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+    sent: list[Event] = []
+
+    async def record(event: Event) -> None:
+        sent.append(event)
+
+    config = Config()
+    async with LeanTaskGroup() as task_group:
+        protocol = LeanH11Protocol(
+            wrap_app(echo_app, config.wsgi_max_body_size, "asgi"),
+            config,
+            WorkerContext(None),
+            task_group,
+            ConnectionState({}),
+            False,
+            None,
+            None,
+            record,
+        )
+        await protocol.handle(RawData(data=head))
+        with trio.fail_after(5):
+            while not writes(sent):
+                await trio.sleep(0.01)
+        assert writes(sent)[0].startswith(b"HTTP/1.1 100 ")
+        await protocol.handle(RawData(data=b"ok"))
+        with trio.fail_after(5):
+            while len(writes(sent)) < 2:
+                await trio.sleep(0.01)
+    assert writes(sent)[1].endswith(b"\r\n\r\nok")
+
+
+async def test_a_full_app_queue_holds_the_connection_back() -> None:
+    """Body events go in without a checkpoint while the app's queue has room; once it is
+    full, the connection waits for the app, as with Hypercorn's awaiting send."""
+    config = Config()
+    config.max_app_queue_size = 2
+    received: list[Any] = []
+    reading = trio.Event()
+
+    async def slow_reader(scope: Scope, receive: Any, send: Any) -> None:
+        await reading.wait()
+        while len(received) < 5:
+            received.append(await receive())
+
+    async def discard(message: Any) -> None:
+        pass
+
+    async with LeanTaskGroup() as task_group:
+        put = await task_group.spawn_app(
+            wrap_app(slow_reader, config.wsgi_max_body_size, "asgi"), config, {}, discard
+        )
+        put_done = 0
+        async with trio.open_nursery() as nursery:
+
+            async def put_five() -> None:
+                nonlocal put_done
+                for n in range(5):
+                    await put({"type": "http.request", "body": b"%d" % n, "more_body": n < 4})
+                    put_done += 1
+
+            nursery.start_soon(put_five)
+            await trio.testing.wait_all_tasks_blocked()
+            assert put_done == 2  # the queue's size: the third put waits for the app
+            reading.set()
+    assert [m["body"] for m in received] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_writes_from_two_tasks_do_not_interleave() -> None:
+    """The send lock, when another write holds it, is waited for (HTTP/2's streams write
+    from several tasks)."""
+    left, right = trio.socket.socketpair()
+    payloads = [b"a" * 3_000_000, b"b" * 3_000_000]
+    server = LeanTCPServer(
+        wrap_app(echo_app, 1, "asgi"), Config(), WorkerContext(None), {}, trio.SocketStream(left)
+    )
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < 6_000_000:
+            received.extend(await right.recv(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        for payload in payloads:
+            nursery.start_soon(server.protocol_send, RawData(data=payload))
+    assert received in (
+        bytearray(b"a" * 3_000_000 + b"b" * 3_000_000),
+        bytearray(b"b" * 3_000_000 + b"a" * 3_000_000),
+    )
+    left.close()
+    right.close()
+
+
+@pytest.mark.parametrize("idle", [True, False])
+async def test_updated_moves_the_keep_alive_deadline(idle: bool) -> None:
+    left, right = trio.socket.socketpair()
+    config = Config()
+    config.keep_alive_timeout = 30
+    server = LeanTCPServer(
+        wrap_app(echo_app, 1, "asgi"), config, WorkerContext(None), {}, trio.SocketStream(left)
+    )
+    await server.protocol_send(Updated(idle=idle))
+    deadline = server._idle_scope.deadline
+    if idle:
+        assert 29 < deadline - trio.current_time() <= 30
+    else:
+        assert deadline == math.inf
+    left.close()
+    right.close()
