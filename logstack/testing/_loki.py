@@ -53,12 +53,12 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
 from .._delivery import LokiAnswer, LokiTransportError
+from .._http_server import serve as serve_asgi
 from .._loki_proto import (
     PushEntry,
     decode_json_push,
@@ -388,11 +388,10 @@ class LokiReceiver:
             async with trio.open_nursery() as nursery:
                 binds: list[str] = await nursery.start(
                     partial(
-                        hypercorn_serve,
+                        serve_asgi,
                         cast("ASGIFramework", self._asgi),
                         config,
                         shutdown_trigger=shutdown.wait,
-                        mode="asgi",
                     )
                 )
                 self.url = binds[0]
