@@ -21,7 +21,10 @@ does not need (``docs/performance.md``, "Hypercorn's connection glue"):
 
 Dropping those checkpoints is safe for the same reason it is cheap: each of the calls
 either finishes at once or falls back to the awaiting call, and the loops around them end
-when the received data does (h11's ``NEED_DATA``, the body's last message).
+when the received data does (h11's ``NEED_DATA``, the body's last message). Cancellation
+is kept as it was: each of them starts with ``checkpoint_if_cancelled`` (free unless
+cancelled), so a request cut after the graceful timeout still writes nothing more, as
+before (rather than, say, Hypercorn's 500 for an app that never answered).
 
 ``serve`` is ``hypercorn.trio.serve`` with ``LeanTCPServer`` in place of Hypercorn's
 ``TCPServer``, without the parts LogStack does not use (QUIC, statsd, ``max_requests``).
@@ -54,6 +57,7 @@ from hypercorn.utils import (
     repr_socket_addr,
     wrap_app,
 )
+from trio.lowlevel import checkpoint_if_cancelled
 
 __all__ = ["LeanTCPServer", "serve"]
 
@@ -69,12 +73,14 @@ class LeanTaskGroup(TaskGroup):
         get_waiting = get_channel.receive
 
         async def put(message: Any) -> None:
+            await checkpoint_if_cancelled()  # cancelled, it raises as the awaiting call did
             try:
                 put_nowait(message)
             except trio.WouldBlock:  # the app is behind by a whole queue: wait for it
                 await put_waiting(message)
 
         async def receive() -> Any:
+            await checkpoint_if_cancelled()
             try:
                 return get_nowait()
             except trio.WouldBlock:
@@ -114,6 +120,8 @@ class LeanH11Protocol(H11Protocol):
             self._held_head = b""
         if data:
             await self.send(RawData(data=data))
+        else:
+            await checkpoint_if_cancelled()  # as the empty write's lock and send did
 
 
 class LeanTCPServer(TCPServer):
@@ -189,6 +197,10 @@ class LeanTCPServer(TCPServer):
             await self._close()
 
     async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, Closed):
+            # Cancelled (a request cut after the graceful timeout), nothing more is written
+            # or changed, as when Hypercorn's locks here were checkpoints.
+            await checkpoint_if_cancelled()
         if isinstance(event, RawData):
             lock = self.send_lock
             if lock.locked():

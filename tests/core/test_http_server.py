@@ -24,8 +24,8 @@ Scope = dict[str, Any]
 
 
 async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
-    """Answers 202 with the request's body; ``/slow`` waits 0.5 s first; ``/empty`` answers
-    204; ``/stream`` sends its body in two parts."""
+    """Answers 202 with the request's body; ``/slow`` waits 0.5 s first, ``/hang`` 30 s;
+    ``/empty`` answers 204; ``/stream`` sends its body in two parts."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -40,6 +40,8 @@ async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
     path = scope["path"]
     if path == "/slow":
         await trio.sleep(0.5)
+    if path == "/hang":
+        await trio.sleep(30)
     if path == "/empty":
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -184,6 +186,17 @@ async def test_stopping_closes_idle_connections_and_answers_the_request_in_progr
         assert await busy.read_answer() == (202, b"in progress")
         assert await busy.closed_by_server(within=2)
         assert trio.current_time() - start < 2  # not the graceful timeout
+
+
+async def test_a_request_cut_by_the_graceful_timeout_gets_no_answer() -> None:
+    """As with Hypercorn: the connection closes unanswered (no 500 written while cancelled)."""
+    async with running(graceful_timeout=0.2) as (port, stop):
+        client = await Client.connect(port)
+        await client.send_request("/hang", b"x")
+        await trio.sleep(0.1)
+        stop.set()
+        with trio.fail_after(3):
+            assert await client.stream.receive_some(65536) == b""
 
 
 async def run_protocol(requests: bytes) -> list[Event]:
