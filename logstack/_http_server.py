@@ -3,7 +3,7 @@
 The HTTP protocol stays Hypercorn's and h11's (parsing, ASGI events, ``HTTPStream``, h2,
 lifespan, graceful shutdown). What changes is the glue around one connection, where
 Hypercorn 0.18 spends, per request, scheduler steps that an answer of a few hundred bytes
-does not need (``docs/performance.md``, "Hypercorn's connection glue"):
+does not need (the "Hypercorn's connection glue" row of ``docs/performance.md``):
 
 - **The keep-alive timer.** Hypercorn stops its idle task when a request arrives and starts
   a new one (``nursery.start``: a task, its start-up handshake, a lock) when the answer is
