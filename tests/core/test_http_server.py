@@ -22,9 +22,12 @@ from logstack._http_server import LeanH11Protocol, LeanTaskGroup, LeanTCPServer,
 
 Scope = dict[str, Any]
 
+arrived: dict[str, trio.Event] = {}
+"""Events ``echo_app`` sets when a request for their path has reached it."""
+
 
 async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
-    """Answers 202 with the request's body; ``/slow`` waits 0.5 s first, ``/hang`` 30 s;
+    """Answers 202 with the request's body; ``/slow`` waits 0.8 s first, ``/hang`` 30 s;
     ``/empty`` answers 204; ``/stream`` sends its body in two parts."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
@@ -38,8 +41,10 @@ async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     path = scope["path"]
+    if path in arrived:
+        arrived[path].set()
     if path == "/slow":
-        await trio.sleep(0.5)
+        await trio.sleep(0.8)
     if path == "/hang":
         await trio.sleep(30)
     if path == "/empty":
@@ -139,13 +144,13 @@ async def test_answers_many_requests_on_one_connection() -> None:
 
 
 async def test_a_connection_busy_longer_than_the_keep_alive_timeout_stays_open() -> None:
-    """The deadline moves with each request: never idle 0.3 s, the connection lives on."""
-    async with running(keep_alive_timeout=0.3) as (port, _):
+    """The deadline moves with each request: never idle 0.6 s, the connection lives on."""
+    async with running(keep_alive_timeout=0.6) as (port, _):
         client = await Client.connect(port)
-        for _ in range(4):  # 0.6 s in all, idle 0.15 s at a time
+        for _ in range(4):  # 0.8 s in all, idle 0.2 s at a time
             assert await client.post("/", b"x") == (202, b"x")
-            await trio.sleep(0.15)
-        assert await client.post("/slow", b"y") == (202, b"y")  # busy 0.5 s: not idle
+            await trio.sleep(0.2)
+        assert await client.post("/slow", b"y") == (202, b"y")  # busy 0.8 s: not idle
         assert await client.post("/", b"z") == (202, b"z")
         await client.stream.aclose()
 
@@ -178,8 +183,11 @@ async def test_stopping_closes_idle_connections_and_answers_the_request_in_progr
         idle = await Client.connect(port)
         assert await idle.post("/", b"x") == (202, b"x")
         busy = await Client.connect(port)
+        reached = arrived["/slow"] = trio.Event()
         await busy.send_request("/slow", b"in progress")
-        await trio.sleep(0.1)  # the slow request has reached the app
+        with trio.fail_after(5):
+            await reached.wait()  # the request has reached the app
+        del arrived["/slow"]
         start = trio.current_time()
         stop.set()
         assert await idle.closed_by_server(within=2)
