@@ -157,31 +157,21 @@ class LeanTCPServer(TCPServer):
             server = parse_socket_addr(socket.family, socket.getsockname())
             async with LeanTaskGroup() as task_group:
                 self._task_group = task_group
-                state = ConnectionState(self.state)
-                self.protocol = ProtocolWrapper(
+                # What Hypercorn's protocols are made with; ProtocolWrapper also takes ALPN.
+                parts = (
                     self.app,
                     self.config,
                     self.context,
                     task_group,
-                    state,
+                    ConnectionState(self.state),
                     ssl,
                     client,
                     server,
                     self.protocol_send,
-                    alpn_protocol,
                 )
+                self.protocol = ProtocolWrapper(*parts, alpn_protocol)
                 if type(self.protocol.protocol) is H11Protocol:
-                    self.protocol.protocol = LeanH11Protocol(
-                        self.app,
-                        self.config,
-                        self.context,
-                        task_group,
-                        state,
-                        ssl,
-                        client,
-                        server,
-                        self.protocol_send,
-                    )
+                    self.protocol.protocol = LeanH11Protocol(*parts)
                 await self.protocol.initiate()
                 self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
                 assert task_group._nursery is not None

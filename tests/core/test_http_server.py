@@ -207,6 +207,22 @@ async def test_a_request_cut_by_the_graceful_timeout_gets_no_answer() -> None:
             assert await client.stream.receive_some(65536) == b""
 
 
+def echo_protocol(task_group: LeanTaskGroup, send: Any) -> LeanH11Protocol:
+    """A ``LeanH11Protocol`` serving ``echo_app`` that hands what it sends to ``send``."""
+    config = Config()
+    return LeanH11Protocol(
+        wrap_app(echo_app, config.wsgi_max_body_size, "asgi"),
+        config,
+        WorkerContext(None),
+        task_group,
+        ConnectionState({}),
+        False,
+        ("127.0.0.1", 1),
+        ("127.0.0.1", 2),
+        send,
+    )
+
+
 async def run_protocol(requests: bytes) -> list[Event]:
     """``requests`` fed to a ``LeanH11Protocol`` serving ``echo_app``: what it sent, until the
     connection is idle again (or closed)."""
@@ -218,19 +234,8 @@ async def run_protocol(requests: bytes) -> list[Event]:
         if not isinstance(event, RawData):
             done.set()
 
-    config = Config()
     async with LeanTaskGroup() as task_group:
-        protocol = LeanH11Protocol(
-            wrap_app(echo_app, config.wsgi_max_body_size, "asgi"),
-            config,
-            WorkerContext(None),
-            task_group,
-            ConnectionState({}),
-            False,
-            ("127.0.0.1", 1),
-            ("127.0.0.1", 2),
-            record,
-        )
+        protocol = echo_protocol(task_group, record)
         with trio.fail_after(5):
             await protocol.handle(RawData(data=requests))
             while not any(isinstance(e, Updated) and e.idle for e in sent):
@@ -275,19 +280,8 @@ async def test_100_continue_is_not_held_back() -> None:
     async def record(event: Event) -> None:
         sent.append(event)
 
-    config = Config()
     async with LeanTaskGroup() as task_group:
-        protocol = LeanH11Protocol(
-            wrap_app(echo_app, config.wsgi_max_body_size, "asgi"),
-            config,
-            WorkerContext(None),
-            task_group,
-            ConnectionState({}),
-            False,
-            None,
-            None,
-            record,
-        )
+        protocol = echo_protocol(task_group, record)
         await protocol.handle(RawData(data=head))
         with trio.fail_after(5):
             while not writes(sent):
