@@ -376,7 +376,11 @@ class Bench:
             result.delivered = int(stats["entries"])
             result.delivered_all = result.delivered >= load.accepted_lines
             result.peak_rss_mib = tree_rss_mib(pid)
-            result.extra = drain_figures(stats, up_ns, drain_s, load)
+            # The receiver's own start, not ours: ours is taken after the port file is seen,
+            # and a forwarder probing every few ms can have stored its first push by then.
+            result.extra = drain_figures(
+                stats, stats.get("serving_since_ns") or up_ns, drain_s, load
+            )
         finally:
             await _stop(server)
             await _stop(receiver)

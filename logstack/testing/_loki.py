@@ -219,6 +219,9 @@ class LokiReceiver:
         self.creation_grace_period_s = creation_grace_period_s
         self.require_tenant = require_tenant
         self.graceful_timeout_s = graceful_timeout_s
+        self.serving_since_ns: int | None = None
+        """Wall clock (``time.time_ns``) when the last ``serve`` began, just before it
+        listened: the moment a client could first reach this receiver (kept by ``reset``)."""
         self.max_returned_errors = max_returned_errors
         self.allow_structured_metadata = allow_structured_metadata
         self.max_structured_metadata_size_bytes = max_structured_metadata_size_bytes
@@ -333,6 +336,7 @@ class LokiReceiver:
             "pushes": self.pushes,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "entries": self.entry_count,
+            "serving_since_ns": self.serving_since_ns,
             "first_stored_ns": self.first_stored_ns,
             "first_stored_entries": self.first_stored_entries,
             "last_stored_ns": self.last_stored_ns,
@@ -384,6 +388,8 @@ class LokiReceiver:
         config.loglevel = "WARNING"
         config.graceful_timeout = self.graceful_timeout_s
         shutdown = self._shutdown = trio.Event()
+        # Taken before listening, so no push can be stored before it.
+        self.serving_since_ns = time.time_ns()
         try:
             async with trio.open_nursery() as nursery:
                 binds: list[str] = await nursery.start(

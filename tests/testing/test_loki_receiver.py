@@ -541,6 +541,8 @@ async def test_stats_tell_when_the_first_and_last_pushes_stored_entries(
     stats = (await client.get("/_receiver/stats")).json()
     assert stats["first_stored_entries"] == 2
     assert before <= stats["first_stored_ns"] == stats["last_stored_ns"] <= time.time_ns()
+    # When it began serving: before anything could reach it (the bench's drain starts there).
+    assert stats["serving_since_ns"] is not None and stats["serving_since_ns"] <= before
     assert (await push_proto(client, stream({"a": "b"}, (NOW + 2, "z")))).status_code == 204
     later = (await client.get("/_receiver/stats")).json()
     assert later["first_stored_ns"] == stats["first_stored_ns"]
@@ -548,6 +550,7 @@ async def test_stats_tell_when_the_first_and_last_pushes_stored_entries(
     assert later["last_stored_ns"] > stats["last_stored_ns"]
     rx.reset()
     assert rx.statistics()["first_stored_ns"] is None
+    assert rx.statistics()["serving_since_ns"] == stats["serving_since_ns"]
 
 
 # ----------------------------------------------------------------------------- the CLI
