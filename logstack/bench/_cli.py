@@ -387,6 +387,30 @@ class Bench:
         return result
 
 
+def outage_summary(runs: list[ScenarioResult]) -> dict[str, Any]:
+    """The last outage run's row, with the drain against the ingest of every run and their
+    median: both rates come from one short run each, so one run's ratio moves with the
+    machine (``--pairs`` runs). ``all_delivered`` holds only if it held in every run."""
+    row = runs[-1].summary()
+    ratios = [r.extra["drain_over_ingest"] for r in runs if r.extra.get("drain_over_ingest")]
+    row["all_delivered"] = all(r.delivered_all for r in runs)
+    row["drain_over_ingest_median"] = round(statistics.median(ratios), 2) if ratios else None
+    row["drain_over_ingest_runs"] = ratios
+    row["outage_runs"] = [
+        {
+            "ingest_lines_per_s": round(r.load.accepted_lines / r.load.duration_s)
+            if r.load.duration_s
+            else 0,
+            "drain_lines_per_s": r.extra.get("drain_lines_per_s"),
+            "recovery_s": r.extra.get("recovery_s"),
+            "5xx": r.load.count_5xx,
+            "all_delivered": r.delivered_all,
+        }
+        for r in runs
+    ]
+    return row
+
+
 class _CeilingProcess(ChildProcess):
     name = "ceiling"
     plain_asgi = False
@@ -496,7 +520,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result.extra = {"offered_requests_per_s": round(2 * capacity_rps)}
                 report["scenarios"].append(result.summary())
             elif name == "outage":
-                report["scenarios"].append((await bench.outage()).summary())
+                report["scenarios"].append(
+                    outage_summary([await bench.outage() for _ in range(args.pairs)])
+                )
             elif name == "workers-2":
                 # Multi-core scaling: 100-line batches with 1 and 2 workers, alternating.
                 scaling: list[float] = []
@@ -559,6 +585,7 @@ def render(report: dict[str, Any]) -> str:
             "recovery_s",
             "drain_lines_per_s",
             "drain_over_ingest",
+            "drain_over_ingest_median",
             "offered_requests_per_s",
             "over_one_worker_median",
         ):
@@ -583,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs",
         type=int,
         default=2,
-        help="alternating ceiling/logstack (and one/two-worker) pairs for the ratios, and "
-        "paced half-load runs for the p99 (medians)",
+        help="alternating ceiling/logstack (and one/two-worker) pairs for the ratios, "
+        "paced half-load runs for the p99, and outage runs for the drain (medians)",
     )
     parser.add_argument("--delivery-timeout", type=float, default=60.0)
     parser.add_argument("--target", help="drive load at this ingest URL instead")

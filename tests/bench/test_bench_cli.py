@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from logstack.bench._cli import SETTLE_S, ScenarioResult, drain_figures
+from logstack.bench._cli import SETTLE_S, ScenarioResult, drain_figures, outage_summary
 from logstack.bench._load import LoadResult
 from logstack.bench._procstat import process_tree, tree_cpu_seconds, tree_rss_mib
 from logstack.testing._process import LogstackProcess, make_test_config
@@ -149,10 +149,27 @@ def test_drain_rate_counts_the_pushes_after_the_first_over_their_own_window() ->
 
 
 def test_outage_reports_the_recovery_and_the_drain() -> None:
-    run = bench("--scenario", "outage", "--duration", "1")
+    run = bench("--scenario", "outage", "--duration", "1", "--pairs", "2")
     [row] = json.loads(run.stdout)["scenarios"]
     assert row["scenario"] == "outage-recovery" and row["all_delivered"] is True
     assert row["4xx"] == 0 and row["5xx"] == 0
     assert 0 <= row["recovery_s"] <= row["drain_s"]
     assert 0 < row["drain_window_s"] <= row["drain_s"]
     assert row["drain_lines_per_s"] > 0 and row["drain_over_ingest"] > 0
+    # Repeated --pairs times: every run's ratio, their median; the row is the last run's.
+    ratios = row["drain_over_ingest_runs"]
+    assert len(ratios) == 2 and ratios[-1] == row["drain_over_ingest"]
+    assert row["drain_over_ingest_median"] == round((ratios[0] + ratios[1]) / 2, 2)
+    assert [r["drain_lines_per_s"] for r in row["outage_runs"]][-1] == row["drain_lines_per_s"]
+    assert all(r["all_delivered"] and r["5xx"] == 0 for r in row["outage_runs"])
+
+
+def test_outage_summary_holds_delivery_to_every_run() -> None:
+    runs = [result(100_000, 10.0, None) for _ in range(3)]
+    for run, drain in zip(runs, (20_000, 30_000, 25_000), strict=True):
+        run.extra = {"drain_lines_per_s": drain, "drain_over_ingest": drain / 10_000}
+    row = outage_summary(runs)
+    assert row["drain_over_ingest_runs"] == [2.0, 3.0, 2.5]
+    assert row["drain_over_ingest_median"] == 2.5 and row["all_delivered"] is True
+    runs[0].delivered_all = False  # one run lost lines: the row must say so
+    assert outage_summary(runs)["all_delivered"] is False
