@@ -13,6 +13,7 @@ the switches (``{"fail_next_status": 503, "fail_next_count": 2}``, ``{"ready": f
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -94,8 +95,21 @@ async def _run(args: argparse.Namespace) -> None:
     print(f"loki receiver stopped: {rx!r}", file=sys.stderr, flush=True)
 
 
+FULL_COLLECTIONS_AFTER = 1_000_000
+"""Young collections (of the older young generation) before a full one: never, in practice.
+
+A receiver keeps every entry it stored, and each push adds a thousand to the containers its
+duplicate check and its store are made of. Python's full collections walk all of them:
+at a million entries a pause of 60-100 ms, several per drain of a bench backlog, while the
+sender waits for its answer (``docs/performance.md``, "The drain"); Loki's collector (Go's)
+runs concurrently. Young garbage is still collected; what becomes cyclic garbage only after
+two young collections stays until the process ends (this process serves one test run)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    young, older = gc.get_threshold()[:2]
+    gc.set_threshold(young, older, FULL_COLLECTIONS_AFTER)
     trio.run(_run, args)
     return 0
 

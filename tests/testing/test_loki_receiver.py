@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import signal
@@ -10,12 +11,16 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import logstack.testing
+import logstack.testing.loki as loki_process
 from logstack._loki_proto import (
     PushEntry,
     PushStream,
@@ -145,6 +150,58 @@ async def test_duplicates_are_accepted_but_stored_once(
     assert rx.lines() == ["a", "b", "a"]  # same timestamp, different line: both kept
     assert rx.duplicates == 6
     assert rx.status_counts == {204: 3}
+
+
+_pushed_entries = st.lists(
+    st.builds(
+        PushEntry,
+        # A few seconds, so that pushes repeat entries and fall behind the window.
+        timestamp_ns=st.integers(0, 12).map(lambda s: NOW + s * 10**9),
+        line=st.sampled_from(["a", "b", "probe-1 x", "probe-2", "c probe-1"]),
+    ),
+    max_size=6,
+)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["x", "y"]), _pushed_entries), max_size=6),
+    st.sampled_from([None, 0.0, 5.0]),
+)
+@settings(max_examples=300)
+def test_storing_a_stream_whole_is_the_same_as_entry_by_entry(
+    pushes: list[tuple[str, list[PushEntry]]], window_s: float | None
+) -> None:
+    """A stream is stored in bulk when entry by entry would store every one of its entries
+    (``_store_whole``); pushes with duplicates or entries behind the window must leave the
+    same answers, entries, counts and probes as the entry-by-entry path alone."""
+    bulk = LokiReceiver(out_of_order_window_s=window_s, probe_marker="probe-")
+    one_by_one = LokiReceiver(out_of_order_window_s=window_s, probe_marker="probe-")
+    one_by_one._store_whole = lambda *_: False  # type: ignore[method-assign]
+    headers = {"content-type": "application/x-protobuf"}
+    for app, entries in pushes:
+        body = compress_snappy(encode_push_request([PushStream({"app": app}, entries)]))
+        assert bulk._process(headers, body) == one_by_one._process(headers, body)
+    assert bulk.streams == one_by_one.streams
+    assert (bulk.entry_count, bulk.duplicates) == (one_by_one.entry_count, one_by_one.duplicates)
+    assert set(bulk.probe_arrivals) == set(one_by_one.probe_arrivals)
+
+
+def test_a_push_of_new_entries_is_stored_whole() -> None:
+    rx = LokiReceiver()
+    taken: list[bool] = []
+    store_whole = rx._store_whole
+
+    def spy(*args: Any) -> bool:
+        taken.append(store_whole(*args))
+        return taken[-1]
+
+    rx._store_whole = spy  # type: ignore[method-assign]
+    headers = {"content-type": "application/x-protobuf"}
+    body = compress_snappy(encode_push_request([stream({"app": "x"}, (NOW, "a"), (NOW, "b"))]))
+    assert rx._process(headers, body)[0] == 204
+    assert (taken, rx.entry_count) == ([True], 2)
+    assert rx._process(headers, body)[0] == 204  # all duplicates: decided entry by entry
+    assert (taken, rx.entry_count, rx.duplicates) == ([True, False], 2, 2)
 
 
 # ----------------------------------------------------------------------------- rejections
@@ -619,6 +676,21 @@ async def test_cli_sigint_exits_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             await proc.wait()
+
+
+def test_the_receiver_process_leaves_out_full_collections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its store grows by every push: the process never walks all of it (``loki.main``)."""
+    served: list[object] = []
+    monkeypatch.setattr(loki_process.trio, "run", lambda _run, args: served.append(args))
+    before = gc.get_threshold()
+    try:
+        assert loki_process.main(["--port", "0"]) == 0
+        assert gc.get_threshold() == (*before[:2], loki_process.FULL_COLLECTIONS_AFTER)
+    finally:
+        gc.set_threshold(*before)
+    assert len(served) == 1
 
 
 async def test_probe_marker_records_arrival_times() -> None:
