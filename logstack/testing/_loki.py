@@ -44,7 +44,7 @@ import socket
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -95,9 +95,9 @@ _json_encoder = msgspec.json.Encoder()
 _RawStream = tuple[str | dict[str, str], list[PushEntry]]
 """A decoded stream: its labels (a string from protobuf, a mapping from JSON), entries."""
 _Accepted = tuple[str, dict[str, str], list[PushEntry]]
+"""A validated stream: canonical label string, labels, the entries that passed."""
 _timestamp_of = attrgetter("timestamp_ns")
 _line_of = attrgetter("line")
-"""A validated stream: canonical label string, labels, the entries that passed."""
 
 
 class _Control(msgspec.Struct, forbid_unknown_fields=True):
@@ -701,11 +701,7 @@ class LokiReceiver:
         window = self.out_of_order_window_s
         window_ns = int(window * _NS) if window is not None else None
         per_push_limit = self.rate_limit_lines_per_push
-        probe = (
-            (self.probe_marker, self._probe_pattern)
-            if self.probe_marker and self._probe_pattern is not None
-            else None
-        )
+        probe_marker = self.probe_marker
         for key, labels, good in accepted:
             state = self._state.get(key)
             if state is None:
@@ -747,10 +743,8 @@ class LokiReceiver:
                 seen.add(ident)
                 stored.append(entry)
                 self.entry_count += 1
-                if probe is not None and probe[0] in entry.line:
-                    found = probe[1].search(entry.line)
-                    if found is not None:
-                        self.probe_arrivals.setdefault(found[1], time.time_ns())
+                if probe_marker and probe_marker in entry.line:
+                    self._note_probes((entry.line,))
                 if newest is None or ts > newest:
                     newest = ts
             state.newest = newest
@@ -794,14 +788,20 @@ class LokiReceiver:
         stored.extend(good)
         state.newest = newest
         self.entry_count += len(good)
-        marker, pattern = self.probe_marker, self._probe_pattern
-        if marker and pattern is not None:
-            for line in map(_line_of, good):
-                if marker in line:
-                    found = pattern.search(line)
-                    if found is not None:
-                        self.probe_arrivals.setdefault(found[1], time.time_ns())
+        if self.probe_marker:
+            self._note_probes(map(_line_of, good))
         return True
+
+    def _note_probes(self, lines: Iterable[str]) -> None:
+        """Record when each probe (``probe_marker`` and digits) first arrived."""
+        marker, pattern = self.probe_marker, self._probe_pattern
+        if not marker or pattern is None:
+            return
+        for line in lines:
+            if marker in line:
+                found = pattern.search(line)
+                if found is not None:
+                    self.probe_arrivals.setdefault(found[1], time.time_ns())
 
     def _validate_labels(
         self, source: str | dict[str, str]
