@@ -775,7 +775,8 @@ class LokiReceiver:
         sender waits for the answer before its next push (``docs/performance.md``, "The
         drain"): per entry in Python, the duplicate check and storing were a quarter of it."""
         stamps = list(map(_timestamp_of, good))
-        fresh = set(zip(stamps, map(_line_of, good), strict=True))
+        lines = list(map(_line_of, good))
+        fresh = set(zip(stamps, lines, strict=True))
         seen = state.seen
         if len(fresh) != len(good) or not seen.isdisjoint(fresh):
             return False
@@ -789,7 +790,7 @@ class LokiReceiver:
         state.newest = newest
         self.entry_count += len(good)
         if self.probe_marker:
-            self._note_probes(map(_line_of, good))
+            self._note_probes(lines)
         return True
 
     def _note_probes(self, lines: Iterable[str]) -> None:

@@ -96,7 +96,8 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 FULL_COLLECTIONS_AFTER = 1_000_000
-"""Young collections (of the older young generation) before a full one: never, in practice.
+"""Collections of the middle generation before a full one (``gc.set_threshold``'s third
+value): never, in practice.
 
 A receiver keeps every entry it stored, and each push adds a thousand to the containers its
 duplicate check and its store are made of. Python's full collections walk all of them:
