@@ -3,6 +3,11 @@ decodes the body (msgspec) and answers 202. Same server stack, no LogStack work.
 
     python -m logstack.bench._ceiling --port-file PATH
     python -m logstack.bench._ceiling --port-file PATH --asgi   # the same without Quart
+    python -m logstack.bench._ceiling --port-file PATH --reuse-port PORT
+
+``--reuse-port`` joins a group of processes listening on ``PORT`` with ``SO_REUSEPORT``, as
+``logstack serve --workers N`` does: the bench measures how far the bare stack itself
+scales from one process to two on this machine (``--scenario workers-2``).
 
 ``--asgi`` serves the same route as a plain ASGI function under the same Hypercorn: what
 is left is Hypercorn's, h11's and trio's own cost (``benchmarks/server_instructions.py``
@@ -23,6 +28,7 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from .._workers import bind_socket
 from ..testing._loki import answer_lifespan
 
 _decoder = msgspec.json.Decoder()
@@ -71,9 +77,12 @@ async def plain_asgi(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def main(port_file: Path, asgi: bool = False) -> None:
+async def main(port_file: Path, asgi: bool = False, reuse_port: int | None = None) -> None:
     config = Config()
-    config.bind = ["127.0.0.1:0"]
+    if reuse_port is None:
+        config.bind = ["127.0.0.1:0"]
+    else:  # bound, not listening: Hypercorn listens on it (as logstack._service does)
+        config.bind = [f"fd://{bind_socket('127.0.0.1', reuse_port, reuse_port=True).detach()}"]
     config.accesslog = None
     shutdown = trio.Event()
 
@@ -102,5 +111,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--asgi", action="store_true", help="a plain ASGI function, no Quart")
+    parser.add_argument(
+        "--reuse-port", type=int, help="listen on this port with SO_REUSEPORT (one of several)"
+    )
     arguments = parser.parse_args()
-    trio.run(main, arguments.port_file, arguments.asgi)
+    trio.run(main, arguments.port_file, arguments.asgi, arguments.reuse_port)

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import trio
 
+from .._workers import bind_socket
 from ..testing._process import (
     TEST_TOKEN,
     ChildProcess,
@@ -106,6 +107,9 @@ class ScenarioResult:
     delivery_wait_s: float | None = None
     """Seconds from the end of the load until the receiver had every accepted line."""
     delivery_latencies_s: list[float] = field(default_factory=list)
+    cores_during_load: dict[str, float] | None = None
+    """CPU seconds per second of load (cores busy) of the server, the Loki stand-in and
+    the load generator (this process): how the run shared the machine."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -144,6 +148,9 @@ class ScenarioResult:
             "cpu_s_per_100k_lines": _per_100k(self.cpu_s, lines),
             "receiver_cpu_s_per_100k_lines": _per_100k(self.receiver_cpu_s, lines),
             "peak_rss_mib": None if self.peak_rss_mib is None else round(self.peak_rss_mib, 1),
+            "cores_during_load": None
+            if self.cores_during_load is None
+            else {k: round(v, 2) for k, v in self.cores_during_load.items()},
             "wal_bytes_per_line": round(self.wal_bytes / lines, 1)
             if lines and self.wal_bytes is not None
             else None,
@@ -156,6 +163,13 @@ class ScenarioResult:
         }
         out.update(self.extra)
         return out
+
+
+def _cpu_per_line(result: ScenarioResult) -> float:
+    """Server CPU seconds per accepted line (load start to last line delivered)."""
+    if result.cpu_s is None or not result.load.accepted_lines:
+        raise RuntimeError(f"{result.name}: no server CPU or no accepted line to divide by")
+    return result.cpu_s / result.load.accepted_lines
 
 
 def _per_100k(seconds: float | None, lines: int) -> float | None:
@@ -272,23 +286,37 @@ class Bench:
         )
         return LogstackProcess(workdir, config)
 
-    async def ceiling(self, lines: int) -> float:
-        """Lines/s of the bare Hypercorn + Quart-Trio endpoint (decode only)."""
-        proc = _CeilingProcess(self.workdir / f"ceiling-{self.runs}")
+    async def ceiling(self, lines: int, processes: int = 1) -> float:
+        """Lines/s of the bare Hypercorn + Quart-Trio endpoint (decode only).
+
+        With ``processes`` > 1 that many bare endpoints share one port with
+        ``SO_REUSEPORT``, as ``logstack serve --workers N`` does, under the same load.
+        """
+        workdir = self.workdir / f"ceiling-{self.runs}"
         self.runs += 1
-        url = await _start(proc)
+        procs = [_CeilingProcess(workdir / str(i)) for i in range(processes)]
+        # Held bound (not listening) while they run, so the port stays ours; only
+        # listening sockets of the group receive connections.
+        reserved = bind_socket("127.0.0.1", 0, reuse_port=True) if processes > 1 else None
         try:
+            urls = []
+            for proc in procs:
+                proc.reuse_port = None if reserved is None else reserved.getsockname()[1]
+                urls.append(await _start(proc))
             load = await run_load(
-                url + "/v1/logs:ingest",
+                urls[0] + "/v1/logs:ingest",
                 body_factory(lines),
                 lines_per_request=lines,
                 headers=self.headers,
                 connections=self.args.connections,
                 duration_s=self.args.duration,
-                on_progress=_progress(f"ceiling-{lines}"),
+                on_progress=_progress(f"ceiling-{lines}" + (f"-{processes}" if reserved else "")),
             )
         finally:
-            await _stop(proc)
+            for proc in procs:
+                await _stop(proc)
+            if reserved is not None:
+                reserved.close()
         return load.accepted_lines / load.duration_s
 
     async def scenario(
@@ -315,6 +343,7 @@ class Bench:
         try:
             cpu0 = tree_cpu_seconds(pid)
             receiver_cpu0 = tree_cpu_seconds(receiver_pid)
+            load_cpu0 = time.process_time()
             load = await run_load(
                 url + "/v1/logs:ingest",
                 body_factory(lines, masking_heavy=masking_heavy),
@@ -326,6 +355,11 @@ class Bench:
                 on_progress=_progress(name),
             )
             result = ScenarioResult(name, lines, load, workers=workers or self.args.workers)
+            result.cores_during_load = {
+                "server": (tree_cpu_seconds(pid) - cpu0) / load.duration_s,
+                "receiver": (tree_cpu_seconds(receiver_pid) - receiver_cpu0) / load.duration_s,
+                "load": (time.process_time() - load_cpu0) / load.duration_s,
+            }
             result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
             t0 = time.perf_counter()
             with trio.move_on_after(self.args.delivery_timeout):
@@ -415,10 +449,15 @@ class _CeilingProcess(ChildProcess):
     name = "ceiling"
     plain_asgi = False
     """Serve the route as a plain ASGI function, without Quart (``_ceiling --asgi``)."""
+    reuse_port: int | None = None
+    """Join the processes listening on this port with ``SO_REUSEPORT``."""
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "logstack.bench._ceiling", "--port-file"]
-        return [*command, str(self.port_file)] + (["--asgi"] if self.plain_asgi else [])
+        command += [str(self.port_file)] + (["--asgi"] if self.plain_asgi else [])
+        if self.reuse_port is not None:
+            command += ["--reuse-port", str(self.reuse_port)]
+        return command
 
 
 SCENARIOS = (
@@ -524,8 +563,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     outage_summary([await bench.outage() for _ in range(args.pairs)])
                 )
             elif name == "workers-2":
-                # Multi-core scaling: 100-line batches with 1 and 2 workers, alternating.
+                # Multi-core scaling: 100-line batches with 1 and 2 workers, alternating,
+                # and the bare endpoint with 1 and 2 processes under the same load: how
+                # far the stack itself scales on this machine, beside the load generator.
                 scaling: list[float] = []
+                cpu_scaling: list[float] = []
+                bare_scaling: list[float] = []
                 for _ in range(args.pairs):
                     one = await bench.scenario("workers-1", 100, workers=1)
                     two = await bench.scenario(name, 100, workers=2)
@@ -533,9 +576,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         (two.load.accepted_lines / two.load.duration_s)
                         / (one.load.accepted_lines / one.load.duration_s)
                     )
+                    cpu_scaling.append(_cpu_per_line(two) / _cpu_per_line(one))
+                    bare_one = await bench.ceiling(100)
+                    bare_scaling.append(await bench.ceiling(100, processes=2) / bare_one)
+                # Both rows of the last pair: what one worker did beside two (CPU per line).
+                report["scenarios"].append(one.summary())
                 two.extra = {
                     "over_one_worker_median": round(statistics.median(scaling), 3),
                     "over_one_worker": [round(r, 3) for r in scaling],
+                    # Server CPU per line, two workers over one: 1 if a second worker
+                    # costs nothing per line (lines/s then follow the cores they get).
+                    "cpu_per_line_over_one_worker_median": round(statistics.median(cpu_scaling), 3),
+                    "cpu_per_line_over_one_worker": [round(r, 3) for r in cpu_scaling],
+                    "ceiling_two_over_one_median": round(statistics.median(bare_scaling), 3),
+                    "ceiling_two_over_one": [round(r, 3) for r in bare_scaling],
                 }
                 report["scenarios"].append(two.summary())
             else:
@@ -588,6 +642,8 @@ def render(report: dict[str, Any]) -> str:
             "drain_over_ingest_median",
             "offered_requests_per_s",
             "over_one_worker_median",
+            "cpu_per_line_over_one_worker_median",
+            "ceiling_two_over_one_median",
         ):
             if key in row:
                 lines.append(f"  {row['scenario']}: {key} = {row[key]}")

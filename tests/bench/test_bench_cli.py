@@ -8,9 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from logstack.bench._cli import SETTLE_S, ScenarioResult, drain_figures, outage_summary
+from logstack._workers import bind_socket
+from logstack.bench._cli import (
+    SETTLE_S,
+    ScenarioResult,
+    _CeilingProcess,
+    body_factory,
+    drain_figures,
+    outage_summary,
+)
 from logstack.bench._load import LoadResult
 from logstack.bench._procstat import process_tree, tree_cpu_seconds, tree_rss_mib
 from logstack.testing._process import LogstackProcess, make_test_config
@@ -26,6 +35,36 @@ def test_process_tree_sums_a_parent_and_its_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _listening_sockets(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (``/proc/net/tcp``: state 0A)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local = f"0100007F:{port:04X}"
+    return sum(1 for row in rows if row.split()[1] == local and row.split()[3] == "0A")
+
+
+def test_bare_endpoints_share_one_port_as_workers_do(tmp_path: Path) -> None:
+    reserved = bind_socket("127.0.0.1", 0, reuse_port=True)
+    port = reserved.getsockname()[1]
+    procs = [_CeilingProcess(tmp_path / str(i)) for i in range(2)]
+    try:
+        for proc in procs:
+            proc.reuse_port = port
+        urls = [proc.start() for proc in procs]
+        assert urls == [f"http://127.0.0.1:{port}"] * 2
+        assert _listening_sockets(port) == 2  # each process listens; the held one does not
+        for _ in range(4):
+            answer = httpx.post(
+                urls[0] + "/v1/logs:ingest",
+                content=body_factory(2)(1),
+                headers={"Content-Type": "application/json"},
+            )
+            assert answer.status_code == 202
+    finally:
+        for proc in procs:
+            proc.stop()
+        reserved.close()
 
 
 def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -47,7 +86,7 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
     report = json.loads(run.stdout)
     assert "scenario batch-100" in run.stderr and "lines/s" in run.stderr
     rows = {row["scenario"]: row for row in report["scenarios"]}
-    assert set(rows) == {"batch-100", "workers-2"}
+    assert set(rows) == {"batch-100", "workers-1", "workers-2"}
     for row in rows.values():
         assert row["all_delivered"] is True
         assert row["5xx"] == 0 and row["lines_per_s"] > 0
@@ -55,9 +94,15 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
         assert row["receiver_cpu_s_per_100k_lines"] > 0
         assert row["ack_p99_ms"] >= row["ack_p50_ms"] > 0
         assert 0 < row["sustained_lines_per_s"] <= row["lines_per_s"]
-    assert rows["workers-2"]["workers"] == 2
+        cores = row["cores_during_load"]
+        assert set(cores) == {"server", "receiver", "load"}
+        assert all(0 < c <= os.cpu_count() for c in cores.values())
+    assert rows["workers-1"]["workers"] == 1 and rows["workers-2"]["workers"] == 2
     assert 0 < rows["batch-100"]["ceiling_ratio_median"] < 1.5
     assert rows["workers-2"]["over_one_worker_median"] > 0
+    assert rows["workers-2"]["ceiling_two_over_one_median"] > 0
+    assert rows["workers-2"]["cpu_per_line_over_one_worker_median"] > 0
+    assert "ceiling-100-2 " in run.stderr
 
 
 def test_half_load_repeats_its_paced_run_and_reports_the_median_p99() -> None:
