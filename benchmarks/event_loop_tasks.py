@@ -2,6 +2,7 @@
 
     python benchmarks/event_loop_tasks.py                     # 100-line requests, 16 connections
     python benchmarks/event_loop_tasks.py --connections 32 --lines 500
+    python benchmarks/event_loop_tasks.py --rate 350          # paced, as half-load is
     python benchmarks/event_loop_tasks.py --target ceiling    # the bench's bare endpoint
     python benchmarks/event_loop_tasks.py --target asgi       # the same, without Quart
     python benchmarks/event_loop_tasks.py --drain              # a backlog's drain, per push
@@ -210,6 +211,7 @@ async def measure(args: argparse.Namespace) -> str:
                 headers=bench.headers,
                 connections=args.connections,
                 duration_s=duration,
+                rate_per_s=args.rate,
             )
             with trio.fail_after(DELIVERY_TIMEOUT_S):
                 while delivering and (
@@ -237,7 +239,9 @@ async def measure(args: argparse.Namespace) -> str:
     }[args.target]
     head = (
         f"{what}: {requests:,} requests of {args.lines} lines, {args.connections} "
-        f"connections, {rate:,.0f} requests/s; per request answered 202:"
+        f"connections, {rate:,.0f} requests/s"
+        + (f" (paced at {args.rate:,.0f})" if args.rate else "")
+        + "; per request answered 202:"
     )
     return head + "\n" + table(counts, requests, args.top)
 
@@ -295,6 +299,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=100, help="lines per request")
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections")
     p.add_argument(
+        "--rate",
+        type=float,
+        help="pace the requests at this many per second (default: each connection sends "
+        "its next request when the answer arrives)",
+    )
+    p.add_argument(
         "--duration",
         type=float,
         default=8.0,
@@ -315,6 +325,8 @@ def main(argv: Sequence[str]) -> int:
         cli.error("--lines and --connections must be at least 1, --duration and --warmup above 0")
     if args.drain and args.target != "logstack":
         cli.error("--drain applies to --target logstack only")
+    if args.rate is not None and (args.rate <= 0 or args.drain):
+        cli.error("--rate must be above 0, and a drain is not paced (--drain)")
     print(trio.run(measure_drain if args.drain else measure, args), flush=True)
     return 0
 

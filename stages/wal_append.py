@@ -12,7 +12,7 @@ import trio
 
 from logstack._envelope import Accepted, Batch, Envelope
 from logstack._errors import QuotaExceededError, RejectError, UnavailableError, WalError
-from logstack._stage import Stage, StageConfig, coalesce
+from logstack._stage import Stage, StageConfig, coalesce, pass_on
 from logstack._wal import IDEMPOTENCY_WINDOW_NS, KeyLog, WalStore
 from logstack._wal_format import EntryBatch, IdempotencyRecord, Record
 
@@ -138,7 +138,7 @@ class WalAppendStage(Stage):
                     async for first in inbox:
                         written = self._write_batch(coalesce(first, inbox))
                         if written:
-                            await written_send.send(written)
+                            await pass_on(written_send, written)
             # Every written request has been answered.
             timers.cancel_scope.cancel()
         # Stopping: make everything written durable before the store closes.

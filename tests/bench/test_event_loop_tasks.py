@@ -33,6 +33,17 @@ def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server(
     assert re.search(r"^all tasks +[0-9.]+ +[0-9.]+$", out.stdout, re.MULTILINE)
 
 
+def test_a_paced_run_says_so_and_offers_no_more_than_its_rate(
+    run_script: Callable[..., Any],
+) -> None:
+    args = ("--lines", "10", "--connections", "2", "--warmup", "0.5", "--duration", "2")
+    out = run_script("event_loop_tasks", *args, "--rate", "40")
+    assert out.returncode == 0, out.stderr
+    head = re.search(r"([0-9,]+) requests/s \(paced at 40\)", out.stdout)
+    assert head, out.stdout
+    assert 20 <= int(head.group(1).replace(",", "")) <= 41
+
+
 def test_a_drain_is_timed_per_push(run_script: Callable[..., Any]) -> None:
     out = run_script("event_loop_tasks", "--drain", "--connections", "4", "--duration", "1")
     assert out.returncode == 0, out.stderr
@@ -103,6 +114,8 @@ def test_tasks_are_named_without_their_module(
         (["--connections", "0"], "--lines and --connections must be at least 1"),
         (["--duration", "0"], "--duration and --warmup above 0"),
         (["--drain", "--target", "asgi"], "--drain applies to --target logstack only"),
+        (["--rate", "0"], "--rate must be above 0"),
+        (["--drain", "--rate", "100"], "a drain is not paced"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_reason(

@@ -13,7 +13,7 @@ from logstack._context import StageContext
 from logstack._envelope import Accepted, Envelope
 from logstack._errors import InternalError, RejectError
 from logstack._pipeline import STAGE_CHANNEL_CAPACITY, serve_pipeline
-from logstack._stage import COALESCE_MAX, Stage, StageConfig, coalesce
+from logstack._stage import COALESCE_MAX, Stage, StageConfig, coalesce, pass_on
 
 TIMEOUT_S = 5
 
@@ -79,6 +79,9 @@ class ClosingSpy:
 
     async def send(self, value: Any) -> None:
         await self.channel.send(value)
+
+    def send_nowait(self, value: Any) -> None:
+        self.channel.send_nowait(value)
 
     async def __aenter__(self) -> ClosingSpy:
         return self
@@ -186,6 +189,54 @@ async def test_waiting_batches_coalesce_into_one_pass(context: StageContext) -> 
     assert gate.seen == expected
     # One process pass over all 15 requests produced a single batch downstream.
     assert tail.batches == [expected]
+
+
+async def test_passing_on_into_a_channel_with_room_ends_no_step() -> None:
+    send, receive = trio.open_memory_channel[int](1)
+    with trio.testing.assert_no_checkpoints():
+        await pass_on(send, 1)
+    assert receive.receive_nowait() == 1
+
+
+async def test_passing_on_into_a_full_channel_waits_for_room() -> None:
+    send, receive = trio.open_memory_channel[int](1)
+    send.send_nowait(0)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pass_on, send, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert receive.receive_nowait() == 0  # room: the waiting sender goes on
+    assert receive.receive_nowait() == 1
+
+
+class StepCounter(trio.abc.Instrument):
+    def __init__(self, task_name: str) -> None:
+        self.task_name, self.steps = task_name, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name == self.task_name:
+            self.steps += 1
+
+
+async def test_a_simple_stage_takes_one_step_per_batch(context: StageContext) -> None:
+    # Its work and the hand-over; the next receive is its checkpoint (no second step that
+    # only comes back to wait on the inbox).
+    gate, tail = make(Gatekeeper, context, "gate"), make(Recorder, context)
+    counter = StepCounter("stage:gate")
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            head = await nursery.start(partial_serve([gate, tail]))
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(counter)
+            try:
+                for i in range(10):
+                    head.send_nowait([envelope(f"ok-{i}")])
+                    await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            await head.aclose()
+    assert gate.seen == [f"ok-{i}" for i in range(10)]
+    assert counter.steps == 10
 
 
 async def test_rejections_inside_a_coalesced_batch(context: StageContext) -> None:
