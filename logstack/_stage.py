@@ -101,8 +101,9 @@ async def pass_on(outbox: trio.MemorySendChannel[T], item: T) -> None:
 
     ``await outbox.send`` always ends the task's step at a checkpoint, so a stage took two
     steps per batch: its work, then one that only came back to wait on its inbox. A stage's
-    loop reaches a checkpoint at its next ``receive`` anyway (trio's memory channels check
-    point there whether or not an item is waiting), so the extra step bought no fairness.
+    loop reaches a checkpoint at its next ``receive`` anyway (a memory channel's
+    ``receive`` is one whether or not an item is waiting), so the extra step bought no
+    fairness.
     """
     try:
         outbox.send_nowait(item)
