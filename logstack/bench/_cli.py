@@ -636,6 +636,7 @@ def render(report: dict[str, Any]) -> str:
     for row in report["scenarios"]:
         for key in (
             "ceiling_ratio_median",
+            "ack_p99_ms_median",
             "recovery_s",
             "drain_lines_per_s",
             "drain_over_ingest",

@@ -19,6 +19,7 @@ from logstack.bench._cli import (
     body_factory,
     drain_figures,
     outage_summary,
+    render,
 )
 from logstack.bench._load import LoadResult
 from logstack.bench._procstat import process_tree, tree_cpu_seconds, tree_rss_mib
@@ -114,6 +115,29 @@ def test_half_load_repeats_its_paced_run_and_reports_the_median_p99() -> None:
     assert row["ack_p99_ms_median"] == sorted(runs)[1]
     assert row["ack_p99_ms"] == runs[-1]  # the rest of the row is the last paced run's
     assert 0 < row["offered_requests_per_s"] <= row["probe_sustained_requests_per_s"]
+
+
+def test_the_table_shows_every_goal_figure_under_its_row() -> None:
+    goals = {
+        "batch-100": {"ceiling_ratio_median": 0.7},
+        "half-load": {"ack_p99_ms_median": 12.5, "offered_requests_per_s": 400},
+        "outage-recovery": {"drain_over_ingest_median": 2.1},
+        "workers-2": {
+            "over_one_worker_median": 1.2,
+            "cpu_per_line_over_one_worker_median": 1.1,
+            "ceiling_two_over_one_median": 1.6,
+        },
+    }
+    report = {
+        "machine": {"cores": 2},
+        "date": "2026-11-27",
+        "command": "python -m logstack.bench",
+        "scenarios": [{"scenario": name, **figures} for name, figures in goals.items()],
+    }
+    text = render(report)
+    for name, figures in goals.items():
+        for key, value in figures.items():
+            assert f"  {name}: {key} = {value}" in text
 
 
 def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: Path) -> None:
