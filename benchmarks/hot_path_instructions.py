@@ -15,7 +15,8 @@ Steps, on the bench's own 100-line bodies (``logstack.bench``'s ``body_factory``
 
 - ``mask``: the raw-body screen (``KeyMasker.could_match``), default masking settings;
 - ``validate``: the typed decode and per-entry checks (``validate_body``);
-- ``wal``: the WAL record's MessagePack encoding and frame (``encode_frame``);
+- ``wal``: the WAL record: each entry's Loki line rendered, the MessagePack encoding and
+  frame (``line_batch``, ``encode_frame``);
 - ``read``: the batcher reading a 1000-entry batch from a backlog of such records (page
   cache) in its steps of 200 entries (``KeyLog.read``: ``pread``, frame CRC, record decode);
 - ``delivery``: a 1000-entry batch from WAL records to a protobuf+snappy push body (record
@@ -58,22 +59,24 @@ def workload(step: str, repeat: int, timed: bool = False) -> float:
     handful of instructions however much it copies)."""
     from logstack._config import LokiSettings, MaskingSettings, SchemaSettings
     from logstack._delivery import PushBatch
+    from logstack._loki_line import line_batch
     from logstack._loki_proto import decode_push_request_raw, decompress_snappy
     from logstack._masking import Masker
     from logstack._metrics import Metrics
     from logstack._schema_fast import validate_body
     from logstack._wal import KeyLog
-    from logstack._wal_format import FRAME_OVERHEAD, EntryBatch, decode_record, frame_bytes
+    from logstack._wal_format import FRAME_OVERHEAD, decode_record, frame_bytes
     from logstack.bench._cli import body_factory
 
     make = body_factory(ENTRIES_PER_REQUEST)
     bodies = [make(i) for i in range(REQUESTS_PER_BATCH)]
     schema = SchemaSettings()
-    batches = []
+    validated = []
     for body in bodies:
         entries = validate_body(body, schema)
         assert entries is not None, "the bench's bodies must take the fast path"
-        batches.append(EntryBatch("0" * 32, 1, entries))
+        validated.append(entries)
+    batches = [line_batch("0" * 32, 1, entries) for entries in validated]
     records = [frame_bytes(batch)[FRAME_OVERHEAD:] for batch in batches]
     masker = Masker(MaskingSettings()).for_key("bench")
     loki = LokiSettings()
@@ -105,7 +108,7 @@ def workload(step: str, repeat: int, timed: bool = False) -> float:
     runs: dict[str, Callable[[], object]] = {  # each: ENTRIES_PER_ROUND entries
         "mask": lambda: [masker.could_match(b) for b in bodies],
         "validate": lambda: [validate_body(b, schema) for b in bodies],
-        "wal": lambda: [frame_bytes(b) for b in batches],
+        "wal": lambda: [frame_bytes(line_batch("0" * 32, 1, e)) for e in validated],
         "read": read,
         "delivery": delivery,
         "receiver": lambda: decode_push_request_raw(push_body),

@@ -17,13 +17,13 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload
 
-import msgspec
 import trio
 
 from . import __version__
 from ._config import LokiSettings
 from ._entry import LogEntry
 from ._errors import LogstackError
+from ._loki_line import line_with_ids, render_line
 from ._loki_proto import (
     PushEntry,
     PushRejection,
@@ -39,15 +39,17 @@ from ._loki_proto import (
     sanitize_label_name,
 )
 from ._wal import Position
-from ._wal_format import EntryBatch
+from ._wal_format import EntryRecord, LineBatch, LineEntry
 
-_line_encoder = msgspec.json.Encoder()
 _NS = 1_000_000_000
 
 Labels = tuple[tuple[str, str], ...]
 """A stream's label set, sorted by name: hashable, and cheap to compare."""
 Item = tuple[Labels, PushEntry]
 """One entry of a push with the labels of its stream."""
+AnyEntry = LogEntry | LineEntry
+"""An entry as a WAL record holds it (``EntryBatch``: as validated; ``LineBatch``: with its
+line rendered)."""
 
 RESERVED_LABELS = ("service", "env", "level")
 USER_AGENT = f"LogStack/{__version__}"
@@ -56,19 +58,7 @@ USER_AGENT = f"LogStack/{__version__}"
 # ------------------------------------------------------------------------ entries → Loki
 
 
-class _Line(msgspec.Struct, omit_defaults=True, gc=False):
-    """The Loki log line: compact JSON of the masked entry's content fields, in this order;
-    absent ones are left out. With ``structured_metadata`` the ``trace_id``/``span_id``
-    travel as Loki structured metadata instead (:func:`entry_metadata`), not in the line
-    (``PushBatch.add`` builds it)."""
-
-    message: str
-    metadata: dict[str, Any] | None = None
-    trace_id: str | None = None
-    span_id: str | None = None
-
-
-def entry_metadata(entry: LogEntry) -> dict[str, str]:
+def entry_metadata(entry: AnyEntry) -> dict[str, str]:
     """Loki structured metadata of an entry: its ``trace_id`` and ``span_id`` if present."""
     out: dict[str, str] = {}
     if entry.trace_id is not None:
@@ -91,7 +81,7 @@ def loki_label_name(name: str) -> str:
     return out
 
 
-def stream_labels(entry: LogEntry) -> Labels:
+def stream_labels(entry: AnyEntry) -> Labels:
     """The entry's Loki stream: its allowed labels plus ``service``, ``env``, ``level``.
 
     Label names Loki would refuse (``k8s.pod``) are sent sanitised (``k8s_pod``). Should two
@@ -118,7 +108,7 @@ _streams: dict[tuple[Any, ...], Labels] = {}
 _STREAMS_CACHE_SIZE = 4096
 
 
-def cached_stream_labels(entry: LogEntry) -> Labels:
+def cached_stream_labels(entry: AnyEntry) -> Labels:
     """``stream_labels(entry)``, remembered: a key's entries use a handful of streams."""
     labels = entry.labels
     key = (
@@ -347,7 +337,7 @@ class PushBatch:
         tenant: str | None,
         start: Position,
         end: Position,
-        batches: list[EntryBatch],
+        batches: list[EntryRecord],
         *,
         structured_metadata: bool = False,
     ) -> PushBatch:
@@ -358,27 +348,40 @@ class PushBatch:
         return push
 
     def add(
-        self, batch: EntryBatch, *, structured_metadata: bool = False, protobuf: bool = True
+        self, batch: EntryRecord, *, structured_metadata: bool = False, protobuf: bool = True
     ) -> None:
         """Append the entries of one WAL record as Loki lines with their streams, and with
-        ``protobuf`` (the push format, as configured) their protobuf fields too."""
+        ``protobuf`` (the push format, as configured) their protobuf fields too.
+
+        A ``LineBatch`` carries its lines (without the ids: ``logstack._loki_line``); an
+        ``EntryBatch``, written by an earlier version, has them rendered here."""
         first = len(self.entries)
         append = self.entries.append
-        encode = _line_encoder.encode
-        previous: LogEntry | None = None
+        entries: Sequence[AnyEntry] = batch.entries
+        lines: list[bytes]
+        if isinstance(batch, LineBatch):
+            lines = (
+                [entry.line for entry in batch.entries]
+                if structured_metadata
+                else [
+                    entry.line
+                    if entry.trace_id is None and entry.span_id is None
+                    else line_with_ids(entry.line, entry.trace_id, entry.span_id)
+                    for entry in batch.entries
+                ]
+            )
+        else:
+            lines = [
+                render_line(entry, with_ids=not structured_metadata) for entry in batch.entries
+            ]
+        previous: AnyEntry | None = None
         labels: Labels = ()
         size = 0
-        for entry in batch.entries:
+        metadata: dict[str, str] | None = None
+        for entry, line in zip(entries, lines, strict=True):
             if structured_metadata:
-                line = encode(_Line(entry.message, entry.metadata or None))
-                pairs = entry_metadata(entry)
-                size += metadata_size(pairs)
-                metadata: dict[str, str] | None = pairs
-            else:
-                line = encode(
-                    _Line(entry.message, entry.metadata or None, entry.trace_id, entry.span_id)
-                )
-                metadata = None
+                metadata = entry_metadata(entry)
+                size += metadata_size(metadata)
             size += len(line)
             # Consecutive entries mostly share their stream: comparing four fields with the
             # previous entry's is cheaper than hashing them for the cache.

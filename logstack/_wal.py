@@ -29,11 +29,12 @@ import trio
 from ._errors import WalCorruptionError, WalError
 from ._metrics import Metrics
 from ._wal_format import (
+    ENTRY_RECORDS,
     FRAME_OVERHEAD,
     HEADER_SIZE,
     MAX_RECORD_BYTES,
     Checkpoint,
-    EntryBatch,
+    EntryRecord,
     FrameScan,
     IdempotencyRecord,
     Record,
@@ -112,7 +113,7 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class ReadResult:
-    batches: list[EntryBatch]
+    batches: list[EntryRecord]
     end: Position
     """Position just past the last record returned (or skipped)."""
     payload_bytes: int = 0
@@ -185,7 +186,7 @@ class KeyLog:
         has_entries = False
         for record in records:
             encode_frame(record, buffer)
-            has_entries = has_entries or isinstance(record, EntryBatch)
+            has_entries = has_entries or isinstance(record, ENTRY_RECORDS)
         end = self.append_bytes(buffer)
         if has_entries:
             self.last_entry_end = end
@@ -404,7 +405,7 @@ class KeyLog:
         idempotency records are skipped over; damaged frames are stepped over (counted,
         copied to ``quarantine/``), never a reason to stop delivering.
         """
-        batches: list[EntryBatch] = []
+        batches: list[EntryRecord] = []
         entries = used = 0
         position = self._normalise(position)
         enough = max_entries if stop_after is None else min(stop_after, max_entries)
@@ -434,7 +435,7 @@ class KeyLog:
                     # skip it rather than raise, or delivery of this key stops for good.
                     self._report_damage(segment, frame.offset, frame.end, "undecodable")
                     record = None
-                if isinstance(record, EntryBatch):
+                if isinstance(record, ENTRY_RECORDS):
                     n = len(record.entries)
                     over = entries + n > max_entries or used + len(frame.payload) > max_bytes
                     if over and (batches or not at_least_one):
@@ -603,7 +604,7 @@ def _scan_frames(
                     record.entries_accepted,
                     record.accepted_ns,
                 )
-            elif isinstance(record, EntryBatch):
+            elif isinstance(record, ENTRY_RECORDS):
                 result.last_entry_end = frame.end
         result.good_end = scan.stop
         if scan.stop >= size:

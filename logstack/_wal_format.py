@@ -33,11 +33,37 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
 class EntryBatch(msgspec.Struct, tag=1, array_like=True, gc=False):
-    """Entries of one accepted request, masked and validated."""
+    """Entries of one accepted request, masked and validated, as written before
+    ``LineBatch`` (still read and delivered: a WAL written by an earlier version)."""
 
     request_id: str
     received_ns: int
     entries: list[LogEntry]
+
+
+class LineEntry(msgspec.Struct, array_like=True, gc=False):
+    """An entry as delivery uses it: the fields of its Loki stream and its Loki line."""
+
+    timestamp_ns: int
+    level: str
+    service: str
+    env: str
+    labels: dict[str, str]
+    line: bytes
+    """Compact JSON of the masked ``message`` and ``metadata`` (``logstack._loki_line``);
+    delivery adds ``trace_id``/``span_id`` to it or sends them as structured metadata."""
+    trace_id: str | None = None
+    span_id: str | None = None
+
+
+class LineBatch(msgspec.Struct, tag=4, array_like=True, gc=False):
+    """Entries of one accepted request, masked and validated, each with its Loki line
+    rendered when written. A LogStack from before this record kind reads it as undecodable
+    and quarantines it: drain the WAL before downgrading (``docs/wal.md``)."""
+
+    request_id: str
+    received_ns: int
+    entries: list[LineEntry]
 
 
 class Checkpoint(msgspec.Struct, tag=2, array_like=True, gc=False):
@@ -57,7 +83,10 @@ class IdempotencyRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
     accepted_ns: int
 
 
-Record = EntryBatch | Checkpoint | IdempotencyRecord
+Record = EntryBatch | LineBatch | Checkpoint | IdempotencyRecord
+EntryRecord = EntryBatch | LineBatch
+"""The record kinds that hold entries."""
+ENTRY_RECORDS = (EntryBatch, LineBatch)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)
@@ -152,7 +181,8 @@ class FrameScan:
 
 
 # A record payload starts with a MessagePack fixarray header followed by the kind's tag
-# (a positive fixint): EntryBatch/Checkpoint are 4-element arrays, IdempotencyRecord 5.
+# (a positive fixint): EntryBatch/LineBatch/Checkpoint are 4-element arrays,
+# IdempotencyRecord 5.
 _RECORD_START = re.compile(rb"[\x91-\x9f][\x01-\x7f]")
 
 

@@ -8,9 +8,9 @@ from typing import TextIO
 
 from ._wal import SEGMENT_SUFFIX
 from ._wal_format import (
+    ENTRY_RECORDS,
     HEADER_SIZE,
     Checkpoint,
-    EntryBatch,
     FrameScan,
     IdempotencyRecord,
     decode_header,
@@ -70,7 +70,7 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
                         lines.append(f"    @{frame.offset}: UNDECODABLE record: {exc}")
                         damaged = True
                         continue
-                    if isinstance(record, EntryBatch):
+                    if isinstance(record, ENTRY_RECORDS):
                         counts["entry_batches"] += 1
                         counts["entries"] += len(record.entries)
                         if show_records:

@@ -12,9 +12,10 @@ import trio
 
 from logstack._envelope import Accepted, Batch, Envelope
 from logstack._errors import QuotaExceededError, RejectError, UnavailableError, WalError
+from logstack._loki_line import line_batch
 from logstack._stage import Stage, StageConfig, coalesce, pass_on
 from logstack._wal import IDEMPOTENCY_WINDOW_NS, KeyLog, WalStore
-from logstack._wal_format import EntryBatch, IdempotencyRecord, Record
+from logstack._wal_format import IdempotencyRecord, Record
 
 log = logging.getLogger("logstack.wal")
 
@@ -106,7 +107,7 @@ class WalAppendStage(Stage):
                 # A retry of an accepted request: the first answer, stored once.
                 return keylog, Accepted(seen[1], seen[0]), 0
         self._admit(keylog)
-        records: list[Record] = [EntryBatch(envelope.request_id, time.time_ns(), entries)]
+        records: list[Record] = [line_batch(envelope.request_id, time.time_ns(), entries)]
         if digest is not None:
             now = time.time_ns()
             records.append(IdempotencyRecord(digest, envelope.request_id, len(entries), now))

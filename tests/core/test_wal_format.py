@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from logstack._entry import LogEntry
 from logstack._errors import WalCorruptionError
+from logstack._loki_line import line_batch
 from logstack._wal_format import (
     FORMAT_VERSION,
     FRAME_OVERHEAD,
@@ -29,6 +30,8 @@ from logstack._wal_format import (
     EntryBatch,
     FrameScan,
     IdempotencyRecord,
+    LineBatch,
+    LineEntry,
     Record,
     decode_header,
     decode_record,
@@ -86,6 +89,27 @@ ENTRY_BATCH_FRAME = bytes.fromhex(
     "be323032332d31312d31345432323a31333a32302e3132333435363738395a"
 )
 
+LINE_BATCH = line_batch("req-1", 1_700_000_000_999_999_999, [FULL_ENTRY])
+LINE_BATCH_FRAME = bytes.fromhex(
+    # frame: u32 LE length (0xec = 236) | u32 LE CRC-32 | payload
+    "ec000000 09666fd0"
+    # [tag 4, request_id, received_ns, [entry]]
+    "94 04 a5 7265712d31 cf 17979cfe71c4c9ff 91"
+    # entry: [timestamp_ns, level, service, env, labels, line, trace_id, span_id]
+    "98"
+    "cf17979cfe3d85cd15"
+    "a54552524f52"
+    "a762696c6c696e67"
+    "a470726f64"
+    "81a6726567696f6ea965752d776573742d31"
+    # line: bin 8, 118 bytes of compact JSON (message, metadata; no ids)
+    "c476"
+    + b'{"message":"disk full","metadata":{"user":"[MASKED]","attempt":3,"ok":false,'
+    b'"ratio":0.5,"tags":["a","b"],"none":null}}'.hex()
+    + "d9203462663932663335373762333464613661336365393239643065306534373336"
+    "b030306630363761613062613930326237"
+)
+
 CHECKPOINT = Checkpoint(3, 4096, 1_700_000_001_000_000_000)
 CHECKPOINT_FRAME = bytes.fromhex(
     "0f000000 9afeecb9"
@@ -115,6 +139,7 @@ HEADER_BYTES = bytes.fromhex(
 
 GOLDEN = [
     pytest.param(ENTRY_BATCH, ENTRY_BATCH_FRAME, id="entry_batch"),
+    pytest.param(LINE_BATCH, LINE_BATCH_FRAME, id="line_batch"),
     pytest.param(CHECKPOINT, CHECKPOINT_FRAME, id="checkpoint"),
     pytest.param(IDEMPOTENCY, IDEMPOTENCY_FRAME, id="idempotency"),
 ]
@@ -138,7 +163,7 @@ def test_golden_bytes_decode_to_record(record: Record, golden: bytes) -> None:
 
 
 def test_golden_frames_are_length_and_crc_of_payload() -> None:
-    for golden in (ENTRY_BATCH_FRAME, CHECKPOINT_FRAME, IDEMPOTENCY_FRAME):
+    for golden in (ENTRY_BATCH_FRAME, LINE_BATCH_FRAME, CHECKPOINT_FRAME, IDEMPOTENCY_FRAME):
         length, crc = struct.unpack_from("<II", golden)
         payload = golden[FRAME_OVERHEAD:]
         assert length == len(payload)
@@ -150,6 +175,7 @@ def test_record_kind_tags_are_pinned() -> None:
     assert ENTRY_BATCH_FRAME[FRAME_OVERHEAD + 1] == 1
     assert CHECKPOINT_FRAME[FRAME_OVERHEAD + 1] == 2
     assert IDEMPOTENCY_FRAME[FRAME_OVERHEAD + 1] == 3
+    assert LINE_BATCH_FRAME[FRAME_OVERHEAD + 1] == 4
 
 
 def test_entry_field_order_is_pinned() -> None:
@@ -167,6 +193,17 @@ def test_entry_field_order_is_pinned() -> None:
         "timestamp",
     )
     assert EntryBatch.__struct_fields__ == ("request_id", "received_ns", "entries")
+    assert LineEntry.__struct_fields__ == (
+        "timestamp_ns",
+        "level",
+        "service",
+        "env",
+        "labels",
+        "line",
+        "trace_id",
+        "span_id",
+    )
+    assert LineBatch.__struct_fields__ == ("request_id", "received_ns", "entries")
     assert Checkpoint.__struct_fields__ == ("segment", "offset", "delivered_ns")
     assert IdempotencyRecord.__struct_fields__ == (
         "key_hash",

@@ -17,7 +17,9 @@ from logstack._context import StageContext
 from logstack._entry import LogEntry
 from logstack._envelope import Accepted, Envelope
 from logstack._errors import QuotaExceededError, UnavailableError
+from logstack._loki_line import line_batch
 from logstack._wal import WalStore
+from logstack._wal_format import LineBatch
 from stages.wal_append import WalAppendStage
 
 
@@ -106,7 +108,9 @@ async def test_a_written_request_lets_go_of_its_entries_before_its_fsync(tmp_pat
         assert isinstance(answer, Accepted) and answer.entries_accepted == 4
         keylog = h.store.logs["alpha"]
         (record,) = keylog.read(keylog.delivered, 100, 1 << 20).batches
-        assert record.request_id == "req-free" and record.entries == [ENTRY] * 4
+        assert isinstance(record, LineBatch) and record.request_id == "req-free"
+        assert record.entries == line_batch("req-free", 0, [ENTRY] * 4).entries
+        assert record.entries[0].line == b'{"message":"hello"}'
 
 
 async def test_requests_are_written_while_a_group_is_being_fsynced(tmp_path: Path) -> None:
