@@ -10,6 +10,10 @@ from pathlib import Path
 import httpx
 import trio
 
+from logstack._entry import LogEntry
+from logstack._metrics import Metrics
+from logstack._wal import KeyLog
+from logstack._wal_format import EntryBatch
 from logstack.testing import open_loki_receiver
 from logstack.testing._process import TEST_TOKEN, TEST_TOKEN_2, LogstackProcess, make_test_config
 
@@ -203,3 +207,54 @@ async def test_graceful_restart_delivers_without_duplicates(tmp_path: Path) -> N
             assert await trio.to_thread.run_sync(server.stop) == 0
         assert rx.duplicates == 0
         assert len(rx.lines()) == 300
+
+
+async def test_a_wal_written_before_line_batches_is_delivered_after_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    """Records as an earlier LogStack wrote them (``EntryBatch``: the entries field by
+    field) are delivered by the current server, in order, with the lines rendering them
+    gives, followed by what the server writes itself (``LineBatch``)."""
+    old_entries = [
+        LogEntry(
+            1_767_225_600_000_000_000 + i,
+            "WARN",
+            f"before-{i}",
+            "upgrade",
+            "ci",
+            {"region": "eu"},
+            trace_id="4bf92f3577b34da6a3ce929d0e0e4736" if i % 2 else None,
+            metadata={"i": i},
+            timestamp="2026-01-01T00:00:00Z",
+        )
+        for i in range(30)
+    ]
+    directory = tmp_path / "wal" / "payments-api"
+    directory.mkdir(parents=True)
+    keylog = KeyLog("payments-api", directory, 1 << 20, Metrics())
+    for n in range(3):
+        keylog.append([EntryBatch(f"old-{n}", 1, old_entries[n * 10 : (n + 1) * 10])])
+    keylog.sync_blocking()
+    keylog.close()
+
+    async with open_loki_receiver() as rx:
+        server = LogstackProcess(tmp_path, make_test_config(tmp_path, rx.url))
+        await trio.to_thread.run_sync(server.start)
+        try:
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                response = await client.post(INGEST, headers=headers(), json=batch("after", 5))
+                assert response.status_code == 202
+            await rx.wait_for_entries(35, timeout=20)
+        finally:
+            assert await trio.to_thread.run_sync(server.stop) == 0
+        delivered = [json.loads(line) for line in rx.lines()]
+    expected_old = [
+        {"message": e.message, "metadata": e.metadata}
+        | ({"trace_id": e.trace_id} if e.trace_id else {})
+        for e in old_entries
+    ]
+    assert [d for d in delivered if d["message"].startswith("before-")] == expected_old
+    assert [d["message"] for d in delivered if d["message"].startswith("after-")] == [
+        f"after-{i}" for i in range(5)
+    ]
+    assert rx.duplicates == 0

@@ -13,6 +13,7 @@ from logstack._config import load_settings
 from logstack._context import StageContext
 from logstack._delivery import PushBatch
 from logstack._entry import LogEntry
+from logstack._loki_line import line_batch
 from logstack._metrics import Metrics
 from logstack._stage import StageConfig
 from logstack._wal import KeyLog
@@ -83,14 +84,20 @@ async def test_collect_cuts_batches_at_the_entry_limit_equal_to_converting_the_r
     tmp_path: Path,
 ) -> None:
     """Each record is converted as it is read; the batch must be the one converting the
-    same records afterwards gives, over the same WAL range, cut at ``batch_max_entries``."""
+    same records afterwards gives, over the same WAL range, cut at ``batch_max_entries``.
+    The WAL spans an upgrade: every other record is an ``EntryBatch``, as written before
+    ``LineBatch``; the reference converts them all as ``EntryBatch``es."""
     context = StageContext(load_settings(env={"LOGSTACK_LOKI_BATCH_MAX_WAIT_S": "0.05"}))
     stage = BatchStage(StageConfig(), context)
     loki = context.settings.loki
     keylog = KeyLog("alpha", tmp_path / "alpha", 1 << 20, Metrics())
     keylog.directory.mkdir()
     records = [_record(i, 100) for i in range(12)]  # 1,200 entries: two batches
-    ends = [keylog.append([record]) for record in records]
+    written = [
+        line_batch(r.request_id, r.received_ns, r.entries) if i % 2 else r
+        for i, r in enumerate(records)
+    ]
+    ends = [keylog.append([record]) for record in written]
     await keylog.sync()
     assert loki.batch_max_entries == 1000
 
