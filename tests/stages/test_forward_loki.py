@@ -1,9 +1,10 @@
 """The delivery half (``batch`` + ``forward_loki``) over a real WAL, against real receivers.
 
 The harness opens a WAL in ``tmp_path``, runs the two stages between channels exactly as the
-service does, and "ingests" by appending ``EntryBatch`` records and sending the key hint
-``wal_append`` would send. Receivers are ``logstack.testing``'s Loki-compatible server over
-HTTP, or (on trio's autojump clock) the same receiver behind ``ReceiverTransport``.
+service does, and "ingests" by appending the records and sending the key hint ``wal_append``
+would send (``prefill`` writes a backlog as an earlier version did). Receivers are
+``logstack.testing``'s Loki-compatible server over HTTP, or (on trio's autojump clock) the
+same receiver behind ``ReceiverTransport``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from logstack._context import StageContext
 from logstack._delivery import LokiAnswer
 from logstack._dlq import DeadLetter, dead_letter_queue
 from logstack._entry import LogEntry
+from logstack._loki_line import line_batch
 from logstack._loki_proto import (
     decode_json_push,
     decode_push_request,
@@ -80,7 +82,7 @@ class Harness:
         """Append one request's entries durably and hint the batcher, as wal_append does."""
         keylog = self.store.log_for(key)
         received = time.time_ns() - int(age_s * 1e9)
-        keylog.append([EntryBatch(uuid.uuid4().hex, received, entries)])
+        keylog.append([line_batch(uuid.uuid4().hex, received, entries)])
         await keylog.sync()
         await self.head.send([key])
 
@@ -106,7 +108,8 @@ class Harness:
 
 
 async def prefill(tmp_path: Path, key: str, batches: list[list[LogEntry]], age_s: float) -> None:
-    """Write a backlog into the WAL before the stages start (as after a restart)."""
+    """Write a backlog into the WAL before the stages start (as after a restart), in the
+    record kind of a version before ``LineBatch`` (as after an upgrade, too)."""
     from logstack._metrics import Metrics
 
     store = WalStore(tmp_path / "wal", 128 << 20, Metrics(), fsync_runner=fsync_inline)
