@@ -19,6 +19,18 @@ does not need (the "Hypercorn's connection glue" row of ``docs/performance.md``)
   ready. Here they use ``send_nowait``/``receive_nowait`` and wait only when they must
   (a full queue still holds the connection back, as before).
 
+- **An answer sent before the request's body is all in** (a refusal: wrong media type,
+  unknown token, too large). Hypercorn then closes the connection, though the answer did
+  not say ``Connection: close``; a client that sends its next request on it in the
+  meantime sees it dropped unanswered. Here the rest of the body, up to
+  ``DROP_BODY_LIMIT`` bytes within the keep-alive timeout, is read and dropped and the
+  connection serves the next request. An answer to a body declared longer than that says
+  ``Connection: close`` and the connection closes after it, as before.
+- **A closed request's queue.** Once the request is over, body events no longer wait for
+  room in the app's queue: an app that answered without reading a large body left
+  Hypercorn's reader and its own last ``send`` waiting on each other, and the connection
+  open for good.
+
 Dropping those checkpoints is safe for the same reason it is cheap: each of the calls
 either finishes at once or falls back to the awaiting call, and the loops around them end
 when the received data does (h11's ``NEED_DATA``, the body's last message). Cancellation
@@ -37,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import h11
 import trio
@@ -59,7 +71,12 @@ from hypercorn.utils import (
 )
 from trio.lowlevel import checkpoint_if_cancelled
 
-__all__ = ["LeanTCPServer", "serve"]
+__all__ = ["DROP_BODY_LIMIT", "LeanTCPServer", "serve"]
+
+DROP_BODY_LIMIT: Final = 1 << 20
+"""The most of a request body the server reads and drops, after answering before it was all
+in, to keep the connection for the client's next request. Reconnecting costs less than
+reading more (a round trip, a TLS handshake)."""
 
 
 class LeanTaskGroup(TaskGroup):
@@ -74,17 +91,33 @@ class LeanTaskGroup(TaskGroup):
 
         async def put(message: Any) -> None:
             await checkpoint_if_cancelled()  # cancelled, it raises as the awaiting call did
+            if message["type"] == "http.disconnect":
+                # The request is over: the app reads what is queued, then "http.disconnect"
+                # for good, and nothing waits for room any more (a body event blocked
+                # here is dropped, as Hypercorn drops those that arrive later).
+                put_channel.close()
+                return
             try:
                 put_nowait(message)
             except trio.WouldBlock:  # the app is behind by a whole queue: wait for it
-                await put_waiting(message)
+                try:
+                    await put_waiting(message)
+                except trio.ClosedResourceError:
+                    pass
+            except trio.ClosedResourceError:
+                pass
 
         async def receive() -> Any:
             await checkpoint_if_cancelled()
             try:
                 return get_nowait()
             except trio.WouldBlock:
-                return await get_waiting()
+                try:
+                    return await get_waiting()
+                except trio.EndOfChannel:
+                    return {"type": "http.disconnect"}
+            except trio.EndOfChannel:
+                return {"type": "http.disconnect"}
 
         assert self._nursery is not None
         self._nursery.start_soon(
@@ -101,11 +134,35 @@ class LeanTaskGroup(TaskGroup):
 
 
 class LeanH11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1 protocol; a final answer's head leaves with its first bytes."""
+    """Hypercorn's HTTP/1.1 protocol; a final answer's head leaves with its first bytes, and
+    the rest of a body the answer came before is dropped rather than closing on it."""
 
     _held_head = b""
+    _request_headers: Any = ()
+    _dropping = False
+    """The answer is sent; the rest of the request's body is read and dropped."""
+    _dropped = 0
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        self._request_headers = request.headers  # read only if the answer beats the body
+        await super()._create_stream(request)
+
+    def _body_too_long_to_drop(self) -> bool:
+        for name, value in self._request_headers:
+            if name == b"content-length":
+                return int(value) > DROP_BODY_LIMIT  # h11 has checked it is digits
+        return False  # chunked: dropped until it ends or passes the limit
 
     async def _send_h11_event(self, event: Any) -> None:
+        if (
+            type(event) is h11.Response
+            and self.connection.their_state is h11.SEND_BODY
+            and self._body_too_long_to_drop()
+        ):
+            # Answered before a body too long to drop has arrived: say the connection
+            # closes after this answer (h11 then ends it; see ``_maybe_recycle``).
+            headers = [*event.headers.raw_items(), (b"connection", b"close")]
+            event = h11.Response(status_code=event.status_code, headers=headers)
         try:
             data = self.connection.send(event)
         except h11.LocalProtocolError:
@@ -122,6 +179,53 @@ class LeanH11Protocol(H11Protocol):
             await self.send(RawData(data=data))
         else:
             await checkpoint_if_cancelled()  # as the empty write's lock and send did
+
+    async def _handle_events(self) -> None:
+        if self._dropping and not await self._drop_body():
+            return
+        await super()._handle_events()
+
+    async def _maybe_recycle(self) -> None:
+        if (
+            self.connection.our_state is not h11.DONE
+            or self.connection.their_state is not h11.SEND_BODY
+            or self.context.terminated.is_set()
+        ):
+            await super()._maybe_recycle()  # next request, or close
+            return
+        # The answer is out, the request's body is not all in: drop the rest of it, within
+        # the keep-alive timeout (the connection counts as idle meanwhile), then recycle.
+        await self._close_stream()
+        self._dropping = True
+        self._dropped = 0
+        await self.can_read.set()
+        await self.send(Updated(idle=True))
+        await self._drop_body()
+
+    async def _drop_body(self) -> bool:
+        """Drop the body events h11 holds; ``True`` once the body has ended and the
+        connection is ready for the next request, ``False`` if more data is needed or the
+        connection was closed (malformed, or more than ``DROP_BODY_LIMIT`` bytes)."""
+        connection = self.connection
+        while connection.their_state is h11.SEND_BODY:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError:
+                event = None
+            if event is h11.NEED_DATA:
+                return False
+            if type(event) is h11.Data:
+                self._dropped += len(event.data)
+                if self._dropped <= DROP_BODY_LIMIT:
+                    continue
+            elif type(event) is h11.EndOfMessage:
+                continue
+            self._dropping = False
+            await self.send(Closed())
+            return False
+        self._dropping = False
+        await super()._maybe_recycle()
+        return True
 
 
 class LeanTCPServer(TCPServer):

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
+import trio
 import yaml
 
 from logstack._config import Settings
@@ -168,3 +170,56 @@ async def test_chunked_body_over_the_limit_is_413_and_counted(
     registry = service.context.metrics.registry
     labels = {"token": "unauthenticated", "reason": "payload_too_large"}
     assert registry.get_sample_value("logs_rejected_total", labels) == 1
+
+
+async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_request(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    """Each refusal is answered before the body is sent; the body follows, then a good
+    request on the same connection is accepted (it was once dropped unanswered)."""
+    service, _, _ = served
+    host, port = service.binds[0].removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    conn = h11.Connection(h11.CLIENT)
+    good = json.dumps({"entries": [ENTRY]}).encode()
+
+    async def head(path: str, length: int, content_type: str, token: str) -> None:
+        headers = [
+            ("host", "t"),
+            ("content-length", str(length)),
+            ("content-type", content_type),
+            ("authorization", f"Bearer {token}"),
+        ]
+        await stream.send_all(conn.send(h11.Request(method="POST", target=path, headers=headers)))
+
+    async def body(data: bytes) -> None:
+        await stream.send_all(conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage()))
+
+    async def answer() -> int:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                assert b"close" not in dict(event.headers).get(b"connection", b"")
+            elif isinstance(event, h11.EndOfMessage):
+                return status
+
+    refusals = [
+        (INGEST, 5000, "text/plain", TEST_TOKEN, 415),
+        (INGEST, 5000, "application/json", TEST_TOKEN, 413),  # max_body_bytes is 4096
+        ("/v1/admin/dlq/replay", 20, "application/json", TEST_TOKEN, 403),
+        ("/v1/admin/flush", 20, "application/json", "unknown_token_0123456789", 401),
+    ]
+    with trio.fail_after(20):
+        for path, length, content_type, token, expected in refusals:
+            await head(path, length, content_type, token)
+            assert await answer() == expected
+            await body(b" " * length)
+            conn.start_next_cycle()
+            await head(INGEST, len(good), "application/json", TEST_TOKEN)
+            await body(good)
+            assert await answer() == 202
+            conn.start_next_cycle()
+    await stream.aclose()

@@ -18,7 +18,13 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from logstack._http_server import LeanH11Protocol, LeanTaskGroup, LeanTCPServer, serve
+from logstack._http_server import (
+    DROP_BODY_LIMIT,
+    LeanH11Protocol,
+    LeanTaskGroup,
+    LeanTCPServer,
+    serve,
+)
 
 Scope = dict[str, Any]
 
@@ -28,11 +34,19 @@ arrived: dict[str, trio.Event] = {}
 
 async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
     """Answers 202 with the request's body; ``/slow`` waits 0.8 s first, ``/hang`` 30 s;
-    ``/empty`` answers 204; ``/stream`` sends its body in two parts."""
+    ``/empty`` answers 204; ``/stream`` sends its body in two parts. ``/refuse`` answers 403
+    without reading the body (a refusal on the headers), ``/refuse-late`` 0.3 s later."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] in ("/refuse", "/refuse-late"):
+        if scope["path"] == "/refuse-late":
+            await trio.sleep(0.3)
+        headers = [(b"content-length", b"7")]
+        await send({"type": "http.response.start", "status": 403, "headers": headers})
+        await send({"type": "http.response.body", "body": b"refused"})
         return
     body = b""
     while True:
@@ -90,24 +104,45 @@ class Client:
         return cls(await trio.open_tcp_stream("127.0.0.1", port))
 
     async def send_request(self, path: str, body: bytes) -> None:
-        headers = [("host", "test"), ("content-length", str(len(body)))]
-        data = self.h11.send(h11.Request(method="POST", target=path, headers=headers))
-        data += self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage())
-        await self.stream.send_all(data)
+        await self.send_head(path, len(body))
+        await self.send_body(body)
+
+    async def send_head(self, path: str, length: int | None) -> None:
+        """The request's head alone; ``length`` ``None`` sends the body chunked."""
+        size = (
+            ("content-length", str(length))
+            if length is not None
+            else ("transfer-encoding", "chunked")
+        )
+        headers = [("host", "test"), size]
+        await self.stream.send_all(
+            self.h11.send(h11.Request(method="POST", target=path, headers=headers))
+        )
+
+    async def send_body(self, body: bytes, end: bool = True) -> None:
+        data = self.h11.send(h11.Data(data=body)) if body else b""
+        await self.stream.send_all(data + (self.h11.send(h11.EndOfMessage()) if end else b""))
+        if end and self.h11.our_state is self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()  # the answer came first
 
     async def read_answer(self) -> tuple[int, bytes]:
-        status, body = 0, b""
+        status, body, _ = await self.read_answer_with_head()
+        return status, body
+
+    async def read_answer_with_head(self) -> tuple[int, bytes, dict[bytes, bytes]]:
+        status, body, headers = 0, b"", {}
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 self.h11.receive_data(await self.stream.receive_some(65536))
             elif isinstance(event, h11.Response):
-                status = event.status_code
+                status, headers = event.status_code, dict(event.headers)
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                self.h11.start_next_cycle()
-                return status, body
+                if self.h11.our_state is h11.DONE:
+                    self.h11.start_next_cycle()
+                return status, body, headers
             else:
                 raise AssertionError(f"unexpected {event!r}")
 
@@ -205,6 +240,76 @@ async def test_a_request_cut_by_the_graceful_timeout_gets_no_answer() -> None:
         stop.set()
         with trio.fail_after(3):
             assert await client.stream.receive_some(65536) == b""
+
+
+async def test_an_answer_before_the_body_leaves_the_connection_to_the_next_request() -> None:
+    """The answer to a refusal on the headers comes before the body. Hypercorn closed the
+    connection then, though its answer had not said so: the client's next request was
+    dropped unanswered. The rest of the body is now read and dropped."""
+    async with running() as (port, _):
+        client = await Client.connect(port)
+        for path in ("/refuse", "/refuse-late"):
+            await client.send_head(path, 5000)
+            if path == "/refuse-late":
+                await client.send_body(b"x" * 1000, end=False)  # part of it before the answer
+            status, body, headers = await client.read_answer_with_head()
+            assert (status, body) == (403, b"refused")
+            assert b"connection" not in headers
+            await client.send_body(b"x" * (5000 if path == "/refuse" else 4000))
+            assert await client.post("/", b"next") == (202, b"next")
+        await client.send_head("/refuse", None)  # chunked: its end is known when it comes
+        assert await client.read_answer() == (403, b"refused")
+        await client.send_body(b"y" * 3000)
+        assert await client.post("/", b"next") == (202, b"next")
+        await client.stream.aclose()
+
+
+async def test_an_answer_before_a_body_too_long_to_drop_says_the_connection_closes() -> None:
+    async with running() as (port, _):
+        client = await Client.connect(port)
+        await client.send_head("/refuse", DROP_BODY_LIMIT + 1)
+        status, _, headers = await client.read_answer_with_head()
+        assert (status, headers[b"connection"]) == (403, b"close")
+        assert await client.closed_by_server(within=2)
+
+
+async def test_a_chunked_body_past_the_drop_limit_closes_the_connection() -> None:
+    async with running() as (port, _):
+        client = await Client.connect(port)
+        await client.send_head("/refuse", None)
+        assert await client.read_answer() == (403, b"refused")
+        with pytest.raises(trio.BrokenResourceError):
+            with trio.fail_after(5):
+                while True:  # the server stops reading past the limit, and closes
+                    await client.send_body(b"z" * 65536, end=False)
+
+
+async def test_a_body_that_stops_coming_is_waited_for_the_keep_alive_timeout() -> None:
+    async with running(keep_alive_timeout=0.3) as (port, _):
+        client = await Client.connect(port)
+        await client.send_head("/refuse", 5000)
+        assert await client.read_answer() == (403, b"refused")
+        await client.send_body(b"x" * 100, end=False)
+        start = trio.current_time()
+        assert await client.closed_by_server(within=3)
+        assert 0.25 <= trio.current_time() - start < 2
+
+
+async def test_an_app_that_answers_without_reading_a_large_body_leaves_nothing_behind() -> None:
+    """The body fills the app's queue before the answer. Hypercorn's reader then waited for
+    room that never came, and the app's last ``send`` for the reader: the connection stayed
+    open, unread, after the client had gone."""
+    async with running(keep_alive_timeout=60) as (port, _):
+        client = await Client.connect(port)
+        with trio.fail_after(5):
+            await client.send_head("/refuse-late", 900_000)
+            await client.send_body(b"x" * 900_000)  # in the app's queue and socket buffers
+            assert await client.read_answer() == (403, b"refused")
+            assert await client.post("/", b"next") == (202, b"next")
+        await client.stream.aclose()
+        with trio.fail_after(2):
+            while watcher_tasks():
+                await trio.sleep(0.01)
 
 
 def echo_protocol(task_group: LeanTaskGroup, send: Any) -> LeanH11Protocol:
