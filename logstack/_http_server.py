@@ -47,7 +47,7 @@ version and ``tests/core/test_http_server.py`` checks each change and the behavi
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -138,7 +138,7 @@ class LeanH11Protocol(H11Protocol):
     the rest of a body the answer came before is dropped rather than closing on it."""
 
     _held_head = b""
-    _request_headers: Any = ()
+    _request_headers: Sequence[tuple[bytes, bytes]] = ()
     _dropping = False
     """The answer is sent; the rest of the request's body is read and dropped."""
     _dropped = 0
