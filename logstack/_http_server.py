@@ -25,7 +25,10 @@ does not need (the "Hypercorn's connection glue" row of ``docs/performance.md``)
   meantime sees it dropped unanswered. Here the rest of the body, up to
   ``DROP_BODY_LIMIT`` bytes within the keep-alive timeout, is read and dropped and the
   connection serves the next request. An answer to a body declared longer than that says
-  ``Connection: close`` and the connection closes after it, as before.
+  ``Connection: close``. Such a connection, or one whose body passes the limit, is not
+  closed at once with the body still coming (the client's TCP stack would get a reset, and
+  may drop the answer unread): it is half-closed, what still comes is dropped for up to
+  ``LINGER_S``, then it closes (a "lingering close", as nginx and Apache do).
 - **A closed request's queue.** Once the request is over, body events no longer wait for
   room in the app's queue: an app that answered without reading a large body left
   Hypercorn's reader and its own last ``send`` waiting on each other, and the connection
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
@@ -71,12 +75,21 @@ from hypercorn.utils import (
 )
 from trio.lowlevel import checkpoint_if_cancelled
 
-__all__ = ["DROP_BODY_LIMIT", "LeanTCPServer", "serve"]
+__all__ = ["DROP_BODY_LIMIT", "LINGER_S", "LeanTCPServer", "serve"]
 
 DROP_BODY_LIMIT: Final = 1 << 20
 """The most of a request body the server reads and drops, after answering before it was all
 in, to keep the connection for the client's next request. Reconnecting costs less than
 reading more (a round trip, a TLS handshake)."""
+LINGER_S: Final = 5.0
+"""How long a connection closed with a request body still coming keeps reading (and
+dropping) it after its answer, so the client reads the answer before the connection ends."""
+
+
+@dataclass(frozen=True)
+class Linger(Event):
+    """From the protocol: the answer is out, the connection is to end while the client may
+    still be sending. Half-close it and close it after ``LINGER_S`` or the client's end."""
 
 
 class LeanTaskGroup(TaskGroup):
@@ -142,6 +155,13 @@ class LeanH11Protocol(H11Protocol):
     _dropping = False
     """The answer is sent; the rest of the request's body is read and dropped."""
     _dropped = 0
+    _lingering = False
+    """The connection is half-closed: whatever still arrives is dropped unread."""
+
+    async def handle(self, event: Event) -> None:
+        if self._lingering and type(event) is RawData:
+            return
+        await super().handle(event)
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._request_headers = request.headers  # read only if the answer beats the body
@@ -186,13 +206,18 @@ class LeanH11Protocol(H11Protocol):
         await super()._handle_events()
 
     async def _maybe_recycle(self) -> None:
-        if (
-            self.connection.our_state is not h11.DONE
-            or self.connection.their_state is not h11.SEND_BODY
-            or self.context.terminated.is_set()
-        ):
-            await super()._maybe_recycle()  # next request, or close
-            return
+        connection = self.connection
+        if connection.their_state is h11.SEND_BODY and not self.context.terminated.is_set():
+            if connection.our_state is h11.MUST_CLOSE:  # said "Connection: close"
+                await self._close_stream()
+                await self._linger()
+                return
+            if connection.our_state is h11.DONE:
+                await self._start_dropping()
+                return
+        await super()._maybe_recycle()  # next request, or close
+
+    async def _start_dropping(self) -> None:
         # The answer is out, the request's body is not all in: drop the rest of it, within
         # the keep-alive timeout (the connection counts as idle meanwhile), then recycle.
         await self._close_stream()
@@ -218,14 +243,21 @@ class LeanH11Protocol(H11Protocol):
                 self._dropped += len(event.data)
                 if self._dropped <= DROP_BODY_LIMIT:
                     continue
-            elif type(event) is h11.EndOfMessage:
+                await self._linger()  # past the limit: end it, gently
+                return False
+            if type(event) is h11.EndOfMessage:
                 continue
             self._dropping = False
-            await self.send(Closed())
+            await self.send(Closed())  # malformed
             return False
         self._dropping = False
         await super()._maybe_recycle()
         return True
+
+    async def _linger(self) -> None:
+        self._dropping = False
+        self._lingering = True
+        await self.send(Linger())
 
 
 class LeanTCPServer(TCPServer):
@@ -312,6 +344,8 @@ class LeanTCPServer(TCPServer):
         elif isinstance(event, Closed):
             await self._close()
             await self.protocol.handle(Closed())
+        elif isinstance(event, Linger):
+            await self._half_close()
         elif isinstance(event, Updated):
             self._busy = not event.idle
             if event.idle:
@@ -320,6 +354,23 @@ class LeanTCPServer(TCPServer):
                     self._became_idle.set()
             else:
                 self._idle_scope.deadline = math.inf
+
+    async def _half_close(self) -> None:
+        """Stop sending (the client sees the answer, then the end), keep reading until the
+        client ends too or ``LINGER_S`` pass; the protocol drops what is read meanwhile."""
+        try:
+            async with self.send_lock:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_eof()
+        except (AttributeError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # TLS has no half-close (``SSLStream``), or the client is gone: close now.
+            await self._close()
+            await self.protocol.handle(Closed())
+            return
+        self._busy = False
+        self._idle_scope.deadline = trio.current_time() + LINGER_S
+        if self._became_idle is not None:
+            self._became_idle.set()
 
     async def _watch_idle(self) -> None:
         """Close the connection once idle past the keep-alive timeout, or idle while the

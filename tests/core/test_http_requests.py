@@ -172,40 +172,55 @@ async def test_chunked_body_over_the_limit_is_413_and_counted(
     assert registry.get_sample_value("logs_rejected_total", labels) == 1
 
 
-async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_request(
-    served: tuple[Service, httpx.AsyncClient, Path],
-) -> None:
-    """Each refusal is answered before the body is sent; the body follows, then a good
-    request on the same connection is accepted (it was once dropped unanswered)."""
-    service, _, _ = served
-    host, port = service.binds[0].removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
-    conn = h11.Connection(h11.CLIENT)
-    good = json.dumps({"entries": [ENTRY]}).encode()
+class RawClient:
+    """One HTTP/1.1 connection spoken with h11, so that the head, the body and the reading
+    of the answer can be ordered at will."""
 
-    async def head(path: str, length: int, content_type: str, token: str) -> None:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def connect(cls, service: Service) -> RawClient:
+        host, port = service.binds[0].removeprefix("http://").rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)))
+
+    async def head(self, path: str, length: int, content_type: str, token: str) -> None:
         headers = [
             ("host", "t"),
             ("content-length", str(length)),
             ("content-type", content_type),
             ("authorization", f"Bearer {token}"),
         ]
-        await stream.send_all(conn.send(h11.Request(method="POST", target=path, headers=headers)))
+        request = h11.Request(method="POST", target=path, headers=headers)
+        await self.stream.send_all(self.conn.send(request))
 
-    async def body(data: bytes) -> None:
-        await stream.send_all(conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage()))
+    async def body(self, data: bytes, end: bool = True) -> None:
+        data = self.conn.send(h11.Data(data=data))
+        await self.stream.send_all(data + (self.conn.send(h11.EndOfMessage()) if end else b""))
 
-    async def answer() -> int:
+    async def answer(self) -> tuple[int, dict[str, Any], bytes]:
+        """Status, JSON body and ``Connection`` header of the next answer."""
+        body = b""
         while True:
-            event = conn.next_event()
+            event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                self.conn.receive_data(await self.stream.receive_some(65536))
             elif isinstance(event, h11.Response):
-                status = event.status_code
-                assert b"close" not in dict(event.headers).get(b"connection", b"")
+                status, connection = event.status_code, dict(event.headers).get(b"connection")
+            elif isinstance(event, h11.Data):
+                body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                return status
+                return status, json.loads(body), connection or b""
 
+
+async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_request(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    """Each refusal is answered before the body is sent; the body follows, then a good
+    request on the same connection is accepted (it was once dropped unanswered)."""
+    client = await RawClient.connect(served[0])
+    good = json.dumps({"entries": [ENTRY]}).encode()
     refusals = [
         (INGEST, 5000, "text/plain", TEST_TOKEN, 415),
         (INGEST, 5000, "application/json", TEST_TOKEN, 413),  # max_body_bytes is 4096
@@ -214,12 +229,28 @@ async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_reques
     ]
     with trio.fail_after(20):
         for path, length, content_type, token, expected in refusals:
-            await head(path, length, content_type, token)
-            assert await answer() == expected
-            await body(b" " * length)
-            conn.start_next_cycle()
-            await head(INGEST, len(good), "application/json", TEST_TOKEN)
-            await body(good)
-            assert await answer() == 202
-            conn.start_next_cycle()
-    await stream.aclose()
+            await client.head(path, length, content_type, token)
+            status, _, connection = await client.answer()
+            assert (status, connection) == (expected, b"")
+            await client.body(b" " * length)
+            client.conn.start_next_cycle()
+            await client.head(INGEST, len(good), "application/json", TEST_TOKEN)
+            await client.body(good)
+            assert (await client.answer())[0] == 202
+            client.conn.start_next_cycle()
+    await client.stream.aclose()
+
+
+async def test_a_body_too_large_to_read_gets_its_413_before_the_connection_ends(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    """The client is still sending when the 413 goes out: the connection is half-closed and
+    the rest dropped, so the answer is read, not lost to a reset."""
+    client = await RawClient.connect(served[0])
+    with trio.fail_after(20):
+        await client.head(INGEST, 50_000_000, "application/json", TEST_TOKEN)
+        await client.body(b" " * 5_000_000, end=False)  # past the socket buffers
+        status, body, connection = await client.answer()
+        assert (status, body["error"], connection) == (413, "payload_too_large", b"close")
+        assert await client.stream.receive_some(65536) == b""
+    await client.stream.aclose()

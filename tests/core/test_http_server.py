@@ -265,23 +265,45 @@ async def test_an_answer_before_the_body_leaves_the_connection_to_the_next_reque
 
 
 async def test_an_answer_before_a_body_too_long_to_drop_says_the_connection_closes() -> None:
+    """And the body still coming is read and dropped after the answer, not met with a reset:
+    the client, still sending, reads the whole answer and then the connection's end."""
     async with running() as (port, _):
         client = await Client.connect(port)
-        await client.send_head("/refuse", DROP_BODY_LIMIT + 1)
-        status, _, headers = await client.read_answer_with_head()
-        assert (status, headers[b"connection"]) == (403, b"close")
-        assert await client.closed_by_server(within=2)
+        await client.send_head("/refuse", 20_000_000)
+        with trio.fail_after(10):
+            await client.send_body(b"x" * 5_000_000, end=False)  # past the socket buffers
+            status, body, headers = await client.read_answer_with_head()
+            assert (status, body, headers[b"connection"]) == (403, b"refused", b"close")
+            assert await client.closed_by_server(within=2)
 
 
-async def test_a_chunked_body_past_the_drop_limit_closes_the_connection() -> None:
+async def test_a_chunked_body_past_the_drop_limit_ends_the_connection_without_a_reset() -> None:
     async with running() as (port, _):
         client = await Client.connect(port)
         await client.send_head("/refuse", None)
         assert await client.read_answer() == (403, b"refused")
-        with pytest.raises(trio.BrokenResourceError):
-            with trio.fail_after(5):
-                while True:  # the server stops reading past the limit, and closes
-                    await client.send_body(b"z" * 65536, end=False)
+        with trio.fail_after(10):
+            for _ in range(2 * DROP_BODY_LIMIT // 65536):  # the limit, passed
+                await client.send_body(b"z" * 65536, end=False)
+            assert await client.closed_by_server(within=2)
+
+
+async def test_a_lingering_connection_closes_after_the_linger_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that neither ends its body nor closes is not waited for past ``LINGER_S``."""
+    monkeypatch.setattr("logstack._http_server.LINGER_S", 0.3)
+    async with running(keep_alive_timeout=60) as (port, _):
+        client = await Client.connect(port)
+        await client.send_head("/refuse", DROP_BODY_LIMIT + 1)
+        assert await client.read_answer() == (403, b"refused")
+        assert watcher_tasks() == 1
+        start = trio.current_time()
+        with trio.fail_after(3):
+            while watcher_tasks():
+                await trio.sleep(0.01)
+        assert trio.current_time() - start >= 0.2
+        await client.stream.aclose()
 
 
 async def test_a_body_that_stops_coming_is_waited_for_the_keep_alive_timeout() -> None:
