@@ -111,25 +111,21 @@ class LeanTaskGroup(TaskGroup):
                 put_channel.close()
                 return
             try:
-                put_nowait(message)
-            except trio.WouldBlock:  # the app is behind by a whole queue: wait for it
                 try:
+                    put_nowait(message)
+                except trio.WouldBlock:  # the app is behind by a whole queue: wait for it
                     await put_waiting(message)
-                except trio.ClosedResourceError:
-                    pass
             except trio.ClosedResourceError:
-                pass
+                pass  # the request ended meanwhile
 
         async def receive() -> Any:
             await checkpoint_if_cancelled()
             try:
-                return get_nowait()
-            except trio.WouldBlock:
                 try:
+                    return get_nowait()
+                except trio.WouldBlock:
                     return await get_waiting()
-                except trio.EndOfChannel:
-                    return {"type": "http.disconnect"}
-            except trio.EndOfChannel:
+            except trio.EndOfChannel:  # the request is over, its queue read
                 return {"type": "http.disconnect"}
 
         assert self._nursery is not None

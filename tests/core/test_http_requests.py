@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import h11
 import httpx
 import pytest
 import trio
@@ -19,6 +18,7 @@ from logstack._config import Settings
 from logstack._logging import REDACTED, JsonFormatter
 from logstack._service import Service, open_service
 from logstack.testing import open_loki_receiver
+from logstack.testing._http1 import Http1Client
 from logstack.testing._process import (
     TEST_ADMIN_TOKEN,
     TEST_TOKEN,
@@ -172,46 +172,12 @@ async def test_chunked_body_over_the_limit_is_413_and_counted(
     assert registry.get_sample_value("logs_rejected_total", labels) == 1
 
 
-class RawClient:
-    """One HTTP/1.1 connection spoken with h11, so that the head, the body and the reading
-    of the answer can be ordered at will."""
+def json_with(token: str) -> list[tuple[str, str]]:
+    return [("content-type", "application/json"), ("authorization", f"Bearer {token}")]
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT)
 
-    @classmethod
-    async def connect(cls, service: Service) -> RawClient:
-        host, port = service.binds[0].removeprefix("http://").rsplit(":", 1)
-        return cls(await trio.open_tcp_stream(host, int(port)))
-
-    async def head(self, path: str, length: int, content_type: str, token: str) -> None:
-        headers = [
-            ("host", "t"),
-            ("content-length", str(length)),
-            ("content-type", content_type),
-            ("authorization", f"Bearer {token}"),
-        ]
-        request = h11.Request(method="POST", target=path, headers=headers)
-        await self.stream.send_all(self.conn.send(request))
-
-    async def body(self, data: bytes, end: bool = True) -> None:
-        data = self.conn.send(h11.Data(data=data))
-        await self.stream.send_all(data + (self.conn.send(h11.EndOfMessage()) if end else b""))
-
-    async def answer(self) -> tuple[int, dict[str, Any], bytes]:
-        """Status, JSON body and ``Connection`` header of the next answer."""
-        body = b""
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status, connection = event.status_code, dict(event.headers).get(b"connection")
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, json.loads(body), connection or b""
+def port_of(service: Service) -> int:
+    return int(service.binds[0].rsplit(":", 1)[1])
 
 
 async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_request(
@@ -219,25 +185,24 @@ async def test_a_refusal_on_the_headers_keeps_the_connection_for_the_next_reques
 ) -> None:
     """Each refusal is answered before the body is sent; the body follows, then a good
     request on the same connection is accepted (it was once dropped unanswered)."""
-    client = await RawClient.connect(served[0])
+    client = await Http1Client.connect(port_of(served[0]))
     good = json.dumps({"entries": [ENTRY]}).encode()
+    plain_text = [("content-type", "text/plain"), ("authorization", f"Bearer {TEST_TOKEN}")]
     refusals = [
-        (INGEST, 5000, "text/plain", TEST_TOKEN, 415),
-        (INGEST, 5000, "application/json", TEST_TOKEN, 413),  # max_body_bytes is 4096
-        ("/v1/admin/dlq/replay", 20, "application/json", TEST_TOKEN, 403),
-        ("/v1/admin/flush", 20, "application/json", "unknown_token_0123456789", 401),
+        (INGEST, 5000, plain_text, 415),
+        (INGEST, 5000, json_with(TEST_TOKEN), 413),  # max_body_bytes is 4096
+        ("/v1/admin/dlq/replay", 20, json_with(TEST_TOKEN), 403),
+        ("/v1/admin/flush", 20, json_with("unknown_token_0123456789"), 401),
     ]
     with trio.fail_after(20):
-        for path, length, content_type, token, expected in refusals:
-            await client.head(path, length, content_type, token)
-            status, _, connection = await client.answer()
-            assert (status, connection) == (expected, b"")
-            await client.body(b" " * length)
-            client.conn.start_next_cycle()
-            await client.head(INGEST, len(good), "application/json", TEST_TOKEN)
-            await client.body(good)
-            assert (await client.answer())[0] == 202
-            client.conn.start_next_cycle()
+        for path, length, headers, expected in refusals:
+            await client.send_head(path, length, headers)
+            status, _, answer_headers = await client.read_answer_with_head()
+            assert (status, answer_headers.get(b"connection")) == (expected, None)
+            await client.send_body(b" " * length)
+            await client.send_head(INGEST, len(good), json_with(TEST_TOKEN))
+            await client.send_body(good)
+            assert (await client.read_answer())[0] == 202
     await client.stream.aclose()
 
 
@@ -246,11 +211,12 @@ async def test_a_body_too_large_to_read_gets_its_413_before_the_connection_ends(
 ) -> None:
     """The client is still sending when the 413 goes out: the connection is half-closed and
     the rest dropped, so the answer is read, not lost to a reset."""
-    client = await RawClient.connect(served[0])
+    client = await Http1Client.connect(port_of(served[0]))
     with trio.fail_after(20):
-        await client.head(INGEST, 50_000_000, "application/json", TEST_TOKEN)
-        await client.body(b" " * 5_000_000, end=False)  # past the socket buffers
-        status, body, connection = await client.answer()
-        assert (status, body["error"], connection) == (413, "payload_too_large", b"close")
-        assert await client.stream.receive_some(65536) == b""
+        await client.send_head(INGEST, 50_000_000, json_with(TEST_TOKEN))
+        await client.send_body(b" " * 5_000_000, end=False)  # past the socket buffers
+        status, body, headers = await client.read_answer_with_head()
+        assert (status, json.loads(body)["error"]) == (413, "payload_too_large")
+        assert headers[b"connection"] == b"close"
+        assert await client.closed_by_server(within=2)
     await client.stream.aclose()

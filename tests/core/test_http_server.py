@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-import h11
 import pytest
 import trio
 from hypercorn.config import Config
@@ -25,6 +24,7 @@ from logstack._http_server import (
     LeanTCPServer,
     serve,
 )
+from logstack.testing._http1 import Http1Client as Client
 
 Scope = dict[str, Any]
 
@@ -90,71 +90,6 @@ async def running(
         binds = await nursery.start(partial(serve, echo_app, config, shutdown_trigger=stop.wait))
         yield int(binds[0].rsplit(":", 1)[1]), stop
         stop.set()
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection, spoken with h11."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
-
-    @classmethod
-    async def connect(cls, port: int) -> Client:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port))
-
-    async def send_request(self, path: str, body: bytes) -> None:
-        await self.send_head(path, len(body))
-        await self.send_body(body)
-
-    async def send_head(self, path: str, length: int | None) -> None:
-        """The request's head alone; ``length`` ``None`` sends the body chunked."""
-        size = (
-            ("content-length", str(length))
-            if length is not None
-            else ("transfer-encoding", "chunked")
-        )
-        headers = [("host", "test"), size]
-        await self.stream.send_all(
-            self.h11.send(h11.Request(method="POST", target=path, headers=headers))
-        )
-
-    async def send_body(self, body: bytes, end: bool = True) -> None:
-        data = self.h11.send(h11.Data(data=body)) if body else b""
-        await self.stream.send_all(data + (self.h11.send(h11.EndOfMessage()) if end else b""))
-        if end and self.h11.our_state is self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()  # the answer came first
-
-    async def read_answer(self) -> tuple[int, bytes]:
-        status, body, _ = await self.read_answer_with_head()
-        return status, body
-
-    async def read_answer_with_head(self) -> tuple[int, bytes, dict[bytes, bytes]]:
-        status, body, headers = 0, b"", {}
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status, headers = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                if self.h11.our_state is h11.DONE:
-                    self.h11.start_next_cycle()
-                return status, body, headers
-            else:
-                raise AssertionError(f"unexpected {event!r}")
-
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        await self.send_request(path, body)
-        return await self.read_answer()
-
-    async def closed_by_server(self, within: float) -> bool:
-        """Whether the server closes the connection within ``within`` seconds."""
-        with trio.move_on_after(within):
-            return await self.stream.receive_some(65536) == b""
-        return False
 
 
 def watcher_tasks() -> int:
