@@ -100,7 +100,7 @@ def parse_flush_request(body: bytes) -> FlushRequest:
         return _flush_decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         message = "body is not valid JSON"
     raise ValidationError(
         f"invalid flush request: {message}",

@@ -228,7 +228,7 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
             assert isinstance(raw, bytes)
             try:
                 token = _key_name(_replay_decoder.decode(raw).token, "token")
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise _bad("body", f'expected {{"token": "<key name>"}}: {exc}') from None
             forwarder = service.context.services.get("forwarder")
             if forwarder is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -119,6 +119,12 @@ class Envelope:
                 details={"errors": [{"field": "body", "message": "JSON nested too deeply"}]},
                 reason="malformed_json",
             ) from None
+        except UnicodeDecodeError as exc:  # msgspec reports bad UTF-8 this way
+            raise ValidationError(
+                "request body is not valid UTF-8",
+                details={"errors": [{"field": "body", "message": _utf8_problem(exc)}]},
+                reason="malformed_json",
+            ) from None
         except msgspec.DecodeError as exc:
             raise ValidationError(
                 "request body is not valid JSON",
@@ -146,27 +152,61 @@ class Envelope:
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Decompress a gzip body, refusing (413) anything that inflates past ``limit`` bytes."""
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise ValidationError(
-            f"body is not valid gzip: {exc}",
-            details={"errors": [{"field": "body", "message": "invalid gzip stream"}]},
-            reason="bad_encoding",
-        ) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLargeError(
-            f"decoded body exceeds {limit} bytes", details={"max_body_bytes": limit}
-        )
-    if not inflater.eof:
-        raise ValidationError(
-            "body is a truncated gzip stream",
-            details={"errors": [{"field": "body", "message": "truncated gzip stream"}]},
-            reason="bad_encoding",
-        )
-    return out
+    """Decompress a gzip body, refusing (413) anything that inflates past ``limit`` bytes.
+
+    A body may be several gzip members one after another (RFC 1952 §2.2, what ``cat a.gz
+    b.gz`` makes; Go's and Python's readers accept it): each is inflated in turn. Anything
+    after a member that does not start another one is refused, not ignored.
+    """
+    parts: list[bytes] = []
+    room = limit
+    rest = data
+    while True:
+        if len(parts) == GZIP_MAX_MEMBERS:  # each costs a few µs on the event loop
+            raise _bad_gzip(
+                f"body has more than {GZIP_MAX_MEMBERS} gzip members",
+                f"more than {GZIP_MAX_MEMBERS} gzip members",
+            )
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            out = inflater.decompress(rest, room + 1)
+        except zlib.error as exc:
+            raise _bad_gzip(f"body is not valid gzip: {exc}", "invalid gzip stream") from None
+        if len(out) > room or inflater.unconsumed_tail:
+            raise PayloadTooLargeError(
+                f"decoded body exceeds {limit} bytes", details={"max_body_bytes": limit}
+            )
+        if not inflater.eof:
+            raise _bad_gzip("body is a truncated gzip stream", "truncated gzip stream")
+        parts.append(out)
+        room -= len(out)
+        rest = inflater.unused_data
+        if not rest:
+            return out if len(parts) == 1 else b"".join(parts)
+        if not rest.startswith(_GZIP_MAGIC):
+            raise _bad_gzip(
+                "body has data after its gzip stream",
+                f"{len(rest)} bytes after the end of the gzip stream",
+            )
+
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+GZIP_MAX_MEMBERS: Final = 64
+"""Members accepted in one gzip body: clients write one, or a few when they append."""
+
+
+def _bad_gzip(message: str, problem: str) -> ValidationError:
+    return ValidationError(
+        message,
+        details={"errors": [{"field": "body", "message": problem}]},
+        reason="bad_encoding",
+    )
+
+
+def _utf8_problem(exc: UnicodeDecodeError) -> str:
+    """What is wrong, without quoting it (msgspec's offsets count from the string's start,
+    not the body's, so none is given)."""
+    return f"a string is not valid UTF-8 ({exc.reason})"
 
 
 def _shape_error(field_name: str, message: str) -> ValidationError:

@@ -23,7 +23,7 @@ import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import __version__
 from ._admin import readiness_checks, register_admin_routes
@@ -216,8 +216,11 @@ def create_app(service: Service) -> QuartTrio:
         names = {404: "not_found", 405: "method_not_allowed", 400: "validation_error"}
         error = names.get(code, "http_error")
         assert error in ERROR_CODES
+        headers = None
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers = {"Allow": ", ".join(sorted(exc.valid_methods))}  # RFC 9110 §15.5.6
         return json_response(
-            {"error": error, "message": exc.description or exc.name, "details": {}}, code
+            {"error": error, "message": exc.description or exc.name, "details": {}}, code, headers
         )
 
     @app.errorhandler(Exception)

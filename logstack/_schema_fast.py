@@ -115,7 +115,7 @@ def validate_body(body: bytes, settings: SchemaSettings) -> list[LogEntry] | Non
     rules = _rules_for(settings)
     try:
         decoded = _decoder(rules).decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     raw = decoded.entries
     try:

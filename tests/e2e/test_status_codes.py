@@ -42,6 +42,20 @@ CASES: list[tuple[str, dict[str, str], bytes, int, str]] = [
     ("unknown token", bearer("not_a_real_token_0123456789"), body(), 401, "authentication_error"),
     ("malformed JSON", bearer(TEST_TOKEN), b'{"entries": [', 400, "validation_error"),
     (
+        "invalid UTF-8 in a string",
+        bearer(TEST_TOKEN),
+        body({**ENTRY, "message": "@"}).replace(b"@", b"bad \xff\xfe"),
+        400,
+        "validation_error",
+    ),
+    (
+        "invalid UTF-8 in a key",
+        bearer(TEST_TOKEN),
+        body({**ENTRY, "metadata": {"@": 1}}).replace(b'"@"', b'"\xc0\xaf"'),
+        400,
+        "validation_error",
+    ),
+    (
         "schema violation",
         bearer(TEST_TOKEN),
         body({**ENTRY, "level": "LOUD"}),
@@ -146,9 +160,32 @@ def test_accepts_compatibility_forms(no_loki_server: LogstackProcess) -> None:
     assert set(doc) == {"message", "entries_accepted", "request_id", "timestamp"}
 
 
+def test_a_gzip_body_of_several_members_is_read_whole(no_loki_server: LogstackProcess) -> None:
+    """RFC 1952 allows members one after another (a client that appends, ``cat a.gz b.gz``)."""
+    raw = body(ENTRY, {**ENTRY, "message": "second"})
+    response = httpx.post(
+        no_loki_server.url + INGEST,
+        headers={**bearer(TEST_TOKEN), "Content-Encoding": "gzip"},
+        content=gzip.compress(raw[:40]) + gzip.compress(raw[40:]),
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["entries_accepted"] == 2
+
+
 def test_unknown_route_and_method(no_loki_server: LogstackProcess) -> None:
     check_error_shape(httpx.get(no_loki_server.url + "/nope"), 404, "not_found")
-    check_error_shape(httpx.get(no_loki_server.url + INGEST), 405, "method_not_allowed")
+    wrong_method = httpx.get(no_loki_server.url + INGEST)
+    check_error_shape(wrong_method, 405, "method_not_allowed")
+    assert wrong_method.headers["Allow"] == "POST"
+    for method, path, allowed in [
+        ("POST", "/healthz", {"GET", "HEAD"}),
+        ("POST", "/metrics", {"GET", "HEAD"}),
+        ("GET", "/v1/admin/flush", {"POST"}),
+        ("DELETE", "/v1/admin/dlq", {"GET", "HEAD"}),
+    ]:
+        answer = httpx.request(method, no_loki_server.url + path)
+        check_error_shape(answer, 405, "method_not_allowed")
+        assert set(answer.headers["Allow"].split(", ")) == allowed, (method, path)
 
 
 def test_readyz_says_loki_is_unreachable(no_loki_server: LogstackProcess) -> None:

@@ -86,6 +86,7 @@ def test_invalid_entry_rejects_the_whole_request() -> None:
     ("body", "reason"),
     [
         (b"{not json", "malformed_json"),
+        (b'{"entries": [{"message": "bad \xff"}]}', "malformed_json"),
         (b'{"entries": {}}', "schema"),
         (b'{"entries": []}', "schema"),
         (b'{"entries": [1], "extra": true}', "schema"),

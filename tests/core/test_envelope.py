@@ -1,0 +1,73 @@
+"""The request body as the stages read it: gzip members, limits, UTF-8."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from logstack._envelope import GZIP_MAX_MEMBERS, Envelope, gunzip_bounded
+from logstack._errors import PayloadTooLargeError, ValidationError
+
+DOC = b'{"entries": [{"message": "hello"}]}'
+
+
+def test_one_member_inflates() -> None:
+    assert gunzip_bounded(gzip.compress(DOC), 1024) == DOC
+
+
+def test_members_one_after_another_inflate_as_one_body() -> None:
+    """RFC 1952 §2.2: what ``cat a.gz b.gz`` makes is one valid gzip file."""
+    body = gzip.compress(DOC[:10]) + gzip.compress(DOC[10:20]) + gzip.compress(DOC[20:])
+    assert gunzip_bounded(body, 1024) == DOC
+
+
+def test_the_limit_counts_every_member() -> None:
+    body = gzip.compress(b"x" * 600) + gzip.compress(b"y" * 600)
+    assert gunzip_bounded(body, 1200) == b"x" * 600 + b"y" * 600
+    with pytest.raises(PayloadTooLargeError):
+        gunzip_bounded(body, 1199)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (gzip.compress(DOC) + b"trailing", "8 bytes after the end of the gzip stream"),
+        (gzip.compress(DOC) + b"\0\0", "2 bytes after the end of the gzip stream"),
+        (gzip.compress(DOC) + gzip.compress(DOC)[:-3], "truncated gzip stream"),
+        (gzip.compress(DOC) + b"\x1f\x8bjunk", "invalid gzip stream"),
+        (gzip.compress(DOC)[:-4], "truncated gzip stream"),
+        (b"not gzip at all", "invalid gzip stream"),
+    ],
+)
+def test_anything_else_after_a_member_is_refused(body: bytes, problem: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        gunzip_bounded(body, 1024)
+    assert info.value.reason == "bad_encoding"
+    assert info.value.body()["details"]["errors"] == [{"field": "body", "message": problem}]
+
+
+def test_members_are_counted() -> None:
+    empty = gzip.compress(b"")
+    assert gunzip_bounded(empty * GZIP_MAX_MEMBERS, 10) == b""
+    with pytest.raises(ValidationError) as info:
+        gunzip_bounded(empty * (GZIP_MAX_MEMBERS + 1), 10)
+    assert f"more than {GZIP_MAX_MEMBERS} gzip members" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"entries": [{"message": "bad \xff"}]}',
+        b'{"entries": [{"\xc0\xaf": 1}]}',
+        b'{"entries": [{"message": "cut \xe2\x82"}]}',
+    ],
+)
+def test_a_body_that_is_not_utf8_is_the_clients_error(body: bytes) -> None:
+    envelope = Envelope(request_id="r", authorization="Bearer x", body=body)
+    with pytest.raises(ValidationError) as info:
+        envelope.document()
+    assert info.value.reason == "malformed_json"
+    [problem] = info.value.body()["details"]["errors"]
+    assert problem["field"] == "body"
+    assert problem["message"].startswith("a string is not valid UTF-8 (")
