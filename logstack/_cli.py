@@ -149,6 +149,8 @@ def _check_config(path: str | None) -> int:
     print(f"  wal root: {settings.wal.root_path}")
     print(f"  workers: {settings.server.workers}")
     print(f"  loki: {', '.join(settings.loki.endpoints())} ({settings.loki.push_format})")
+    for warning in settings.warnings():
+        print(f"  warning: {warning}")
     return 0
 
 

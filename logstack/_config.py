@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import ValidationError as PydanticValidationError
 
 from ._errors import ConfigError
+from ._key_names import normalise_key
 
 ENV_PREFIX = "LOGSTACK_"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -60,6 +61,13 @@ class ServerSettings(_Strict):
     pipeline_capacity: int = Field(
         256, gt=0, description="Requests queued at the pipeline head before 503 answers."
     )
+    listen_backlog: int = Field(
+        1024,
+        ge=1,
+        le=65535,
+        description="Connections the kernel holds before they are accepted (capped by "
+        "net.core.somaxconn): hundreds of clients connecting at once wait in it.",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the WAL ack.")
     shutdown_grace_s: float = Field(
         10.0, gt=0, description="Time allowed to drain in-flight work on SIGTERM/SIGINT."
@@ -91,14 +99,16 @@ class ApiKey(_Strict):
         None, gt=0, description="Overrides security.rate_limit_rps for this key."
     )
     rate_limit_burst: float | None = Field(
-        None, gt=0, description="Overrides security.rate_limit_burst for this key."
+        None, ge=1, description="Overrides security.rate_limit_burst for this key."
     )
     loki_tenant: str | None = Field(None, description="X-Scope-OrgID sent for this key.")
 
 
 class SecuritySettings(_Strict):
     rate_limit_rps: float = Field(100.0, gt=0, description="Token-bucket refill per key.")
-    rate_limit_burst: float = Field(200.0, gt=0, description="Token-bucket size per key.")
+    rate_limit_burst: float = Field(
+        200.0, ge=1, description="Token-bucket size per key (≥ 1: one request must fit)."
+    )
     admin_token: str | None = Field(
         None, min_length=16, description="Bearer token of the admin endpoints (not an API key)."
     )
@@ -180,6 +190,21 @@ class MaskingSettings(_Strict):
         missing = [k for k in DEFAULT_BASELINE_KEYS if k not in self.baseline_keys]
         if missing:
             raise ValueError(f"baseline_keys must keep the baseline; missing {missing}")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_can_match(self) -> MaskingSettings:
+        named = [(f"baseline_keys[{i}]", k) for i, k in enumerate(self.baseline_keys)]
+        named += [(f"partial_rules.{k}", k) for k in self.partial_rules]
+        for name, override in self.overrides.items():
+            named += [(f"overrides.{name}.keys[{i}]", k) for i, k in enumerate(override.keys)]
+            named += [(f"overrides.{name}.partial_rules.{k}", k) for k in override.partial_rules]
+        empty = [f"{where} ({key!r})" for where, key in named if not normalise_key(key)]
+        if empty:
+            raise ValueError(
+                "a masked key needs a letter or a digit (keys are compared on those alone, "
+                f"so this one could never match): {', '.join(empty)}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -327,6 +352,17 @@ class Settings(_Strict):
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def warnings(self) -> list[str]:
+        """What is valid but likely a mistake: said at start-up, on reload and by
+        ``logstack check-config``, without refusing the config."""
+        names = {key.name for key in self.security.api_keys.values()}
+        return [
+            f"masking.overrides.{name}: no API key is named {name!r}, so these rules "
+            "apply to no request"
+            for name in self.masking.overrides
+            if name not in names
+        ]
 
     def key_by_name(self, name: str) -> ApiKey | None:
         for key in self.security.api_keys.values():

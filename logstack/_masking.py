@@ -26,12 +26,12 @@ import binascii
 import hashlib
 import hmac
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from typing import Any, Final, TypeAlias
 
 from ._config import DEFAULT_BASELINE_KEYS, MaskingSettings, PartialRule, ValueDetector
+from ._key_names import ascii_form, normalise_key
 
 __all__ = ["MASK", "KeyMasker", "Masker", "mask_email", "normalise_key"]
 
@@ -42,13 +42,6 @@ HASH_PREFIX: Final = "hmac-sha256:"
 
 CLASSIFY_CACHE_MAX = 4096
 """Raw key spellings remembered per ``KeyMasker`` (bounded: keys come from clients)."""
-
-_NON_ALNUM = re.compile(r"[^0-9a-z]+")
-
-
-def normalise_key(key: str) -> str:
-    """``API-Key``, ``apiKey``, ``api_key``, ``APIKEY`` → ``apikey``."""
-    return _NON_ALNUM.sub("", unicodedata.normalize("NFKC", key).casefold())
 
 
 _EMAIL_LOCAL = r"[A-Za-z0-9._%+\-]"
@@ -511,6 +504,9 @@ def _key_pattern(keys: Sequence[bytes]) -> re.Pattern[bytes] | None:
     return re.compile(b',",*+(?:' + b"|".join(spelled) + b'),*+"')
 
 
+_WALKED_FIELDS: Final = ("metadata", "labels", "trace_id", "span_id")
+"""Beside ``message``, the fields of an entry whose string values the detectors scan
+(``service``, ``env`` and ``level`` are names from a closed set or pattern)."""
 _MISSING: Final[Any] = object()
 _PLAIN_SCALARS: Final = frozenset({int, float, bool, type(None)})
 
@@ -574,7 +570,7 @@ class KeyMasker:
                     entry["message"] = masked
             elif isinstance(message, dict | list):
                 self._walk(message, counts)
-            for field in ("metadata", "labels"):
+            for field in _WALKED_FIELDS:
                 value = entry.get(field)
                 if isinstance(value, dict | list):
                     self._walk(value, counts)
@@ -589,7 +585,10 @@ class KeyMasker:
         """The rule masking the value under ``key``, or ``None`` (cached per raw key)."""
         rule = self._cache.get(key, _MISSING)
         if rule is _MISSING:
-            rule = self._rules.get(normalise_key(key if isinstance(key, str) else str(key)))
+            normal = normalise_key(key if isinstance(key, str) else str(key))
+            rule = self._rules.get(normal)
+            if rule is None and not normal.isascii():
+                rule = self._rules.get(ascii_form(normal))
             if len(self._cache) < CLASSIFY_CACHE_MAX:
                 self._cache[key] = rule
         return rule  # type: ignore[no-any-return]

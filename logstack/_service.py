@@ -82,6 +82,11 @@ def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]
     return (new.model_copy(update=updates) if updates else new), kept
 
 
+def _log_warnings(settings: Settings) -> None:
+    for warning in settings.warnings():
+        log.warning("config: %s", warning, extra={"config_warning": warning})
+
+
 class Service:
     """The running service's shared state: context, pipeline head, readiness, reload."""
 
@@ -107,6 +112,7 @@ class Service:
         self.drained = False
         """A drain worker delivered everything its shard held."""
         set_secrets(_secrets_of(settings))
+        _log_warnings(settings)
 
     @property
     def wal(self) -> WalStore:
@@ -195,6 +201,7 @@ class Service:
             )
         self.context.settings = new
         set_secrets(_secrets_of(new))
+        _log_warnings(new)
         failures: list[str] = []
         for stage in self.stages:
             try:
@@ -311,6 +318,7 @@ def hypercorn_config(
     if private_socket is not None:
         config.bind.append(f"unix:{private_socket}")
     config.graceful_timeout = settings.server.shutdown_grace_s
+    config.backlog = settings.server.listen_backlog  # Hypercorn's own default is 100
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75

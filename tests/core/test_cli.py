@@ -49,6 +49,24 @@ def test_shipped_config_passes(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_warnings_are_printed_but_the_config_passes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+security:
+  api_keys:
+    "{SECRET}": {{name: billing}}
+masking:
+  overrides:
+    biling: {{keys: [iban]}}
+""",
+    )
+    result = logstack("check-config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "  warning: masking.overrides.biling: no API key is named 'biling'" in result.stdout
+
+
 def test_config_option_and_environment_variable(tmp_path: Path) -> None:
     by_option = logstack("check-config", "--config", str(SHIPPED_CONFIG), cwd=tmp_path)
     assert by_option.returncode == 0, by_option.stderr

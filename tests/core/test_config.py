@@ -988,3 +988,54 @@ def test_hash_rule_without_secret_is_refused(tmp_path: Path) -> None:
     assert "overrides.svc.user_id" in str(info.value)
     ok = load_settings(path, env={"LOGSTACK_MASKING_HASH_SECRET": "s3cr3t-for-hmac"})
     assert ok.masking.overrides["svc"].partial_rules["user_id"].hash
+
+
+def test_listen_backlog_reaches_hypercorn() -> None:
+    """Hypercorn's own default (100) made a burst of 300 connects wait for SYN retries."""
+    from logstack._service import hypercorn_config
+
+    assert hypercorn_config(load_settings(env={})).backlog == 1024
+    tuned = load_settings(env={"LOGSTACK_SERVER_LISTEN_BACKLOG": "4096"})
+    assert hypercorn_config(tuned).backlog == 4096
+    with pytest.raises(ConfigError, match="listen_backlog"):
+        load_settings(env={"LOGSTACK_SERVER_LISTEN_BACKLOG": "0"})
+
+
+@pytest.mark.parametrize("where", ["security", "key"])
+def test_a_burst_below_one_request_is_refused(where: str) -> None:
+    """A bucket that can never hold one token would answer 429 forever."""
+    env = {"LOGSTACK_SECURITY_RATE_LIMIT_BURST": "0.5"}
+    if where == "key":
+        env = {
+            "LOGSTACK_SECURITY_API_KEYS": json.dumps(
+                {"token_0123456789abcdef": {"name": "svc", "rate_limit_burst": 0.5}}
+            )
+        }
+    with pytest.raises(ConfigError, match="rate_limit_burst"):
+        load_settings(env=env)
+
+
+def test_a_masked_key_without_a_letter_or_digit_is_refused(tmp_path: Path) -> None:
+    """Keys are compared on their letters and digits alone: ``---`` could never match."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "masking:\n"
+        "  partial_rules: {'***': {keep_prefix: 1}}\n"
+        "  overrides:\n    svc:\n      keys: [pin, '---', пароль]\n"
+    )
+    problem = problem_for(fails(path), "letter or a digit")
+    assert "overrides.svc.keys[1] ('---')" in problem
+    assert "partial_rules.*** ('***')" in problem
+    assert "пароль" not in problem  # letters of any script count
+
+
+def test_an_override_for_no_api_key_is_a_warning(tmp_path: Path) -> None:
+    """Valid (the key may come later), but likely a typo that leaves values unmasked."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"security:\n  api_keys:\n    {TOKEN_JSON}: {{name: billing}}\n"
+        "masking:\n  overrides:\n    billing: {keys: [iban]}\n    biling: {keys: [iban]}\n"
+    )
+    assert load_settings(path, env={}).warnings() == [
+        "masking.overrides.biling: no API key is named 'biling', so these rules apply to no request"
+    ]

@@ -67,10 +67,30 @@ def hmac_of(value: str, secret: str = SECRET) -> str:
         ("E-Mail", "email"),
         ("", ""),
         ("---", ""),
+        ("Пароль", "пароль"),  # letters of any script are kept
+        ("暗証_番号", "暗証番号"),
+        ("Contraseña", "contraseña"),
+        ("pass\u200dword", "password"),  # a zero-width joiner is not a letter
     ],
 )
 def test_normalise_key(raw: str, normal: str) -> None:
     assert normalise_key(raw) == normal
+
+
+@pytest.mark.parametrize("key", ["Пароль", "ПАРОЛЬ", "пар-оль", "暗証番号", "CONTRASEÑA"])
+def test_keys_in_any_script_are_masked(key: str) -> None:
+    """They used to normalise to nothing (only ``[0-9a-z]`` was kept) and were dropped."""
+    km = masker(overrides={"svc": KeyMaskingOverride(keys=["пароль", "暗証番号", "contraseña"])})
+    metadata, counts = mask_metadata({key: "SECRET-RU-1", "other": "kept"}, km)
+    assert metadata == {key: MASK, "other": "kept"}
+    assert sum(counts.values()) == 1
+
+
+@pytest.mark.parametrize("key", ["passwordä", "ätoken", "Secret✓"])
+def test_a_baseline_word_with_a_stray_letter_from_another_script_stays_masked(key: str) -> None:
+    """Such keys matched when non-ASCII letters were dropped; they still do."""
+    metadata, _ = mask_metadata({key: "s3cr3t"})
+    assert metadata == {key: MASK}
 
 
 @pytest.mark.parametrize(
@@ -520,6 +540,15 @@ def test_detectors_scan_metadata_and_label_values_but_not_keys_masked_already() 
         "email": "e*****e@email.com",
     }
     assert counts == {"detector:email": 1, "detector:card_number": 1, "email": 1}
+
+
+def test_detectors_scan_trace_and_span_ids() -> None:
+    """Free-form strings a client fills in: a token pasted as a trace id is a secret too."""
+    entry = {"message": "m", "trace_id": JWT, "span_id": "a.b@c.de"}
+    counts: dict[str, int] = {}
+    masker().mask_entry(entry, counts)
+    assert entry == {"message": "m", "trace_id": MASK, "span_id": "a*****b@c.de"}
+    assert counts == {"detector:jwt": 1, "detector:email": 1}
 
 
 @pytest.mark.parametrize(
