@@ -329,6 +329,12 @@ class StageSpec(_Strict):
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _type_alone(cls, value: Any) -> Any:
+        """``- auth`` is short for ``- type: auth``."""
+        return {"type": value} if isinstance(value, str) else value
+
     @property
     def instance_name(self) -> str:
         return self.name or self.type

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticUndefined
 
-from ._config import Settings, StageSpec
+from ._config import DEFAULT_PIPELINE, Settings, StageSpec
 from ._errors import PluginError
 from ._stage import Stage, StageConfig, overrides
 
@@ -248,7 +248,41 @@ class ResolvedStage:
 def resolve_pipeline(
     settings: Settings, eps: Iterable[EntryPoint] | None = None
 ) -> list[ResolvedStage]:
-    """Turn ``settings.pipeline`` into validated stage classes and configs, or fail listing all."""
+    """``settings.pipeline`` as the service runs it: :func:`resolve_stages`, and the
+    built-in stages there, once each and in order; every problem listed at once."""
+    return resolve_stages(settings, eps, builtin_stage_problems(settings.pipeline))
+
+
+def builtin_stage_problems(pipeline: Sequence[StageSpec]) -> list[str]:
+    """Without ``auth`` anyone could ingest, without ``mask`` secrets would reach the disk,
+    and out of order a request would be answered before it is written: plugins go between
+    the built-in stages, never instead of them."""
+    types = [spec.type for spec in pipeline]
+    missing = [t for t in DEFAULT_PIPELINE if t not in types]
+    repeated = [t for t in DEFAULT_PIPELINE if types.count(t) > 1]
+    problems = []
+    if missing:
+        problems.append(f"missing: {', '.join(missing)}")
+    if repeated:
+        problems.append(f"listed more than once: {', '.join(repeated)}")
+    order = [t for t in types if t in DEFAULT_PIPELINE]
+    if not problems and order != list(DEFAULT_PIPELINE):
+        problems.append(f"listed as {' -> '.join(order)}")
+    if not problems:
+        return []
+    return [
+        f"pipeline: the built-in stages must each be there once, in the order "
+        f"{' -> '.join(DEFAULT_PIPELINE)}, with plugins between them ({'; '.join(problems)})"
+    ]
+
+
+def resolve_stages(
+    settings: Settings,
+    eps: Iterable[EntryPoint] | None = None,
+    problems_found: Iterable[str] = (),
+) -> list[ResolvedStage]:
+    """Turn ``settings.pipeline`` into validated stage classes and configs, or fail listing
+    all problems (``problems_found`` too); nothing is required to be there."""
     found = discover_all(eps)
     problems = list(found.problems)
     resolved: list[ResolvedStage] = []
@@ -279,6 +313,7 @@ def resolve_pipeline(
             problems.extend(f"{where}: {p}" for p in option_problems)
             continue
         resolved.append(ResolvedStage(spec, plugin, stage_cls, config, index))
+    problems.extend(problems_found)
     if problems:
         raise PluginError(problems)
     return resolved

@@ -137,6 +137,10 @@ pipeline:
     assert "pipeline[1] (acme_nope): unknown stage type 'acme_nope'" in result.stderr
     assert "pipeline[2] (mask): unknown field 'patern'" in result.stderr
     assert "pipeline[3] (auth): duplicate stage name 'auth'" in result.stderr
+    assert "pipeline: the built-in stages must each be there once" in result.stderr
+    assert "(missing: validate, wal_append, batch, forward_loki; listed more than once: auth)" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

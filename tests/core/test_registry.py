@@ -31,6 +31,7 @@ from logstack._registry import (
     discover,
     load_stage_class,
     resolve_pipeline,
+    resolve_stages,
 )
 from logstack._stage import Stage, StageConfig
 
@@ -212,8 +213,10 @@ def settings_with(*specs: dict[str, Any]) -> Settings:
 
 
 def problems_of(settings: Settings, eps: list[EntryPoint]) -> list[str]:
+    """Resolving alone (``resolve_stages``): these pipelines hold only the stages under
+    test, without the built-ins ``resolve_pipeline`` also requires."""
     with pytest.raises(PluginError) as info:
-        resolve_pipeline(settings, eps)
+        resolve_stages(settings, eps)
     assert isinstance(info.value, ConfigError)
     # Every problem is also in the message, one per line.
     for problem in info.value.problems:
@@ -250,6 +253,48 @@ def test_default_pipeline_resolves_from_installed_metadata() -> None:
         assert check_stage_class(item.stage_cls) == []
 
 
+BUILTINS_RULE = (
+    "pipeline: the built-in stages must each be there once, in the order auth -> mask -> "
+    "validate -> wal_append -> batch -> forward_loki, with plugins between them"
+)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "problem"),
+    [
+        (["mask", "validate", "wal_append", "batch", "forward_loki"], "missing: auth"),
+        (["auth", "validate", "wal_append", "batch", "forward_loki"], "missing: mask"),
+        (
+            ["auth", "wal_append", "mask", "validate", "batch", "forward_loki"],
+            "listed as auth -> wal_append -> mask -> validate -> batch -> forward_loki",
+        ),
+        (
+            [*DEFAULT_PIPELINE, {"type": "wal_append", "name": "again"}],
+            "listed more than once: wal_append",
+        ),
+    ],
+)
+def test_the_builtin_stages_must_each_run_once_in_order(pipeline: list[Any], problem: str) -> None:
+    """An audit found a pipeline without ``auth`` served anyone (202, key
+    ``unauthenticated``), and one with ``wal_append`` first answered 202 for nothing
+    stored, then died: both passed ``check-config``."""
+    with pytest.raises(PluginError) as info:
+        resolve_pipeline(Settings.model_validate({"pipeline": pipeline}))
+    assert info.value.problems == [f"{BUILTINS_RULE} ({problem})"]
+
+
+def test_plugins_go_anywhere_between_the_builtins_and_a_type_alone_is_enough() -> None:
+    settings = Settings.model_validate(
+        {"pipeline": ["auth", "mask", {"type": "mask", "name": "x"}, "validate", "wal_append"]}
+    )
+    assert [s.instance_name for s in settings.pipeline][:3] == ["auth", "mask", "x"]
+    with pytest.raises(PluginError) as info:
+        resolve_pipeline(settings)
+    assert info.value.problems == [
+        f"{BUILTINS_RULE} (missing: batch, forward_loki; listed more than once: mask)"
+    ]
+
+
 def test_installed_builtins_are_discovered_without_problems() -> None:
     found, problems = discover()
     assert problems == []
@@ -265,7 +310,7 @@ def test_installed_builtins_are_discovered_without_problems() -> None:
 def test_good_plugin_resolves_with_options(modules: Modules) -> None:
     eps = [ep("acme_mask", f"{modules.plugin}:GoodStage")]
     settings = settings_with({"type": "acme_mask", "options": {"pattern": "[a-z]+", "max_hits": 3}})
-    [item] = resolve_pipeline(settings, eps)
+    [item] = resolve_stages(settings, eps)
     assert item.stage_cls.__name__ == "GoodStage"
     assert item.plugin.culprit == "logstack-acme[acme_mask]"
     assert item.plugin.version == "1.2.3"
@@ -283,7 +328,7 @@ def test_discover_imports_nothing_and_only_used_stages_are_imported(modules: Mod
     assert set(found) == {"acme_mask", "acme_broken"}
     assert not modules.imported(modules.plugin)
     # The broken module is installed but unused: the pipeline still resolves.
-    resolve_pipeline(settings_with({"type": "acme_mask"}), eps)
+    resolve_stages(settings_with({"type": "acme_mask"}), eps)
     assert modules.imported(modules.plugin)
     assert not modules.imported(modules.broken)
 
@@ -507,7 +552,7 @@ def test_a_constructor_that_raises_fails_start_up_naming_the_culprit(modules: Mo
         ep("acme_init", f"{modules.plugin}:ExplodingInitStage", dist="logstack-init"),
     ]
     settings = settings_with({"type": "acme_good"}, {"type": "acme_init", "name": "second"})
-    resolved = resolve_pipeline(settings, eps)
+    resolved = resolve_stages(settings, eps)
     with pytest.raises(PluginError) as info:
         build_stages(resolved, StageContext(settings))
     assert info.value.problems == [
@@ -520,7 +565,7 @@ def test_a_constructor_that_raises_fails_start_up_naming_the_culprit(modules: Mo
 
 def test_stage_with_own_run_is_valid(modules: Modules) -> None:
     eps = [ep("acme_run", f"{modules.plugin}:RunStage")]
-    [item] = resolve_pipeline(settings_with({"type": "acme_run"}), eps)
+    [item] = resolve_stages(settings_with({"type": "acme_run"}), eps)
     assert item.stage_cls.__name__ == "RunStage"
     assert type(item.config) is StageConfig
 
@@ -574,7 +619,7 @@ def test_duplicate_instance_names(modules: Modules) -> None:
     assert problem.startswith("pipeline[1] (acme_x): duplicate stage name 'acme_x'")
     assert "pipeline[0]" in problem
     # A distinct ``name`` makes two instances of one type legal.
-    resolved = resolve_pipeline(
+    resolved = resolve_stages(
         settings_with({"type": "acme_x"}, {"type": "acme_x", "name": "acme_x_again"}), eps
     )
     assert [r.spec.instance_name for r in resolved] == ["acme_x", "acme_x_again"]
