@@ -24,15 +24,24 @@ HEADERS = {"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": "application
 
 PIPELINE: list[dict[str, Any]] = [
     {"type": "auth"},
-    {"type": "mask"},
     {"type": "acme_mask_iban", "options": {"keep_last": 4}},
+    {"type": "mask"},
     {"type": "validate"},
     {"type": "wal_append"},
     {"type": "batch"},
     {"type": "forward_loki"},
 ]
 
-IBANS = ["DE89370400440532013000", "GB82WEST12345698765432", "NL91ABNA0417164300"]
+IBANS = [
+    "DE89370400440532013000",
+    "GB82WEST12345698765432",
+    "NL91ABNA0417164300",
+    "PL61109010140000071219812874",
+]
+PL = "PL61 1090 1014 0000 0712 1981 2874"
+"""Sixteen of its digits pass the Luhn check: ``mask``'s card detector, run first, would
+mask those alone and leave ``PL61 ****0712 1981 2874``, no IBAN any more, with ten of the
+account's digits in clear (what placing this stage before ``mask`` avoids)."""
 BATCH = {
     "entries": [
         {
@@ -46,6 +55,7 @@ BATCH = {
                 "order_id": "O-123",
                 "payee": {"iban": "GB82WEST12345698765432", "password": "hunter2-secret"},
                 "reference": "DE00123456781234567890",  # check digits 00: never an IBAN
+                "refund_to": PL,
             },
         }
     ]
@@ -81,6 +91,7 @@ async def test_the_plugin_masks_in_the_live_pipeline(tmp_path: Path) -> None:
                     "order_id": "O-123",
                     "payee": {"iban": "GB****5432", "password": "****"},
                     "reference": "DE00123456781234567890",
+                    "refund_to": "PL****2874",
                 }
                 wal = b"".join(p.read_bytes() for p in server.wal_root.rglob("*") if p.is_file())
                 assert b"O-123" in wal  # the right bytes
@@ -89,12 +100,13 @@ async def test_the_plugin_masks_in_the_live_pipeline(tmp_path: Path) -> None:
                     assert iban[4:12].encode() not in wal
                     assert iban not in entry.line
                 assert b"3704 0044" not in wal
+                assert b"0712 1981" not in wal
                 with trio.fail_after(10):
                     while 'key="detector:iban"' not in (
                         metrics := (await client.get("/metrics")).text
                     ):
                         await trio.sleep(0.05)
-                assert 'masked_fields_total{key="detector:iban",token="payments-api"} 3.0' in (
+                assert 'masked_fields_total{key="detector:iban",token="payments-api"} 4.0' in (
                     metrics
                 )
                 assert 'masked_fields_total{key="password",token="payments-api"} 1.0' in metrics
@@ -117,17 +129,17 @@ def test_stages_list_shows_the_plugin_and_its_options(tmp_path: Path) -> None:
 
 def test_check_config_names_the_plugins_bad_options(tmp_path: Path) -> None:
     pipeline = [dict(stage) for stage in PIPELINE]
-    pipeline[2] = {"type": "acme_mask_iban", "options": {"keep_last": 12, "keep_contry": True}}
+    pipeline[1] = {"type": "acme_mask_iban", "options": {"keep_last": 12, "keep_contry": True}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"pipeline": pipeline}))
     result = logstack("check-config", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "logstack: invalid configuration:",
-        "  - pipeline[2] (acme_mask_iban): keep_last: Input should be less than or equal to 8",
-        "  - pipeline[2] (acme_mask_iban): unknown field 'keep_contry'",
+        "  - pipeline[1] (acme_mask_iban): keep_last: Input should be less than or equal to 8",
+        "  - pipeline[1] (acme_mask_iban): unknown field 'keep_contry'",
     ]
     path.write_text(yaml.safe_dump({"pipeline": PIPELINE}))
     result = logstack("check-config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "pipeline: auth -> mask -> acme_mask_iban -> validate" in result.stdout
+    assert "pipeline: auth -> acme_mask_iban -> mask -> validate" in result.stdout

@@ -145,6 +145,23 @@ async def test_a_masking_failure_refuses_the_request_without_echoing_it(
     assert "RuntimeError" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("order", "warned"),
+    [
+        (["auth", "acme_mask_iban", "mask", "validate"], False),
+        (["auth", "mask", "acme_mask_iban", "validate"], True),
+        (["auth", "mask", "validate", "acme_mask_iban"], True),
+        (["auth", "validate"], False),  # built outside a pipeline (a test's harness)
+    ],
+)
+def test_a_place_after_mask_is_warned_about(
+    order: list[str], warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After ``mask`` the card detector may already have cut an IBAN (see the class)."""
+    make_stage(MaskIbanStage, settings={"pipeline": [{"type": t} for t in order]})
+    assert ("place it before mask" in caplog.text) is warned
+
+
 def test_options_are_validated() -> None:
     assert MaskIbanConfig() == MaskIbanConfig(keep_last=4, keep_country=True, scan_labels=True)
     with pytest.raises(PluginError) as info:
