@@ -14,12 +14,14 @@ it came from), and unknown keys are errors, never ignored.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -268,6 +270,13 @@ class LokiSettings(_Strict):
         description="Several Loki URLs, used round-robin (unhealthy ones skipped); beats base_url.",
     )
     push_path: str = Field("/loki/api/v1/push", description="Loki's push API path.")
+    username: str | None = Field(
+        None, description="HTTP basic auth user (e.g. a Grafana Cloud instance id)."
+    )
+    password: str | None = Field(None, description="HTTP basic auth password (or API token).")
+    bearer_token: str | None = Field(
+        None, description="Sent as `Authorization: Bearer ...` (instead of basic auth)."
+    )
     push_format: Literal["protobuf", "json"] = Field(
         "protobuf", description="protobuf (snappy-compressed) or json."
     )
@@ -314,11 +323,61 @@ class LokiSettings(_Strict):
         urls = list(self.urls) or ([self.base_url] if self.base_url else [])
         return [u.rstrip("/") for u in urls]
 
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header of every request to Loki, if one is configured."""
+        if self.bearer_token:
+            return f"Bearer {self.bearer_token}"
+        if self.username is None:
+            return None
+        pair = f"{self.username}:{self.password or ''}".encode()
+        return f"Basic {base64.b64encode(pair).decode('ascii')}"
+
     @model_validator(mode="after")
     def _has_url(self) -> LokiSettings:
         if not self.endpoints():
             raise ValueError("set loki.base_url or loki.urls")
         return self
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_usable(cls, url: str | None) -> str | None:
+        return None if url is None else _loki_url(url)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_usable(cls, urls: list[str]) -> list[str]:
+        return [_loki_url(url) for url in urls]
+
+    @model_validator(mode="after")
+    def _one_kind_of_auth(self) -> LokiSettings:
+        if self.bearer_token and (self.username is not None or self.password is not None):
+            raise ValueError("set either loki.bearer_token or loki.username/password, not both")
+        if self.password is not None and self.username is None:
+            raise ValueError("loki.password needs loki.username")
+        return self
+
+
+def _loki_url(url: str) -> str:
+    """A Loki URL the forwarder can use: absolute http(s) with a host and a valid port, no
+    spaces, and no credentials (a URL is shown in logs, ``/readyz`` and admin status)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http:// or https:// URL with a host: {url!r}")
+    if any(c.isspace() for c in url):
+        raise ValueError(f"a URL cannot hold spaces: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise ValueError(
+            f"credentials in the URL ({shown}) would be shown wherever the URL is; set "
+            "loki.username and loki.password (or loki.bearer_token) instead"
+        )
+    if port == 0:
+        raise ValueError(f"port 0 in {url!r}")
+    return url
 
 
 class StageSpec(_Strict):

@@ -234,8 +234,8 @@ class Http11Transport:
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> LokiAnswer:
         return await self._request(b"POST", url, headers, body)
 
-    async def get(self, url: str) -> LokiAnswer:
-        return await self._request(b"GET", url, {"User-Agent": USER_AGENT}, b"")
+    async def get(self, url: str, headers: Mapping[str, str] | None = None) -> LokiAnswer:
+        return await self._request(b"GET", url, {"User-Agent": USER_AGENT, **(headers or {})}, b"")
 
     async def aclose(self) -> None:
         self._closed = True

@@ -58,8 +58,19 @@ RESTART_ONLY: Final[dict[str, tuple[str, ...]]] = {
 changes them keeps the running values, says so, and applies everything else."""
 
 
+MIN_REDACTED_LENGTH = 6
+
+
 def _secrets_of(settings: Settings) -> list[str | None]:
-    return [*settings.security.api_keys, settings.security.admin_token]
+    loki = settings.loki
+    # Nothing logs Loki's credentials; redacting them is a second guard. A very short
+    # password is left out: every occurrence of its letters in every log line would go.
+    credentials = [loki.password, loki.bearer_token, loki.authorization()]
+    return [
+        *settings.security.api_keys,
+        settings.security.admin_token,
+        *(c for c in credentials if c and len(c) >= MIN_REDACTED_LENGTH),
+    ]
 
 
 def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]]:

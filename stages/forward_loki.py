@@ -209,6 +209,11 @@ def _oversize_reason(item: Item, limit: int) -> str:
     )
 
 
+def _auth_headers(loki: LokiSettings) -> dict[str, str]:
+    authorization = loki.authorization()
+    return {} if authorization is None else {"Authorization": authorization}
+
+
 class LokiForwarder:
     """The delivery engine: pushes, retries, fail-over, dead letters, replay.
 
@@ -221,6 +226,8 @@ class LokiForwarder:
         self.transport = transport
         self.pool = pool
         self.limiter = trio.CapacityLimiter(context.settings.loki.max_concurrent_pushes)
+        self.auth_headers = _auth_headers(context.settings.loki)
+        """``Authorization`` for every request to Loki (pushes and ``/ready``), if configured."""
         store: WalStore = context.services["wal"]
         self.store = store
         self.dlq: DeadLetterQueue = dead_letter_queue(context.services, store.root)
@@ -233,6 +240,7 @@ class LokiForwarder:
 
     def reload(self, settings: Settings) -> None:
         self.limiter.total_tokens = settings.loki.max_concurrent_pushes
+        self.auth_headers = _auth_headers(settings.loki)
 
     # ---------------------------------------------------------------- one request
 
@@ -240,6 +248,8 @@ class LokiForwarder:
         """One HTTP push through a concurrency slot; ``LokiTransportError`` if no answer."""
         loki = self.loki
         metrics = self.context.metrics
+        if self.auth_headers:
+            headers = {**headers, **self.auth_headers}
         async with self.limiter:
             endpoint.requests += 1
             started = time.perf_counter()
@@ -579,7 +589,7 @@ class LokiForwarder:
         health = self.context.health
         try:
             with trio.fail_after(min(self.loki.timeout_s, PROBE_TIMEOUT_S)):
-                answer = await self.transport.get(endpoint.url + "/ready")
+                answer = await self.transport.get(endpoint.url + "/ready", self.auth_headers)
         except trio.TooSlowError:
             health.loki_last_error = f"{endpoint.url}/ready: timeout"
             return False

@@ -282,6 +282,7 @@ class LokiReceiver:
         self.duplicates = 0
         """Entries accepted but not stored because the stream already had them."""
         self.received_headers: dict[str, str] = {}
+        self.ready_headers: dict[str, str] = {}
         """Headers of the last push (lower-case names)."""
         self.last_error: str | None = None
         """Body of the last non-2xx push answer."""
@@ -439,7 +440,9 @@ class LokiReceiver:
             status, text = await self.handle_push(headers, body)
             await _respond(send, status, text.encode())
         elif path == "/ready" and method in ("GET", "HEAD"):
-            status, text = self.handle_ready()
+            status, text = self.handle_ready(
+                {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            )
             await _respond(send, status, text.encode())
         elif path == "/loki/api/v1/status/buildinfo" and method == "GET":
             info = {
@@ -470,8 +473,10 @@ class LokiReceiver:
         else:
             await _respond(send, 404, b"404 page not found\n")
 
-    def handle_ready(self) -> tuple[int, str]:
-        """Answer ``GET /ready``: 200 ``ready`` or 503."""
+    def handle_ready(self, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        """Answer ``GET /ready``: 200 ``ready`` or 503. ``headers`` (lower-case names) are
+        kept in ``ready_headers``, as a push's are in ``received_headers``."""
+        self.ready_headers = headers or {}
         if self.ready:
             return 200, "ready\n"
         return 503, "Ingester not ready: receiver switched to not ready\n"
@@ -954,12 +959,13 @@ class ReceiverTransport:
         status, text = await receiver.handle_push({k.lower(): v for k, v in headers.items()}, body)
         return LokiAnswer(status, text)
 
-    async def get(self, url: str) -> LokiAnswer:
+    async def get(self, url: str, headers: Mapping[str, str] | None = None) -> LokiAnswer:
         await trio.lowlevel.checkpoint()
         receiver, path = self._find(url)
         if path != "/ready":
             return LokiAnswer(404, "404 page not found\n")
-        return LokiAnswer(*receiver.handle_ready())
+        lowered = {k.lower(): v for k, v in (headers or {}).items()}
+        return LokiAnswer(*receiver.handle_ready(lowered))
 
     async def aclose(self) -> None:
         pass

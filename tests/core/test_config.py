@@ -367,6 +367,9 @@ _COMPLEX_VALUES: dict[tuple[str, str], Any] = {
     ("schema", "label_allowlist"): ["zone"],
     ("loki", "urls"): ["http://loki-a:3100", "http://loki-b:3100"],
 }
+_TEXT_VALUES: dict[tuple[str, str], str] = {("loki", "base_url"): "http://custom-loki:3100"}
+_COMPANIONS: dict[tuple[str, str], dict[str, str]] = {("loki", "password"): {"username": "u"}}
+"""Other fields of its section a field is only valid with."""
 
 
 def _valid_override(model: type[BaseModel], section: str, field: str) -> tuple[str, Any]:
@@ -390,7 +393,8 @@ def _valid_override(model: type[BaseModel], section: str, field: str) -> tuple[s
         choice = next(c for c in typing.get_args(annotation) if c != default)
         return str(choice), choice
     if annotation is str:
-        value = f"custom-{section}-{field}-0123456789"  # long enough for token fields
+        value = _TEXT_VALUES.get((section, field), f"custom-{section}-{field}-0123456789")
+        # (long enough for token fields)
         return value, value
     if annotation is Path:
         return "/srv/custom/path", Path("/srv/custom/path")
@@ -414,9 +418,11 @@ def test_every_field_is_reachable_by_its_env_variable(section: str, field: str) 
     model = SECTIONS[section]
     var = f"LOGSTACK_{section.upper()}_{field.upper()}"
     raw, value = _valid_override(model, section, field)
-    settings = load_settings(None, env={var: raw})
+    companions = _COMPANIONS.get((section, field), {})
+    env = {f"LOGSTACK_{section.upper()}_{k.upper()}": v for k, v in companions.items()}
+    settings = load_settings(None, env={var: raw, **env})
     got = getattr(getattr(settings, "schema_" if section == "schema" else section), field)
-    expected = getattr(model.model_validate({field: value}), field)
+    expected = getattr(model.model_validate({field: value, **companions}), field)
     assert got == expected
     assert got != model.model_fields[field].get_default(call_default_factory=True)
 
@@ -1039,3 +1045,42 @@ def test_an_override_for_no_api_key_is_a_warning(tmp_path: Path) -> None:
     assert load_settings(path, env={}).warnings() == [
         "masking.overrides.biling: no API key is named 'biling', so these rules apply to no request"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("localhost:3100", "not an http:// or https:// URL with a host"),
+        ("ftp://loki", "not an http:// or https:// URL with a host"),
+        ("http://", "not an http:// or https:// URL with a host"),
+        ("http://loki:99999", "not a usable URL"),
+        ("http://lo ki:3100", "a URL cannot hold spaces"),
+        ("http://loki:0", "port 0"),
+    ],
+)
+def test_a_loki_url_the_forwarder_cannot_use_fails_the_config(url: str, problem: str) -> None:
+    """It used to pass, and the forwarder then retried forever while the WAL filled."""
+    err = fails(env={"LOGSTACK_LOKI_BASE_URL": url})
+    assert problem in problem_for(err, "loki.base_url")
+    err = fails(env={"LOGSTACK_LOKI_URLS": json.dumps(["http://good:3100", url])})
+    assert problem in problem_for(err, "loki.urls")
+
+
+def test_credentials_in_a_loki_url_are_refused_without_being_repeated() -> None:
+    """A URL is shown in logs, /readyz and admin status; the forwarder never sent them."""
+    err = fails(env={"LOGSTACK_LOKI_BASE_URL": "http://loki-user:S3cretLokiPass@loki:3100"})
+    problem = problem_for(err, "loki.base_url")
+    assert "set loki.username and loki.password" in problem
+    assert "S3cretLokiPass" not in str(err) and "loki-user" not in str(err)
+
+
+def test_loki_credentials_are_one_kind() -> None:
+    ok = load_settings(env={"LOGSTACK_LOKI_USERNAME": "123", "LOGSTACK_LOKI_PASSWORD": "tok"})
+    assert ok.loki.authorization() == "Basic MTIzOnRvaw=="
+    bearer = load_settings(env={"LOGSTACK_LOKI_BEARER_TOKEN": "abc"})
+    assert bearer.loki.authorization() == "Bearer abc"
+    assert load_settings(env={}).loki.authorization() is None
+    both = fails(env={"LOGSTACK_LOKI_USERNAME": "u", "LOGSTACK_LOKI_BEARER_TOKEN": "abc"})
+    assert "either loki.bearer_token or loki.username/password" in str(both)
+    alone = fails(env={"LOGSTACK_LOKI_PASSWORD": "tok"})
+    assert "loki.password needs loki.username" in str(alone)

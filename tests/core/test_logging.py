@@ -146,3 +146,21 @@ def test_configure_logging_installs_one_handler(capsys: pytest.CaptureFixture[st
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_the_services_secrets_include_lokis_credentials() -> None:
+    from logstack._config import load_settings
+    from logstack._service import _secrets_of
+
+    basic = load_settings(
+        env={"LOGSTACK_LOKI_USERNAME": "123456", "LOGSTACK_LOKI_PASSWORD": "glc_0123456789"}
+    )
+    set_secrets(_secrets_of(basic))
+    assert redact("sent glc_0123456789") == f"sent {REDACTED}"
+    header = basic.loki.authorization()
+    assert header is not None and redact(header) == REDACTED
+    set_secrets(_secrets_of(load_settings(env={"LOGSTACK_LOKI_BEARER_TOKEN": "t0k3n-for-loki"})))
+    assert redact("t0k3n-for-loki") == REDACTED
+    short = load_settings(env={"LOGSTACK_LOKI_USERNAME": "u", "LOGSTACK_LOKI_PASSWORD": "abc"})
+    set_secrets(_secrets_of(short))
+    assert redact("abc def") == "abc def"  # too short to redact without mangling every line

@@ -547,6 +547,30 @@ async def test_fairness_a_key_backing_off_holds_no_push_slot(
 # ============================================================================ 5. several URLs
 
 
+@pytest.mark.parametrize(
+    ("credentials", "authorization"),
+    [
+        ({"username": "123456", "password": "glc_s3cret"}, "Basic MTIzNDU2OmdsY19zM2NyZXQ="),
+        ({"bearer_token": "t0k3n-for-loki"}, "Bearer t0k3n-for-loki"),
+        ({}, None),
+    ],
+)
+async def test_credentials_go_with_every_push_and_ready_probe(
+    tmp_path: Path, credentials: dict[str, str], authorization: str | None
+) -> None:
+    """A Loki behind a gateway (Grafana Cloud, an nginx with auth) needs them on both."""
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        async with delivering(tmp_path, [rx.url], **credentials) as h:
+            with trio.fail_after(5):  # no push yet: the forwarder probes /ready
+                while not rx.ready_headers:
+                    await trio.sleep(0.02)
+            await h.ingest("payments-api", [entry(1)])
+            await h.wait_delivered("payments-api")
+    assert rx.received_headers.get("authorization") == authorization
+    assert rx.ready_headers.get("authorization") == authorization
+
+
 async def test_round_robin_over_two_urls(tmp_path: Path) -> None:
     async with open_loki_receiver() as a, open_loki_receiver() as b:
         assert a.url and b.url
@@ -767,7 +791,7 @@ async def test_transport_answer_with_retry_after_is_honoured(
             times.append(trio.current_time())
             return answers.pop(0)
 
-        async def get(self, url: str) -> LokiAnswer:
+        async def get(self, url: str, headers: Any = None) -> LokiAnswer:
             return LokiAnswer(200, "ready")
 
         async def aclose(self) -> None:
