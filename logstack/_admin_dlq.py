@@ -27,7 +27,7 @@ import msgspec
 import trio
 from quart import Response, request
 
-from ._admin import require_admin
+from ._admin import NotFoundError, require_admin
 from ._config import KEY_NAME_PATTERN
 from ._dlq import (
     DeadLetter,
@@ -204,13 +204,26 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
     def queue() -> DeadLetterQueue:
         return dead_letter_queue(service.context.services, service.wal.root)
 
+    def known(name: str) -> str:
+        """``name`` if a key, a WAL or a dead-letter queue has it; else 404, as ``flush``
+        answers (an empty answer would hide a typo)."""
+        if (
+            service.context.settings.key_by_name(name) is None
+            and name not in service.wal.logs
+            and name not in queue().keys()  # noqa: SIM118 - a method listing names, not a dict
+        ):
+            raise NotFoundError(
+                f"no API key, WAL or dead letters named {name!r}", details={"token": name}
+            )
+        return name
+
     @app.get("/v1/admin/dlq")
     async def admin_dlq() -> Response:
         try:
             require_admin(service)
             token = request.args.get("token")
             if token is not None:
-                token = _key_name(token, "token")
+                token = known(_key_name(token, "token"))
             limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
             offset = _int_arg("offset", 0, 0, 1 << 40)
         except RejectError as error:
@@ -230,6 +243,7 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
                 token = _key_name(_replay_decoder.decode(raw).token, "token")
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise _bad("body", f'expected {{"token": "<key name>"}}: {exc}') from None
+            known(token)
             forwarder = service.context.services.get("forwarder")
             if forwarder is None:
                 raise UnavailableError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -103,7 +104,15 @@ def _serve(args: argparse.Namespace) -> int:
         index, count = parse_worker(args.worker)
         role = WorkerRole(index, count, args.drain, args.port, args.ports_file, args.peers)
     _tune_runtime()
-    trio.run(partial(serve, settings, config_path=path, role=role))
+    try:
+        trio.run(partial(serve, settings, config_path=path, role=role))
+    except ConfigError:
+        raise
+    except Exception:
+        # A bug (a stage that crashed, ...): said in one structured log line with its
+        # traceback, like every other line, rather than printed raw on stderr.
+        logging.getLogger("logstack").exception("stopped by an unexpected error")
+        return 1
     return 0
 
 

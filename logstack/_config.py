@@ -422,12 +422,15 @@ class Settings(_Strict):
         """What is valid but likely a mistake: said at start-up, on reload and by
         ``logstack check-config``, without refusing the config."""
         names = {key.name for key in self.security.api_keys.values()}
-        return [
+        said = [
             f"masking.overrides.{name}: no API key is named {name!r}, so these rules "
             "apply to no request"
             for name in self.masking.overrides
             if name not in names
         ]
+        if not any(key.active for key in self.security.api_keys.values()):
+            said.append("security.api_keys: no active API key, so every ingest request gets 401")
+        return said
 
     def key_by_name(self, name: str) -> ApiKey | None:
         for key in self.security.api_keys.values():

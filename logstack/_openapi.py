@@ -288,6 +288,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Answer(400, "A query parameter is invalid."),
             _E401,
             _E403,
+            Answer(404, "No API key, WAL or dead-letter queue has that name."),
             _E500,
         ),
     ),
@@ -307,6 +308,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Answer(400, 'The body is not `{"token": "<key name>"}`.'),
             _E401,
             _E403,
+            Answer(404, "No API key, WAL or dead-letter queue has that name."),
             Answer(409, "A replay of that key is already running (`conflict`)."),
             _E500,
             Answer(

@@ -156,12 +156,14 @@ class Service:
                 "ok": free >= settings.wal.min_free_disk_ratio,
                 "detail": f"{free:.1%} free (minimum {settings.wal.min_free_disk_ratio:.0%})",
             }
-        writable = health.wal_writable and os.access(settings.wal.root_path, os.W_OK)
+        root = settings.wal.root_path
+        # ``os.access`` alone is true for a plain file, and for any path when run as root.
+        writable = health.wal_writable and os.path.isdir(root) and os.access(root, os.W_OK)
         checks["wal"] = {
             "ok": writable,
             "detail": "writable"
             if writable
-            else (health.wal_last_error or "WAL directory not writable"),
+            else (health.wal_last_error or f"WAL directory {root} is not a writable directory"),
         }
         checks["forwarder"] = {
             "ok": health.forwarder_running,
@@ -407,7 +409,14 @@ async def serve(
     store = WalStore(
         Path(settings.wal.root_path), settings.wal.segment_max_bytes, service.context.metrics
     )
-    await trio.to_thread.run_sync(store.open)
+    try:
+        await trio.to_thread.run_sync(store.open)
+    except OSError as exc:  # not a directory, not writable, ...: the operator's to fix
+        if listen_socket is not None:
+            listen_socket.close()
+        raise ConfigError(
+            [f"wal.root_path: cannot open the WAL in {settings.wal.root_path}: {exc}"]
+        ) from None
     service.context.services["wal"] = store
     log.info(
         "WAL opened",

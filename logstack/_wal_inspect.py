@@ -44,12 +44,23 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
         print(f"logstack: {directory}: not a directory", file=out)
         return 2
     damaged = False
-    for key_dir in _key_dirs(root):
-        segments = sorted(p for p in key_dir.iterdir() if p.suffix == SEGMENT_SUFFIX)
+    key_dirs = _key_dirs(root)
+    if not key_dirs:
+        print(f"{directory}: no key has written to this WAL yet", file=out)
+    for key_dir in key_dirs:
+        named = sorted(p for p in key_dir.iterdir() if p.suffix == SEGMENT_SUFFIX)
+        segments = [p for p in named if p.stem.isdigit()]  # as the server reads the directory
         name = key_dir.relative_to(root).as_posix() if key_dir != root else key_dir.name
         print(f"key {name}: {len(segments)} segment(s)", file=out)
+        for path in named:
+            if not path.stem.isdigit():
+                print(f"  {path.name}: not a segment's name; the server ignores it", file=out)
         last_checkpoint: Checkpoint | None = None
         for path in segments:
+            if not path.is_file():
+                print(f"  {path.name}: BAD HEADER: not a file", file=out)
+                damaged = True
+                continue
             data = path.read_bytes()
             try:
                 created = decode_header(data)

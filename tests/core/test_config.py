@@ -1084,3 +1084,13 @@ def test_loki_credentials_are_one_kind() -> None:
     assert "either loki.bearer_token or loki.username/password" in str(both)
     alone = fails(env={"LOGSTACK_LOKI_PASSWORD": "tok"})
     assert "loki.password needs loki.username" in str(alone)
+
+
+def test_no_active_api_key_is_a_warning() -> None:
+    """Valid (a deployment may add keys by SIGHUP), but nothing can be ingested."""
+    warning = "security.api_keys: no active API key, so every ingest request gets 401"
+    assert load_settings(env={}).warnings() == [warning]
+    inactive = json.dumps({TOKEN_JSON: {"name": "svc", "active": False}})
+    assert load_settings(env={"LOGSTACK_SECURITY_API_KEYS": inactive}).warnings() == [warning]
+    active = json.dumps({TOKEN_JSON: {"name": "svc"}})
+    assert load_settings(env={"LOGSTACK_SECURITY_API_KEYS": active}).warnings() == []

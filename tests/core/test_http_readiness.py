@@ -167,6 +167,17 @@ async def test_wal_write_failure_is_not_ready(service: Service) -> None:
     assert "EIO" in body.checks.wal.detail
 
 
+async def test_a_wal_root_that_is_no_longer_a_directory_is_not_ready(
+    service: Service, tmp_path: Path
+) -> None:
+    """``os.access(root, W_OK)`` alone said writable for a plain file put in its place."""
+    (tmp_path / "wal").rmdir()
+    (tmp_path / "wal").write_text("not a directory")
+    status, body = await ask(service)
+    assert status == 503 and body.checks.wal.ok is False
+    assert body.checks.wal.detail == f"WAL directory {tmp_path / 'wal'} is not a writable directory"
+
+
 async def test_stopped_forwarder_is_not_ready(service: Service) -> None:
     service.context.health.forwarder_running = False
     status, body = await ask(service)

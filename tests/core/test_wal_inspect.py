@@ -178,6 +178,24 @@ def test_bad_header_and_quarantine(wal_root: Path) -> None:
     assert "quarantine: 1 file(s)" in report
 
 
+def test_odd_names_are_reported_as_the_server_reads_them(wal_root: Path) -> None:
+    """A directory with a segment's name was a traceback (IsADirectoryError); a junk
+    ``*.seg`` the server never reads was called damage."""
+    (wal_root / "beta" / segment_name(7)).mkdir()
+    (wal_root / "beta" / "notes.seg").write_bytes(b"junk")
+    status, report = inspect(wal_root / "beta")
+    assert status == 1
+    assert f"{segment_name(7)}: BAD HEADER: not a file" in report
+    assert "notes.seg: not a segment's name; the server ignores it" in report
+    assert "key beta: 2 segment(s)" in report  # one real segment and the directory
+
+
+def test_an_empty_wal_says_so(tmp_path: Path) -> None:
+    status, report = inspect(tmp_path)
+    assert status == 0
+    assert report == f"{tmp_path}: no key has written to this WAL yet\n"
+
+
 def test_not_a_directory(tmp_path: Path) -> None:
     status, report = inspect(tmp_path / "missing")
     assert status == 2

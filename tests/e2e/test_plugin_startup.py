@@ -10,6 +10,7 @@ as ``distribution[name]``, before anything is opened (no WAL directory, no port)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,21 @@ class NeedsAFileStage(Stage):
 
     def process(self, envelope: Envelope) -> None:
         pass
+'''
+
+
+CRASHES_WHILE_RUNNING_PLUGIN = '''
+import trio
+
+from logstack import Stage
+
+
+class CrashingStage(Stage):
+    """Passes requests on until its bug bites."""
+
+    async def run(self, inbox, outbox):
+        await trio.sleep(0.2)
+        raise RuntimeError("acme bug in run")
 '''
 
 
@@ -267,3 +283,36 @@ def test_a_plugin_whose_constructor_raises(tmp_path: Path, site: Site) -> None:
         "FileNotFoundError: /etc/acme/patterns.txt"
     )
     assert not (tmp_path / "wal").exists()  # stages are built before the WAL is opened
+
+
+def test_an_unusable_wal_root_is_one_message(tmp_path: Path, site: Site) -> None:
+    """It was a screen of traceback (FileExistsError from mkdir), exit status 1."""
+    config = write_config(tmp_path, None)
+    settings = yaml.safe_load(config.read_text())
+    (tmp_path / "a-file").write_text("not a directory")
+    settings["wal"]["root_path"] = str(tmp_path / "a-file")
+    config.write_text(yaml.safe_dump(settings))
+    problem = start_up_problem(site, config, check_config=False)
+    assert problem.startswith(f"wal.root_path: cannot open the WAL in {tmp_path / 'a-file'}: ")
+    assert "File exists" in problem
+
+
+def test_a_stage_that_crashes_is_said_in_one_json_log_line(tmp_path: Path, site: Site) -> None:
+    """A bug stops the service (exit status 1, for the supervisor or systemd to restart
+    it), said like every other log line: JSON, with the traceback inside."""
+    site.add(
+        "logstack-acme-crash",
+        {"acme_crash": "lstmp_crash:CrashingStage"},
+        {"lstmp_crash": CRASHES_WHILE_RUNNING_PLUGIN},
+    )
+    result = run(
+        site,
+        "serve",
+        "--config",
+        str(write_config(tmp_path, pipeline_with({"type": "acme_crash"}))),
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    [crash] = [line for line in lines if line["msg"] == "stopped by an unexpected error"]
+    assert crash["level"] == "ERROR"
+    assert "RuntimeError: acme bug in run" in json.dumps(crash)

@@ -183,8 +183,10 @@ async def test_list_summarises_per_key_and_pages(tmp_path: Path) -> None:
         assert [k["token"] for k in body["keys"]] == ["user-service"]
         assert body["records"][0]["status"] == 400 and body["total_records"] == 1
 
+        # A name no key, WAL or queue has is a typo, not an empty queue (as flush says).
         status, body = await client.get("/v1/admin/dlq?token=nobody")
-        assert status == 200 and body["keys"] == [] and body["records"] == []
+        assert status == 404 and body["error"] == "not_found"
+        assert body["details"] == {"token": "nobody"}
 
 
 @pytest.mark.parametrize(
@@ -201,6 +203,8 @@ async def test_replay_needs_a_running_forwarder_and_a_valid_body(tmp_path: Path)
         for bad in (b"{", {"token": 1}, {"token": "a", "extra": 1}, {"token": "../x"}, []):
             status, body = await client.post("/v1/admin/dlq/replay", bad)
             assert status == 400, bad
+        status, body = await client.post("/v1/admin/dlq/replay", {"token": "nobody"})
+        assert status == 404 and body["error"] == "not_found"
         status, body = await client.post("/v1/admin/dlq/replay", {"token": "payments-api"})
         assert status == 503 and body["error"] == "unavailable"
 
