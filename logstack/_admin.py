@@ -46,8 +46,6 @@ from ._errors import (
     ValidationError,
     WalError,
 )
-from ._wal import KeyLog
-from ._wal_format import HEADER_SIZE
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -109,21 +107,6 @@ def parse_flush_request(body: bytes) -> FlushRequest:
     )
 
 
-def undelivered_bytes(keylog: KeyLog) -> int:
-    """WAL bytes after the delivery checkpoint (framing and bookkeeping records included);
-    0 when no entry waits for delivery."""
-    if not keylog.has_unread_entries(keylog.delivered):
-        return 0
-    seq, offset = keylog.delivered
-    total = 0
-    for segment in keylog.segments:
-        if segment.seq > seq:
-            total += segment.size - HEADER_SIZE
-        elif segment.seq == seq:
-            total += max(0, segment.size - offset)
-    return total
-
-
 async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
     """Seal active segments and ask delivery to push now; report what was done per key.
 
@@ -171,7 +154,7 @@ async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
             action = "pushed"
         else:
             action = "nothing_to_flush"
-        results.append(KeyFlush(name, action, sealed, undelivered_bytes(keylog)))
+        results.append(KeyFlush(name, action, sealed, keylog.undelivered_bytes()))
     result = FlushResult(
         force=flush_request.force,
         sealed_segments=sum(1 for r in results if r.action == "sealed"),
@@ -263,7 +246,7 @@ async def status(service: Service) -> AdminStatus:
                 active=bool(key and key.active),
                 wal_bytes=keylog.disk_bytes,
                 wal_segments=len(keylog.segments),
-                undelivered_bytes=undelivered_bytes(keylog),
+                undelivered_bytes=keylog.undelivered_bytes(),
                 oldest_undelivered_age_s=(
                     None if oldest is None else round(max(0.0, (now_ns - oldest) / 1e9), 3)
                 ),

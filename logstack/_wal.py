@@ -165,6 +165,20 @@ class KeyLog:
     def disk_bytes(self) -> int:
         return sum(s.size for s in self.segments)
 
+    def undelivered_bytes(self) -> int:
+        """WAL bytes after the delivery checkpoint (framing and bookkeeping records
+        included); 0 when no entry waits for delivery."""
+        if not self.has_unread_entries(self.delivered):
+            return 0
+        seq, offset = self.delivered
+        total = 0
+        for segment in self.segments:
+            if segment.seq > seq:
+                total += segment.size - HEADER_SIZE
+            elif segment.seq == seq:
+                total += max(0, segment.size - offset)
+        return total
+
     def _open_new_segment(self) -> None:
         seq = self.segments[-1].seq + 1 if self.segments else 1
         path = self.directory / segment_name(seq)

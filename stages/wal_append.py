@@ -69,11 +69,16 @@ class WalAppendStage(Stage):
                 reason="disk_pressure",
             )
         soft_bytes = wal.quota_bytes * wal.quota_soft_ratio
-        if keylog.disk_bytes >= soft_bytes:
+        # The quota bounds the backlog: delivered records still in the active segment are
+        # on disk until it rotates, but a key that Loki is up to date with is not refused
+        # for them (with a quota under the rotation size it was, for minutes).
+        if keylog.disk_bytes >= soft_bytes and (backlog := keylog.undelivered_bytes()) >= (
+            soft_bytes
+        ):
             raise QuotaExceededError(
                 "this key's WAL backlog is at its quota; delivery to Loki is behind",
                 retry_after=QUOTA_RETRY_AFTER_S,
-                details={"wal_bytes": keylog.disk_bytes, "quota_bytes": wal.quota_bytes},
+                details={"undelivered_bytes": backlog, "quota_bytes": wal.quota_bytes},
             )
         oldest = keylog.oldest_undelivered_ns()
         if oldest is not None:

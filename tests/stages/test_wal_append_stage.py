@@ -185,6 +185,22 @@ async def test_quota_rejects_one_key_only(tmp_path: Path) -> None:
         assert isinstance(await h.post(key="beta"), Accepted)
 
 
+async def test_the_quota_counts_the_backlog_not_what_was_delivered(tmp_path: Path) -> None:
+    """Delivered records stay in the active segment until it rotates (minutes): counted
+    on disk, they kept a key that Loki was up to date with at 429 for that long."""
+    async with running(tmp_path, quota_bytes=8192) as h:
+        while not isinstance(await h.post(n=20), QuotaExceededError):
+            pass
+        keylog = h.store.logs["alpha"]
+        await keylog.commit_delivered(keylog.end)  # Loki took it all; nothing rotated
+        assert keylog.undelivered_bytes() == 0 and len(keylog.segments) == 1
+        assert keylog.disk_bytes >= 8192 * 0.8
+        assert isinstance(await h.post(n=20), Accepted)
+        answers = [await h.post(n=20) for _ in range(30)]  # a new backlog hits it again
+        refused = next(a for a in answers if isinstance(a, QuotaExceededError))
+        assert refused.details["undelivered_bytes"] >= 8192 * 0.8
+
+
 async def test_disk_pressure_rejects_everyone_with_503(tmp_path: Path) -> None:
     async with running(tmp_path, min_free_disk_ratio=0.999) as h:
         for key in ("alpha", "beta"):
