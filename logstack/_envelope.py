@@ -135,8 +135,15 @@ class Envelope:
             raise _shape_error("body", "must be a JSON object with an 'entries' array")
         unknown = sorted(k for k in doc if k != "entries")
         if unknown:
-            raise _shape_error(
-                unknown[0], f"unknown field {unknown[0]!r}; only 'entries' is allowed"
+            problems = [
+                {"field": k, "message": f"unknown field {k!r}; only 'entries' is allowed"}
+                for k in unknown
+            ]
+            raise ValidationError(
+                f"{unknown[0]}: {problems[0]['message']}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                details={"errors": problems},
+                reason="schema",
             )
         entries = doc.get("entries")
         if not isinstance(entries, list):

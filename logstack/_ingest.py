@@ -174,6 +174,15 @@ class IngestEndpoint:
         return error.status, error.body(), error.headers()
 
 
+def _charset(parameters: str) -> str | None:
+    """The ``charset`` parameter of a media type's ``;``-separated parameters, if any."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 async def _read_envelope(
     scope: Scope, receive: Receive, request_id: str, max_body_bytes: int
 ) -> Envelope:
@@ -185,11 +194,18 @@ async def _read_envelope(
     for name, value in scope["headers"]:
         if name in _WANTED and name not in headers:
             headers[name] = value.decode("latin-1")
-    media = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
+    media, _, parameters = headers.get(b"content-type", "").partition(";")
+    media = media.strip().lower()
     if media != "application/json":
         raise UnsupportedMediaTypeError(
             "Content-Type must be application/json",
             details={"content_type": media or None},
+        )
+    if parameters and (charset := _charset(parameters)) not in (None, "utf-8", "utf8"):
+        # RFC 8259 §8.1: JSON between systems is UTF-8; a body in another charset would
+        # be read as UTF-8 anyway, and refused or stored garbled.
+        raise UnsupportedMediaTypeError(
+            "JSON must be encoded as UTF-8", details={"charset": charset}
         )
     encoding = headers.get(b"content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", ""):

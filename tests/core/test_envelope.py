@@ -71,3 +71,14 @@ def test_a_body_that_is_not_utf8_is_the_clients_error(body: bytes) -> None:
     [problem] = info.value.body()["details"]["errors"]
     assert problem["field"] == "body"
     assert problem["message"].startswith("a string is not valid UTF-8 (")
+
+
+def test_every_unknown_top_level_field_is_listed() -> None:
+    body = b'{"zzz": 2, "entries": [], "extra": 1}'
+    with pytest.raises(ValidationError) as info:
+        Envelope(request_id="r", authorization="Bearer x", body=body).document()
+    assert info.value.reason == "schema"
+    assert (
+        info.value.message == "extra: unknown field 'extra'; only 'entries' is allowed (and 1 more)"
+    )
+    assert [p["field"] for p in info.value.body()["details"]["errors"]] == ["extra", "zzz"]

@@ -119,6 +119,32 @@ async def test_header_names_and_media_type_spellings(
     assert sample(service, "logs_ingested_total", token="payments-api") == 1
 
 
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ('application/json; charset="UTF-8"', 202),
+        ("application/json;charset=utf8;foo=bar", 202),
+        ("application/json; foo=bar", 202),
+        ("application/json; charset=utf-16", 415),
+        ("application/json; charset=ISO-8859-1", 415),
+    ],
+)
+async def test_a_charset_other_than_utf8_is_415(
+    served: tuple[Service, httpx.AsyncClient], content_type: str, status: int
+) -> None:
+    """RFC 8259 §8.1: such a body was read as UTF-8 anyway (400, or stored garbled)."""
+    _, client = served
+    answer = await client.post(
+        INGEST,
+        headers={"Authorization": f"Bearer {TEST_TOKEN}", "Content-Type": content_type},
+        content=json.dumps({"entries": [ENTRY]}),
+    )
+    assert answer.status_code == status, answer.text
+    if status == 415:
+        assert answer.json()["error"] == "unsupported_media_type"
+        assert answer.json()["details"]["charset"] == content_type.rpartition("=")[2].lower()
+
+
 async def test_announced_oversize_body_is_413_before_it_is_sent(
     served: tuple[Service, httpx.AsyncClient],
 ) -> None:
