@@ -13,6 +13,7 @@ import trio
 from ._config import ApiKey
 from ._entry import LogEntry
 from ._errors import PayloadTooLargeError, RejectError, ValidationError
+from ._schema import MAX_PROBLEMS
 
 
 @dataclass(slots=True, frozen=True)
@@ -137,12 +138,15 @@ class Envelope:
         if unknown:
             problems = [
                 {"field": k, "message": f"unknown field {k!r}; only 'entries' is allowed"}
-                for k in unknown
+                for k in unknown[:MAX_PROBLEMS]
             ]
+            details: dict[str, Any] = {"errors": problems}
+            if len(unknown) > MAX_PROBLEMS:
+                details["truncated"] = True  # as validate says it: the answer stays small
             raise ValidationError(
                 f"{unknown[0]}: {problems[0]['message']}"
                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
-                details={"errors": problems},
+                details=details,
                 reason="schema",
             )
         entries = doc.get("entries")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 
+import msgspec
 import pytest
 
 from logstack._envelope import GZIP_MAX_MEMBERS, Envelope, gunzip_bounded
 from logstack._errors import PayloadTooLargeError, ValidationError
+from logstack._schema import MAX_PROBLEMS
 
 DOC = b'{"entries": [{"message": "hello"}]}'
 
@@ -82,3 +84,12 @@ def test_every_unknown_top_level_field_is_listed() -> None:
         info.value.message == "extra: unknown field 'extra'; only 'entries' is allowed (and 1 more)"
     )
     assert [p["field"] for p in info.value.body()["details"]["errors"]] == ["extra", "zzz"]
+
+
+def test_a_flood_of_unknown_fields_gets_a_bounded_answer() -> None:
+    body = msgspec.json.encode({"entries": [], **{f"k{i:06d}": 1 for i in range(5000)}})
+    with pytest.raises(ValidationError) as info:
+        Envelope(request_id="r", authorization="Bearer x", body=body).document()
+    details = info.value.body()["details"]
+    assert len(details["errors"]) == MAX_PROBLEMS and details["truncated"] is True
+    assert info.value.message.endswith("(and 4999 more)")
