@@ -60,6 +60,12 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest decoded request body accepted (413 above)."
     )
+    max_body_bytes_in_flight: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Request body bytes received at once over all connections; a request "
+        "that would pass it is answered 503 (before its body is read, if announced).",
+    )
     pipeline_capacity: int = Field(
         256, gt=0, description="Requests queued at the pipeline head before 503 answers."
     )
@@ -84,6 +90,15 @@ class ServerSettings(_Strict):
         description="Worker processes sharing the port, each with its own WAL shard "
         "(rate limits and WAL quotas are split between them).",
     )
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> ServerSettings:
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                "max_body_bytes_in_flight must be at least max_body_bytes, or a body of the "
+                "largest size could never be received"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -94,12 +94,40 @@ def payload_too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
+class BodyBudget:
+    """Request body bytes held at once, over every connection: without a bound, a thousand
+    clients sending 1 MiB bodies at once would hold a GiB. A body announced with
+    ``Content-Length`` takes its size before it is read; a chunked one takes as it arrives.
+    A request that does not fit is answered ``503`` with ``Retry-After``, before its body is
+    read when it was announced, so the clients' retries spread the load."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise UnavailableError(
+                "too many request bodies are being received at once; retry later",
+                retry_after=1,
+                details={"max_body_bytes_in_flight": self.limit},
+                reason="bodies_in_flight",
+            )
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+
+
 class IngestEndpoint:
     """ASGI middleware: answers every request for ``INGEST_PATH``, passes the rest on."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
+        self.budget = BodyBudget(service.context.settings.server.max_body_bytes_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != INGEST_PATH:
@@ -126,13 +154,29 @@ class IngestEndpoint:
         metrics = service.context.metrics
         request_id = request_id_var.get() or str(uuid.uuid4())
         server = service.context.settings.server
+        budget = self.budget
+        budget.limit = server.max_body_bytes_in_flight  # a reload applies to the next request
+        held = [0]  # body bytes this request holds in the budget, given back when answered
         try:
-            envelope = await _read_envelope(scope, receive, request_id, server.max_body_bytes)
-        except RejectError as transport_error:
-            metrics.logs_rejected.labels(
-                token="unauthenticated", reason=transport_error.reason
-            ).inc()
-            return transport_error.status, transport_error.body(), transport_error.headers()
+            try:
+                envelope = await _read_envelope(
+                    scope, receive, request_id, server.max_body_bytes, budget, held
+                )
+            except RejectError as transport_error:
+                metrics.logs_rejected.labels(
+                    token="unauthenticated", reason=transport_error.reason
+                ).inc()
+                return transport_error.status, transport_error.body(), transport_error.headers()
+            return await self._through_pipeline(envelope)
+        finally:
+            budget.give_back(held[0])
+
+    async def _through_pipeline(
+        self, envelope: Envelope
+    ) -> tuple[int, dict[str, Any] | msgspec.Struct, dict[str, str]]:
+        service = self.service
+        metrics = service.context.metrics
+        server = service.context.settings.server
         head = service.head
         error: RejectError
         try:
@@ -184,7 +228,12 @@ def _charset(parameters: str) -> str | None:
 
 
 async def _read_envelope(
-    scope: Scope, receive: Receive, request_id: str, max_body_bytes: int
+    scope: Scope,
+    receive: Receive,
+    request_id: str,
+    max_body_bytes: int,
+    budget: BodyBudget,
+    held: list[int],
 ) -> Envelope:
     """Transport checks only: media type, encoding, size, idempotency key. No JSON decoding.
 
@@ -225,16 +274,27 @@ async def _read_envelope(
     return Envelope(
         request_id=request_id,
         authorization=headers.get(b"authorization"),
-        body=await _read_body(receive, max_body_bytes),
+        body=await _read_body(receive, max_body_bytes, budget, held, length),
         idempotency_key=idempotency_key,
         content_encoding="gzip" if encoding == "gzip" else "identity",
         max_body_bytes=max_body_bytes,
     )
 
 
-async def _read_body(receive: Receive, max_body_bytes: int) -> bytes:
+async def _read_body(
+    receive: Receive,
+    max_body_bytes: int,
+    budget: BodyBudget,
+    held: list[int],
+    length: str | None,
+) -> bytes:
     """The whole body, refused (413) as soon as it outgrows the limit, whether or not a
-    ``Content-Length`` announced it; 408 if it takes longer than ``BODY_TIMEOUT_S``."""
+    ``Content-Length`` announced it; 408 if it takes longer than ``BODY_TIMEOUT_S``; 503
+    if the bytes of all bodies being received would pass ``budget`` (``held[0]``: what this
+    one took from it)."""
+    if length is not None and length.isdigit():
+        budget.take(int(length))
+        held[0] = int(length)
     chunks: list[bytes] = []
     size = 0
     with trio.move_on_after(BODY_TIMEOUT_S):
@@ -247,6 +307,9 @@ async def _read_body(receive: Receive, max_body_bytes: int) -> bytes:
                 size += len(chunk)
                 if size > max_body_bytes:
                     raise payload_too_large(max_body_bytes)
+                if size > held[0]:  # chunked, or longer than announced (h11 refuses that)
+                    budget.take(size - held[0])
+                    held[0] = size
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

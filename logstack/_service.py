@@ -48,6 +48,7 @@ RESTART_ONLY: Final[dict[str, tuple[str, ...]]] = {
         "bound_ports_file",
         "max_body_bytes",
         "pipeline_capacity",
+        "listen_backlog",
         "shutdown_grace_s",
         "log_format",
         "workers",

@@ -220,3 +220,54 @@ async def test_a_body_too_large_to_read_gets_its_413_before_the_connection_ends(
         assert headers[b"connection"] == b"close"
         assert await client.closed_by_server(within=2)
     await client.stream.aclose()
+
+
+async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path) -> None:
+    """Without a bound, many clients sending large bodies at once held them all in memory.
+    A body that would pass it is answered 503 at once (when announced) or as soon as it
+    does (chunked); what was taken is given back when a request is answered."""
+    config = make_test_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        server={"max_body_bytes": 4096, "max_body_bytes_in_flight": 10_000},
+    )
+    padded = json.dumps({"entries": [{**ENTRY, "message": "x" * 3850}]}).encode()
+    assert 3900 < len(padded) <= 4096
+    async with open_service(Settings.model_validate(config)) as service:
+        port = port_of(service)
+        a, b, c, d = [await Http1Client.connect(port) for _ in range(4)]
+        with trio.fail_after(20):
+            for client in (a, b):  # 2 x ~3.9 kB announced, a little sent, then nothing
+                await client.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+                await client.send_body(padded[:100], end=False)
+            await trio.sleep(0.2)  # both heads have reached the app
+            await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+            status, body, headers = await c.read_answer_with_head()
+            refusal = json.loads(body)
+            assert (status, refusal["error"]) == (503, "unavailable")
+            assert refusal["details"] == {"max_body_bytes_in_flight": 10_000}
+            assert headers[b"retry-after"] == b"1"
+            await c.send_body(padded)  # dropped; the connection stays usable
+            await d.send_head(INGEST, None, json_with(TEST_TOKEN))  # chunked: taken as read
+            await d.send_body(b'{"entries": [', end=False)
+            await d.send_body(b" " * 3000, end=False)
+            assert (await d.read_answer())[0] == 503
+            for client in (a, b):
+                await client.send_body(padded[100:])
+                assert (await client.read_answer())[0] == 202
+            assert (await c.post(INGEST, padded))[0] == 415  # no headers: still read whole
+            await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+            await c.send_body(padded)
+            assert (await c.read_answer())[0] == 202  # everything was given back
+        labels = {"token": "unauthenticated", "reason": "bodies_in_flight"}
+        rejected = service.context.metrics.registry.get_sample_value("logs_rejected_total", labels)
+        assert rejected == 2
+        for client in (a, b, c, d):
+            await client.stream.aclose()
+
+
+def test_the_bound_holds_at_least_one_body() -> None:
+    with pytest.raises(ValueError, match="max_body_bytes_in_flight must be at least"):
+        Settings.model_validate(
+            {"server": {"max_body_bytes": 4096, "max_body_bytes_in_flight": 4095}}
+        )
