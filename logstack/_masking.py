@@ -323,7 +323,9 @@ def _mask_emails(text: str, counts: dict[str, int]) -> str:
     local_chars = _EMAIL_LOCAL_CHARS
     while domain is not None:
         at = start = domain.start()
-        while start > last and text[start - 1] in local_chars:
+        while start > last and (
+            (c := text[start - 1]) in local_chars or (c > "\x7f" and c.isalnum())
+        ):  # an address's local part may hold letters of any script (RFC 6531)
             start -= 1
         if start == at:  # no local part: "@example.com" alone is not an address
             domain = search(text, at + 1)

@@ -469,6 +469,9 @@ JWT = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJ
         ("<john.doe+x@mail.co.uk>", "<j*****x@mail.co.uk>", {"email": 1}),
         ("a@b.io and cd@e.io", "*****@b.io and *****@e.io", {"email": 2}),
         ("mailto:someone@example.com.", "mailto:s*****e@example.com.", {"email": 1}),
+        # RFC 6531: letters of any script; the mask starts at the local part's first one
+        ("mail jöhnathan@example.com", "mail j*****n@example.com", {"email": 1}),
+        ("ünïcödé@example.com", "ü*****é@example.com", {"email": 1}),
         ("not an email: user@localhost", "not an email: user@localhost", {}),
         ("a@b.c", "*****@b.c", {"email": 1}),  # the shortest string a built-in can match
         # card numbers (Luhn)
