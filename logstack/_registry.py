@@ -289,13 +289,14 @@ def resolve_stages(
     seen_names: dict[str, int] = {}
     for index, spec in enumerate(settings.pipeline):
         where = f"pipeline[{index}] ({spec.type})"
-        if spec.instance_name in seen_names:
+        duplicate = spec.instance_name in seen_names
+        if duplicate:  # reported, and its options still checked: every problem at once
             problems.append(
                 f"{where}: duplicate stage name {spec.instance_name!r} "
                 f"(also pipeline[{seen_names[spec.instance_name]}]); give one a distinct `name`"
             )
-            continue
-        seen_names[spec.instance_name] = index
+        else:
+            seen_names[spec.instance_name] = index
         if spec.type in found.unusable:
             continue  # its registration is broken and already reported, naming the culprits
         plugin = found.stages.get(spec.type)
@@ -312,7 +313,8 @@ def resolve_stages(
         if config is None:
             problems.extend(f"{where}: {p}" for p in option_problems)
             continue
-        resolved.append(ResolvedStage(spec, plugin, stage_cls, config, index))
+        if not duplicate:
+            resolved.append(ResolvedStage(spec, plugin, stage_cls, config, index))
     problems.extend(problems_found)
     if problems:
         raise PluginError(problems)

@@ -623,6 +623,14 @@ def test_duplicate_instance_names(modules: Modules) -> None:
         settings_with({"type": "acme_x"}, {"type": "acme_x", "name": "acme_x_again"}), eps
     )
     assert [r.spec.instance_name for r in resolved] == ["acme_x", "acme_x_again"]
+    # The duplicate's own bad options are reported with it, not hidden behind it.
+    settings = settings_with(
+        {"type": "acme_x"}, {"type": "acme_x", "options": {"max_hits": "many"}}
+    )
+    problems = problems_of(settings, eps)
+    assert problems[0].startswith("pipeline[1] (acme_x): duplicate stage name 'acme_x'")
+    assert problems[1].startswith("pipeline[1] (acme_x): max_hits:")
+    assert len(problems) == 2
 
 
 def test_explicit_name_clashing_with_a_type(modules: Modules) -> None:
