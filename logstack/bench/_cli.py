@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
+from .._config import MAX_WORKERS
 from .._workers import bind_socket
 from ..testing._process import (
     TEST_TOKEN,
@@ -34,7 +39,7 @@ from ..testing._process import (
     deep_merge,
     make_test_config,
 )
-from ._load import BodyFactory, LoadResult, run_load
+from ._load import BodyFactory, LoadResult, TargetUnreachable, run_load
 from ._procstat import tree_cpu_seconds, tree_rss_mib
 
 PLACEHOLDER = b"@@@@@@@@@"
@@ -156,6 +161,11 @@ class ScenarioResult:
             else None,
             "4xx": load.count_4xx,
             "5xx": load.count_5xx,
+            "errors": load.transport_errors + load.timeouts + load.unsent,
+            "transport_errors": load.transport_errors,
+            "timeouts": load.timeouts,
+            "unsent_requests": load.unsent,
+            "connections_opened": load.connections_opened,
             "statuses": dict(sorted(load.statuses.items())),
             "accepted_lines": lines,
             "delivered_lines": self.delivered,
@@ -217,7 +227,19 @@ async def _start(proc: ChildProcess) -> str:
 
 
 async def _stop(proc: ChildProcess) -> None:
-    await trio.to_thread.run_sync(proc.stop)
+    """Stop ``proc`` even while the bench itself is being cancelled (Ctrl-C, SIGTERM)."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(proc.stop)
+
+
+@asynccontextmanager
+async def _running(proc: ChildProcess) -> AsyncIterator[str]:
+    """``proc`` started for the block (its URL), and stopped whatever happens in it,
+    including a failed start."""
+    try:
+        yield await _start(proc)
+    finally:
+        await _stop(proc)
 
 
 async def _receiver_stats(url: str) -> dict[str, Any]:
@@ -333,90 +355,114 @@ class Bench:
         receiver = LokiReceiverProcess(
             self.workdir / f"loki-{self.runs}", extra_args=["--probe-marker", PROBE_MARKER]
         )
-        loki_url = await _start(receiver)
-        server = self._server(loki_url, workers=workers, **(server_sections or {}))
-        url = await _start(server)
+        async with _running(receiver) as loki_url:
+            server = self._server(loki_url, workers=workers, **(server_sections or {}))
+            async with _running(server) as url:
+                assert server.proc is not None and receiver.proc is not None
+                return await self._measure(
+                    name,
+                    lines,
+                    server,
+                    url,
+                    receiver.proc.pid,
+                    loki_url,
+                    masking_heavy=masking_heavy,
+                    rate_per_s=rate_per_s,
+                    connections=connections,
+                    workers=workers,
+                )
+
+    async def _measure(
+        self,
+        name: str,
+        lines: int,
+        server: LogstackProcess,
+        url: str,
+        receiver_pid: int,
+        loki_url: str,
+        *,
+        masking_heavy: bool,
+        rate_per_s: float | None,
+        connections: int | None,
+        workers: int | None,
+    ) -> ScenarioResult:
         assert server.proc is not None
         pid = server.proc.pid
-        assert receiver.proc is not None
-        receiver_pid = receiver.proc.pid
-        try:
-            cpu0 = tree_cpu_seconds(pid)
-            receiver_cpu0 = tree_cpu_seconds(receiver_pid)
-            load_cpu0 = time.process_time()
-            load = await run_load(
-                url + "/v1/logs:ingest",
-                body_factory(lines, masking_heavy=masking_heavy),
-                lines_per_request=lines,
-                headers=self.headers,
-                connections=connections or self.args.connections,
-                duration_s=self.args.duration,
-                rate_per_s=rate_per_s,
-                on_progress=_progress(name),
-            )
-            result = ScenarioResult(name, lines, load, workers=workers or self.args.workers)
-            result.cores_during_load = {
-                "server": (tree_cpu_seconds(pid) - cpu0) / load.duration_s,
-                "receiver": (tree_cpu_seconds(receiver_pid) - receiver_cpu0) / load.duration_s,
-                "load": (time.process_time() - load_cpu0) / load.duration_s,
-            }
-            result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
-            t0 = time.perf_counter()
-            with trio.move_on_after(self.args.delivery_timeout):
-                while await _receiver_entries(loki_url) < load.accepted_lines:
-                    await trio.sleep(DELIVERY_POLL_S)
-            result.delivery_wait_s = round(time.perf_counter() - t0, 2)
-            # CPU until every line is delivered: at saturation delivery lags the load, and
-            # its work belongs to the lines as much as their ingest does.
-            result.cpu_s = tree_cpu_seconds(pid) - cpu0
-            result.receiver_cpu_s = tree_cpu_seconds(receiver_pid) - receiver_cpu0
-            result.delivered = await _receiver_entries(loki_url)
-            result.delivered_all = result.delivered >= load.accepted_lines
-            result.delivery_latencies_s = await _delivery_latencies(loki_url, load)
-            result.peak_rss_mib = tree_rss_mib(pid)
-        finally:
-            await _stop(server)
-            await _stop(receiver)
+        cpu0 = tree_cpu_seconds(pid)
+        receiver_cpu0 = tree_cpu_seconds(receiver_pid)
+        load_cpu0 = time.process_time()
+        load = await run_load(
+            url + "/v1/logs:ingest",
+            body_factory(lines, masking_heavy=masking_heavy),
+            lines_per_request=lines,
+            headers=self.headers,
+            connections=connections or self.args.connections,
+            duration_s=self.args.duration,
+            rate_per_s=rate_per_s,
+            on_progress=_progress(name),
+        )
+        result = ScenarioResult(name, lines, load, workers=workers or self.args.workers)
+        result.cores_during_load = {
+            "server": (tree_cpu_seconds(pid) - cpu0) / load.duration_s,
+            "receiver": (tree_cpu_seconds(receiver_pid) - receiver_cpu0) / load.duration_s,
+            "load": (time.process_time() - load_cpu0) / load.duration_s,
+        }
+        result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
+        print(f"  {name:<16} waiting for delivery", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        with trio.move_on_after(self.args.delivery_timeout):
+            while await _receiver_entries(loki_url) < load.accepted_lines:
+                await trio.sleep(DELIVERY_POLL_S)
+        result.delivery_wait_s = round(time.perf_counter() - t0, 2)
+        # CPU until every line is delivered: at saturation delivery lags the load, and
+        # its work belongs to the lines as much as their ingest does.
+        result.cpu_s = tree_cpu_seconds(pid) - cpu0
+        result.receiver_cpu_s = tree_cpu_seconds(receiver_pid) - receiver_cpu0
+        result.delivered = await _receiver_entries(loki_url)
+        result.delivered_all = result.delivered >= load.accepted_lines
+        result.delivery_latencies_s = await _delivery_latencies(loki_url, load)
+        result.peak_rss_mib = tree_rss_mib(pid)
         return result
 
     async def outage(self) -> ScenarioResult:
         """Loki down while load runs; then up: how fast does the backlog drain?"""
         receiver = LokiReceiverProcess(self.workdir / f"loki-{self.runs}")
-        loki_url = await _start(receiver)
-        await _stop(receiver)  # down from the start, on a known port
+        async with _running(receiver) as loki_url:
+            pass  # started once to learn a free port, down from the start of the load
         server = self._server(loki_url, loki={"backoff_max_s": 1.0})
-        url = await _start(server)
-        assert server.proc is not None
-        pid = server.proc.pid
         try:
-            load = await run_load(
-                url + "/v1/logs:ingest",
-                body_factory(100),
-                lines_per_request=100,
-                headers=self.headers,
-                connections=self.args.connections,
-                duration_s=self.args.duration,
-                on_progress=_progress("outage (down)"),
-            )
-            result = ScenarioResult("outage-recovery", 100, load)
-            await _start(receiver)
-            up_ns = time.time_ns()
-            t0 = time.perf_counter()
-            with trio.move_on_after(self.args.delivery_timeout * 4):
-                while await _receiver_entries(loki_url) < load.accepted_lines:
-                    await trio.sleep(0.2)
-            drain_s = time.perf_counter() - t0
-            stats = await _receiver_stats(loki_url)
-            result.delivered = int(stats["entries"])
-            result.delivered_all = result.delivered >= load.accepted_lines
-            result.peak_rss_mib = tree_rss_mib(pid)
-            # The receiver's own start, not ours: ours is taken after the port file is seen,
-            # and a forwarder probing every few ms can have stored its first push by then.
-            result.extra = drain_figures(
-                stats, stats.get("serving_since_ns") or up_ns, drain_s, load
-            )
+            async with _running(server) as url:
+                assert server.proc is not None
+                load = await run_load(
+                    url + "/v1/logs:ingest",
+                    body_factory(100),
+                    lines_per_request=100,
+                    headers=self.headers,
+                    connections=self.args.connections,
+                    duration_s=self.args.duration,
+                    on_progress=_progress("outage (down)"),
+                )
+                result = ScenarioResult("outage-recovery", 100, load)
+                result.wal_bytes = sum(p.stat().st_size for p in server.wal_root.rglob("*.seg"))
+                await _start(receiver)
+                up_ns = time.time_ns()
+                print("  outage (up)      draining", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                with trio.move_on_after(self.args.delivery_timeout * 4):
+                    while await _receiver_entries(loki_url) < load.accepted_lines:
+                        await trio.sleep(0.2)
+                drain_s = time.perf_counter() - t0
+                stats = await _receiver_stats(loki_url)
+                result.delivered = int(stats["entries"])
+                result.delivered_all = result.delivered >= load.accepted_lines
+                result.peak_rss_mib = tree_rss_mib(server.proc.pid)
+                # The receiver's own start, not ours: ours is taken after the port file is
+                # seen, and a forwarder probing every few ms can have stored its first push
+                # by then.
+                result.extra = drain_figures(
+                    stats, stats.get("serving_since_ns") or up_ns, drain_s, load
+                )
         finally:
-            await _stop(server)
             await _stop(receiver)
         return result
 
@@ -486,12 +532,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.target,
                 body_factory(args.lines),
                 lines_per_request=args.lines,
-                headers={**bench.headers, **dict(h.split(":", 1) for h in args.header)},
+                headers=with_headers(bench.headers, args.header),
                 connections=args.connections,
                 duration_s=args.duration,
                 on_progress=_progress("target"),
             )
-            report["scenarios"].append(ScenarioResult("target", args.lines, load).summary())
+            row = ScenarioResult("target", args.lines, load).summary()
+            row["not_measured"] = (
+                "delivery, server CPU and memory, WAL bytes: the target is not a process "
+                "this bench started"
+            )
+            report["scenarios"].append(row)
             return report
         wanted = args.scenario or list(SCENARIOS)
         ratios: dict[str, list[float]] = {}
@@ -507,12 +558,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ratios.setdefault(name, []).append(
                         result.load.accepted_lines / result.load.duration_s / ceiling
                     )
-                best = results[-1]
-                best.extra = {
+                last = results[-1]  # the row shows the last run; the ratios are every pair's
+                last.extra = {
                     "ceiling_ratio_median": round(statistics.median(ratios[name]), 3),
                     "ceiling_ratios": [round(r, 3) for r in ratios[name]],
                 }
-                report["scenarios"].append(best.summary())
+                report["scenarios"].append(last.summary())
             elif name == "batch-500":
                 report["scenarios"].append((await bench.scenario(name, 500)).summary())
             elif name == "masking-heavy":
@@ -556,7 +607,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     },
                 )
-                result.extra = {"offered_requests_per_s": round(2 * capacity_rps)}
+                load = result.load
+                result.extra = {
+                    "offered_requests_per_s": round(2 * capacity_rps),
+                    # What the open-loop generator really sent (answered or not).
+                    "sent_requests_per_s": round(
+                        (load.requests + load.timeouts + load.transport_errors) / load.duration_s
+                    ),
+                }
                 report["scenarios"].append(result.summary())
             elif name == "outage":
                 report["scenarios"].append(
@@ -605,34 +663,36 @@ COLUMNS = (
     ("lines/s", "lines_per_s", 10),
     ("sustained", "sustained_lines_per_s", 10),
     ("req/s", "requests_per_s", 8),
-    ("p50 ms", "ack_p50_ms", 8),
-    ("p95 ms", "ack_p95_ms", 8),
+    ("ack p50", "ack_p50_ms", 8),
+    ("p95", "ack_p95_ms", 7),
     ("p99 ms", "ack_p99_ms", 8),
     ("→Loki p50", "deliver_p50_ms", 10),
-    ("→Loki p99", "deliver_p99_ms", 10),
+    ("p99 ms", "deliver_p99_ms", 8),
     ("CPU s/100k", "cpu_s_per_100k_lines", 10),
     ("Loki CPU", "receiver_cpu_s_per_100k_lines", 9),
     ("RSS MiB", "peak_rss_mib", 8),
     ("WAL B/line", "wal_bytes_per_line", 10),
     ("4xx", "4xx", 7),
     ("5xx", "5xx", 6),
+    ("errors", "errors", 6),
     ("delivered", "all_delivered", 9),
 )
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"  # not measured here
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [" ".join(f"{title:>{width}}" for title, _, width in COLUMNS)]
     for row in report["scenarios"]:
-        cells = []
-        for _, key, width in COLUMNS:
-            value = row.get(key)
-            text = (
-                f"{value:,}"
-                if isinstance(value, int) and not isinstance(value, bool)
-                else str(value)
-            )
-            cells.append(f"{text:>{width}}")
-        lines.append(" ".join(cells))
+        lines.append(" ".join(f"{_cell(row.get(key)):>{width}}" for _, key, width in COLUMNS))
     for row in report["scenarios"]:
         for key in (
             "ceiling_ratio_median",
@@ -642,45 +702,193 @@ def render(report: dict[str, Any]) -> str:
             "drain_over_ingest",
             "drain_over_ingest_median",
             "offered_requests_per_s",
+            "sent_requests_per_s",
             "over_one_worker_median",
             "cpu_per_line_over_one_worker_median",
             "ceiling_two_over_one_median",
+            "not_measured",
         ):
             if key in row:
                 lines.append(f"  {row['scenario']}: {key} = {row[key]}")
+    lines.append(
+        "  (ms: milliseconds; -: not measured in that scenario; a row is the scenario's last "
+        "run, the ratios are medians over --pairs)"
+    )
     lines.append(f"  ({report['machine']['cores']} cores, {report['date']}: {report['command']})")
     return "\n".join(lines)
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0 or (isinstance(value, float) and math.isinf(value)):
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _workers(text: str) -> int:
+    value = _positive(int)(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_WORKERS}: {text!r}")
+    return int(value)
+
+
+def _target(text: str) -> str:
+    """An ``http://`` URL with a host (the load generator speaks plain HTTP/1.1)."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a usable URL: {text!r} ({exc})") from None
+    if parts.scheme == "https":
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the load generator speaks plain HTTP; point it at an http:// address "
+            "(behind the TLS terminator)"
+        )
+    if parts.scheme != "http" or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http:// URL with a host: {text!r}")
+    return text
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or name != name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name, value.strip()
+
+
+def with_headers(defaults: dict[str, str], extra: list[tuple[str, str]]) -> dict[str, str]:
+    """``defaults`` with ``extra`` on top; a name given in ``extra`` replaces a default of
+    any letter case (one ``Authorization``, never two)."""
+    replaced = {name.lower() for name, _ in extra}
+    merged = {k: v for k, v in defaults.items() if k.lower() not in replaced}
+    merged.update(extra)
+    return merged
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m logstack.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m logstack.bench",
+        description=__doc__.replace("``", "`"),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--scenario",
         action="append",
         choices=SCENARIOS,
         help="run only this scenario (repeatable); default: all",
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per run")
-    parser.add_argument("--connections", type=int, default=16, help="keep-alive connections")
-    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument(
+        "--duration", type=_positive(float), default=10.0, help="seconds of load per run"
+    )
+    parser.add_argument(
+        "--connections", type=_positive(int), default=16, help="keep-alive connections"
+    )
+    parser.add_argument("--workers", type=_workers, default=1, help="server worker processes")
     parser.add_argument(
         "--pairs",
-        type=int,
+        type=_positive(int),
         default=2,
         help="alternating ceiling/logstack (and one/two-worker) pairs for the ratios, "
         "paced half-load runs for the p99, and outage runs for the drain (medians)",
     )
-    parser.add_argument("--delivery-timeout", type=float, default=60.0)
-    parser.add_argument("--target", help="drive load at this ingest URL instead")
-    parser.add_argument("--lines", type=int, default=100, help="lines per request (--target)")
-    parser.add_argument("--header", action="append", default=[], help="extra header (--target)")
+    parser.add_argument(
+        "--delivery-timeout",
+        type=_positive(float),
+        default=60.0,
+        help="seconds to wait after a run for every accepted line to reach the receiver "
+        "(the outage drain waits four times as long)",
+    )
+    parser.add_argument(
+        "--target",
+        type=_target,
+        help="drive load at this http:// ingest URL instead of starting LogStack (only "
+        "--lines, --header, --duration and --connections apply)",
+    )
+    parser.add_argument(
+        "--lines", type=_positive(int), default=100, help="lines per request (--target)"
+    )
+    parser.add_argument(
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        help="'Name: value' sent with every request (--target; repeatable); replaces the "
+        "default Authorization (the test key's) or Content-Type of the same name",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, child processes included."""
+
+
+async def _run_until_signalled(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+
+    async def bench(cancel: trio.CancelScope) -> None:
+        result.update(await run(args))
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            nursery.start_soon(bench, nursery.cancel_scope)
+            async for _ in signals:
+                raise _Terminated
+    return result
+
+
+def _finite(value: Any) -> Any:
+    """NaN (no latency when nothing was accepted) as null: NaN is not JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = trio.run(run, args)
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0 if all(r.get("all_delivered") is not False for r in report["scenarios"]) else 1
+    if args.target and (args.scenario or args.workers != 1):
+        print("--scenario and --workers do not apply to --target", file=sys.stderr)
+        return 2
+    stopped: tuple[int, str] | None = None
+    try:
+        report = trio.run(_run_until_signalled, args)
+    except* TargetUnreachable as group:
+        stopped = 1, str(group.exceptions[0])
+    except* KeyboardInterrupt:
+        stopped = 130, "interrupted; its processes are stopped"
+    except* _Terminated:
+        stopped = 143, "terminated; its processes are stopped"
+    if stopped is not None:
+        print(f"python -m logstack.bench: {stopped[1]}", file=sys.stderr)
+        return stopped[0]
+    print(json.dumps(_finite(report), indent=2, allow_nan=False) if args.json else render(report))
+    return _exit_status(report)
+
+
+def _exit_status(report: dict[str, Any]) -> int:
+    """1 if a line went missing, a request failed without an answer, or (``--target``)
+    nothing was accepted: a run that says so must not look like a success to a script."""
+    problems = []
+    for row in report["scenarios"]:
+        if row.get("all_delivered") is False:
+            problems.append(f"{row['scenario']}: not every accepted line reached the receiver")
+        if row.get("errors"):
+            problems.append(f"{row['scenario']}: {row['errors']} requests got no answer")
+        if not row.get("accepted_lines") and row["scenario"] != "outage-recovery":
+            problems.append(f"{row['scenario']}: no request was accepted {row.get('statuses')}")
+    for problem in problems:
+        print(f"python -m logstack.bench: {problem}", file=sys.stderr)
+    return 1 if problems else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +243,101 @@ def test_outage_summary_holds_delivery_to_every_run() -> None:
     assert row["drain_over_ingest_median"] == 2.5 and row["all_delivered"] is True
     runs[0].delivered_all = False  # one run lost lines: the row must say so
     assert outage_summary(runs)["all_delivered"] is False
+
+
+def bench_status(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m logstack.bench ARGS`` as a subprocess, whatever its exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "logstack.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "0"], "argument --duration: must be greater than 0: '0'"),
+        (["--connections", "-3"], "argument --connections: must be greater than 0"),
+        (["--pairs", "0"], "argument --pairs: must be greater than 0"),
+        (["--workers", "0"], "argument --workers: must be greater than 0"),
+        (["--workers", "65"], "argument --workers: at most 64"),
+        (["--lines", "x"], "argument --lines: not a number: 'x'"),
+        (["--target", "127.0.0.1:8000"], "not an http:// URL with a host"),
+        (["--target", "https://loki:443/x"], "the load generator speaks plain HTTP"),
+        (["--target", "http://h:99999/x"], "not a usable URL"),
+        (["--target", "http://h/x", "--header", "X-Foo"], "expected 'Name: value'"),
+        (["--target", "http://h/x", "--workers", "2"], "do not apply to --target"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(args: list[str], message: str) -> None:
+    """They were tracebacks (ZeroDivisionError, IndexError, RuntimeError with the
+    receiver left running) or runs of nothing that exited 0."""
+    run = bench_status(*args)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_target_where_nothing_listens_is_one_line() -> None:
+    sock = bind_socket("127.0.0.1", 0, reuse_port=False)  # bound, never listening
+    port = sock.getsockname()[1]
+    run = bench_status("--target", f"http://127.0.0.1:{port}/x", "--duration", "0.3")
+    assert run.returncode == 1
+    sock.close()
+    assert f"no connection could be opened to 127.0.0.1:{port}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_target_that_accepts_nothing_fails_and_its_json_is_strict(tmp_path: Path) -> None:
+    """A report of 401s exited 0, with NaN latencies (not JSON) in --json."""
+    server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
+    server.start()
+    try:
+        run = bench_status(
+            "--target",
+            server.url + "/v1/logs:ingest",
+            "--header",
+            "authorization: Bearer not_a_key_0123456789",  # replaces the default, any case
+            "--duration",
+            "0.5",
+            "--connections",
+            "1",
+            "--json",
+        )
+    finally:
+        server.stop()
+    assert run.returncode == 1
+    assert "target: no request was accepted {401:" in run.stderr
+    [row] = json.loads(run.stdout, parse_constant=pytest.fail)["scenarios"]
+    assert row["ack_p50_ms"] is None and set(row["statuses"]) == {"401"}
+    assert row["errors"] == 0
+
+
+def test_sigterm_stops_the_bench_and_every_process_it_started() -> None:
+    """SIGTERM (a CI cancel, timeout(1)) left the server and the receiver running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "logstack.bench", "--scenario", "batch-100", "--duration", "20"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("  batch-100") and "lines/s" in line:  # server, receiver up
+            break
+    children = process_tree(proc.pid)[1:]
+    assert len(children) >= 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "terminated; its processes are stopped" in proc.stderr.read()
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True

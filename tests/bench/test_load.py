@@ -1,0 +1,122 @@
+"""The load generator against small HTTP servers of known behaviour, on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import pytest
+import trio
+
+from logstack.bench._load import LoadResult, TargetUnreachable, run_load
+
+OK = b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    """A loopback server running ``handler`` per connection; yields its URL."""
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1/logs:ingest"
+        nursery.cancel_scope.cancel()
+
+
+def answering(delay_s: float, *, close_after: int | None = None) -> Handler:
+    """Answers every request (one per read of a whole request) after ``delay_s``."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buffer = b""
+        answered = 0
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer or not buffer.endswith(b"x"):
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = b""
+                await trio.sleep(delay_s)
+                await stream.send_all(OK)
+                answered += 1
+                if close_after is not None and answered >= close_after:
+                    return  # without a word: the client finds out on its next request
+
+    return handle
+
+
+async def load(url: str, **kwargs: object) -> LoadResult:
+    options: dict[str, object] = {
+        "lines_per_request": 1,
+        "headers": {},
+        "connections": 2,
+        "duration_s": 1.0,
+    }
+    options.update(kwargs)
+    return await run_load(url, lambda n: b"x", **options)  # type: ignore[arg-type]
+
+
+async def test_open_loop_keeps_the_rate_when_the_server_is_slow() -> None:
+    """Two connections and 200 ms per answer would cap a closed loop at 10/s; the
+    schedule (50/s) opens connections instead, and latency counts from the schedule."""
+    async with serving(answering(0.2)) as url:
+        result = await load(url, rate_per_s=50.0, duration_s=1.0)
+    assert result.scheduled == 50
+    assert result.requests == 50 and result.accepted_requests == 50
+    assert result.connections_opened >= 8
+    assert min(result.latencies_s) >= 0.2
+    assert result.transport_errors == result.timeouts == result.unsent == 0
+
+
+async def test_open_loop_counts_what_it_could_not_send_in_time() -> None:
+    async with serving(answering(0.3)) as url:
+        result = await load(
+            url, rate_per_s=40.0, duration_s=0.5, max_connections=2, request_timeout_s=0.4
+        )
+    assert result.scheduled == 20
+    assert result.unsent > 0
+    assert result.requests + result.unsent + result.timeouts == 20
+
+
+async def test_a_broken_connection_is_counted_and_replaced() -> None:
+    async with serving(answering(0.0, close_after=3)) as url:
+        result = await load(url, connections=1, duration_s=0.5)
+    assert result.transport_errors > 0
+    assert result.connections_opened > 1
+    assert result.accepted_requests >= 3 * (result.connections_opened - 1)
+
+
+async def test_a_target_that_never_answers_ends_with_the_timeout() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    async with serving(silent) as url:
+        with trio.fail_after(5):
+            result = await load(url, connections=3, duration_s=0.2, request_timeout_s=0.5)
+    assert result.timeouts >= 3 and result.requests == 0
+    assert result.duration_s < 2
+
+
+async def test_nothing_listening_is_one_clear_error() -> None:
+    async with serving(answering(0.0)) as url:
+        pass  # the port is free again
+    with pytest.raises(TargetUnreachable, match="no connection could be opened"):
+        await load(url, duration_s=0.3)
+
+
+async def test_the_query_string_is_kept() -> None:
+    seen: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        async with stream:
+            seen.append(await stream.receive_some(65536))
+            await stream.send_all(OK)
+
+    async with serving(record) as url:
+        await load(url + "?tenant=a", connections=1, duration_s=0.05)
+    assert seen and seen[0].startswith(b"POST /v1/logs:ingest?tenant=a HTTP/1.1\r\n")
