@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -21,6 +21,12 @@ class HealthState:
     loki_last_error: str | None = None
     wal_writable: bool = True
     wal_last_error: str | None = None
+
+
+AUTHENTICATE: Final = "authenticate"
+"""``services[AUTHENTICATE]``: the ``auth`` stage's check of an ``Authorization`` header
+(returns the key or raises ``AuthenticationError``), which the ingest route applies to the
+headers before it reads a body."""
 
 
 @dataclass(eq=False)

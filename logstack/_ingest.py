@@ -26,6 +26,7 @@ import msgspec
 import trio
 
 from ._api_types import IngestAccepted
+from ._context import AUTHENTICATE
 from ._envelope import Accepted, Envelope
 from ._errors import (
     InternalError,
@@ -96,10 +97,11 @@ def payload_too_large(limit: int) -> PayloadTooLargeError:
 
 class BodyBudget:
     """Request body bytes held at once, over every connection: without a bound, a thousand
-    clients sending 1 MiB bodies at once would hold a GiB. A body announced with
-    ``Content-Length`` takes its size before it is read; a chunked one takes as it arrives.
-    A request that does not fit is answered ``503`` with ``Retry-After``, before its body is
-    read when it was announced, so the clients' retries spread the load."""
+    clients sending 1 MiB bodies at once would hold a GiB. A body takes from it as its
+    bytes arrive (an announced ``Content-Length`` reserves nothing: sixty-four connections
+    announcing 1 MiB and sending a byte a second would otherwise hold it all), and only
+    after its key was authenticated on the headers; a request that does not fit is
+    answered ``503`` with ``Retry-After``, so the clients' retries spread the load."""
 
     __slots__ = ("held", "limit")
 
@@ -160,7 +162,13 @@ class IngestEndpoint:
         try:
             try:
                 envelope = await _read_envelope(
-                    scope, receive, request_id, server.max_body_bytes, budget, held
+                    scope,
+                    receive,
+                    request_id,
+                    server.max_body_bytes,
+                    budget,
+                    held,
+                    service.context.services.get(AUTHENTICATE),
                 )
             except RejectError as transport_error:
                 metrics.logs_rejected.labels(
@@ -234,8 +242,11 @@ async def _read_envelope(
     max_body_bytes: int,
     budget: BodyBudget,
     held: list[int],
+    authenticate: Callable[[str | None], object] | None,
 ) -> Envelope:
-    """Transport checks only: media type, encoding, size, idempotency key. No JSON decoding.
+    """The checks on the headers (the key, if the ``auth`` stage published its
+    ``authenticate``; media type, encoding, size, idempotency key), then the body. No
+    JSON decoding.
 
     Headers are read as Quart reads them: latin-1, the first of repeated ones.
     """
@@ -243,6 +254,12 @@ async def _read_envelope(
     for name, value in scope["headers"]:
         if name in _WANTED and name not in headers:
             headers[name] = value.decode("latin-1")
+    authorization = headers.get(b"authorization")
+    # A request without a valid key is answered before its body is read (or, with
+    # ``Expect: 100-continue``, sent): it costs no upload and holds no memory.
+    # The ``auth`` stage checks again (a reload may come in between) and rate-limits.
+    if authenticate is not None:
+        authenticate(authorization)
     media, _, parameters = headers.get(b"content-type", "").partition(";")
     media = media.strip().lower()
     if media != "application/json":
@@ -273,8 +290,8 @@ async def _read_envelope(
         )
     return Envelope(
         request_id=request_id,
-        authorization=headers.get(b"authorization"),
-        body=await _read_body(receive, max_body_bytes, budget, held, length),
+        authorization=authorization,
+        body=await _read_body(receive, max_body_bytes, budget, held),
         idempotency_key=idempotency_key,
         content_encoding="gzip" if encoding == "gzip" else "identity",
         max_body_bytes=max_body_bytes,
@@ -282,19 +299,12 @@ async def _read_envelope(
 
 
 async def _read_body(
-    receive: Receive,
-    max_body_bytes: int,
-    budget: BodyBudget,
-    held: list[int],
-    length: str | None,
+    receive: Receive, max_body_bytes: int, budget: BodyBudget, held: list[int]
 ) -> bytes:
     """The whole body, refused (413) as soon as it outgrows the limit, whether or not a
     ``Content-Length`` announced it; 408 if it takes longer than ``BODY_TIMEOUT_S``; 503
     if the bytes of all bodies being received would pass ``budget`` (``held[0]``: what this
     one took from it)."""
-    if length is not None and length.isdigit():
-        budget.take(int(length))
-        held[0] = int(length)
     chunks: list[bytes] = []
     size = 0
     with trio.move_on_after(BODY_TIMEOUT_S):
@@ -307,9 +317,8 @@ async def _read_body(
                 size += len(chunk)
                 if size > max_body_bytes:
                     raise payload_too_large(max_body_bytes)
-                if size > held[0]:  # chunked, or longer than announced (h11 refuses that)
-                    budget.take(size - held[0])
-                    held[0] = size
+                budget.take(len(chunk))
+                held[0] = size
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

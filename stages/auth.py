@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from logstack._config import ApiKey, Settings
+from logstack._context import AUTHENTICATE
 from logstack._envelope import Envelope
 from logstack._errors import AuthenticationError, RateLimitedError
 from logstack._stage import Stage, StageConfig
@@ -49,6 +50,9 @@ class AuthStage(Stage):
         self._keys: dict[bytes, tuple[bytes, ApiKey]] = {}
         self._clock = time.monotonic
         self.reload(self.context.settings)
+        services = getattr(context, "services", None)
+        if services is not None:  # the HTTP layer refuses a bad key before the body
+            services[AUTHENTICATE] = self.authenticate
 
     def reload(self, settings: Settings) -> None:
         # Look tokens up by their SHA-256 so the dict probe leaks nothing about the token,

@@ -224,8 +224,9 @@ async def test_a_body_too_large_to_read_gets_its_413_before_the_connection_ends(
 
 async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path) -> None:
     """Without a bound, many clients sending large bodies at once held them all in memory.
-    A body that would pass it is answered 503 at once (when announced) or as soon as it
-    does (chunked); what was taken is given back when a request is answered."""
+    Bytes are taken from the bound as they arrive (an announced length reserves nothing,
+    so slow senders cannot hold it with a few bytes); a request that would pass it is
+    answered 503, and what it took is given back when it is answered."""
     config = make_test_config(
         tmp_path,
         "http://127.0.0.1:9",
@@ -235,35 +236,53 @@ async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path)
     assert 3900 < len(padded) <= 4096
     async with open_service(Settings.model_validate(config)) as service:
         port = port_of(service)
-        a, b, c, d = [await Http1Client.connect(port) for _ in range(4)]
+        a, b, c, d, e = [await Http1Client.connect(port) for _ in range(5)]
         with trio.fail_after(20):
-            for client in (a, b):  # 2 x ~3.9 kB announced, a little sent, then nothing
+            for client in (a, b):  # 2 x 3,800 bytes arrived, the rest not yet
                 await client.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
-                await client.send_body(padded[:100], end=False)
-            await trio.sleep(0.2)  # both heads have reached the app
+                await client.send_body(padded[:3800], end=False)
+            await e.send_head(INGEST, len(padded), json_with(TEST_TOKEN))  # announced only
+            await trio.sleep(0.3)  # all of that has reached the app
             await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+            await c.send_body(padded[:3000], end=False)  # 7,600 + 3,000 > 10,000
             status, body, headers = await c.read_answer_with_head()
             refusal = json.loads(body)
             assert (status, refusal["error"]) == (503, "unavailable")
             assert refusal["details"] == {"max_body_bytes_in_flight": 10_000}
             assert headers[b"retry-after"] == b"1"
-            await c.send_body(padded)  # dropped; the connection stays usable
-            await d.send_head(INGEST, None, json_with(TEST_TOKEN))  # chunked: taken as read
-            await d.send_body(b'{"entries": [', end=False)
-            await d.send_body(b" " * 3000, end=False)
+            await c.send_body(padded[3000:])  # dropped; the connection stays usable
+            await d.send_head(INGEST, None, json_with(TEST_TOKEN))  # chunked, the same
+            await d.send_body(b'{"entries": [' + b" " * 3000, end=False)
             assert (await d.read_answer())[0] == 503
-            for client in (a, b):
-                await client.send_body(padded[100:])
+            for client in (a, b, e):
+                await client.send_body(padded[3800:] if client is not e else padded)
                 assert (await client.read_answer())[0] == 202
-            assert (await c.post(INGEST, padded))[0] == 415  # no headers: still read whole
             await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
             await c.send_body(padded)
             assert (await c.read_answer())[0] == 202  # everything was given back
         labels = {"token": "unauthenticated", "reason": "bodies_in_flight"}
         rejected = service.context.metrics.registry.get_sample_value("logs_rejected_total", labels)
         assert rejected == 2
-        for client in (a, b, c, d):
+        for client in (a, b, c, d, e):
             await client.stream.aclose()
+
+
+async def test_a_bad_key_is_refused_on_the_headers(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    """401 before the body is sent (no upload, no memory held), and the connection serves
+    the next request; it was read whole first."""
+    client = await Http1Client.connect(port_of(served[0]))
+    good = json.dumps({"entries": [ENTRY]}).encode()
+    with trio.fail_after(10):
+        await client.send_head(INGEST, 4000, json_with("unknown_token_0123456789"))
+        status, body, _ = await client.read_answer_with_head()
+        assert (status, json.loads(body)["error"]) == (401, "authentication_error")
+        await client.send_body(b" " * 4000)
+        await client.send_head(INGEST, len(good), json_with(TEST_TOKEN))
+        await client.send_body(good)
+        assert (await client.read_answer())[0] == 202
+    await client.stream.aclose()
 
 
 def test_the_bound_holds_at_least_one_body() -> None:
