@@ -79,6 +79,9 @@ REQUEST_ID_HEADER: Final = b"x-request-id"
 WORKER_HEADER: Final = b"x-logstack-worker"
 """With several workers: which one answered (its index), e.g. for the admin endpoints."""
 FINAL_SEND_TIMEOUT_S: Final = 5.0
+CLIENT_CLOSED_REQUEST: Final = 499
+"""``http_requests_total{status_code}`` of a request whose client went away before its
+answer (nginx's convention): counted, but not as a server error."""
 
 
 def json_response(
@@ -188,12 +191,25 @@ def instrument(app: ASGIApp, service: Service) -> ASGIApp:
                 return
             await send(message)
 
+        gone = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
         try:
-            await app(scope, receive, send_wrapper)
+            await app(scope, receive_wrapper, send_wrapper)
         finally:
             service.request_finished()
             if not counted:
-                count()  # no complete answer (client gone, or a crash before it)
+                # No complete answer: the client went away first (nginx's 499, "client
+                # closed request": not a server error, no 5xx alert), or a crash (500).
+                if gone and status == 500:
+                    status = CLIENT_CLOSED_REQUEST
+                count()
             request_id_var.reset(reset)
 
     return wrapper

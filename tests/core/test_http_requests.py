@@ -290,3 +290,25 @@ def test_the_bound_holds_at_least_one_body() -> None:
         Settings.model_validate(
             {"server": {"max_body_bytes": 4096, "max_body_bytes_in_flight": 4095}}
         )
+
+
+async def test_a_client_gone_before_its_answer_is_499_not_a_server_error(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    """It was counted as 500: every client that hung up mid-body fired 5xx alerts."""
+    service = served[0]
+    registry = service.context.metrics.registry
+
+    def requests(status: str) -> float:
+        labels = {"method": "POST", "endpoint": INGEST, "status_code": status}
+        return registry.get_sample_value("http_requests_total", labels) or 0.0
+
+    for _ in range(3):
+        client = await Http1Client.connect(port_of(service))
+        await client.send_head(INGEST, 4000, json_with(TEST_TOKEN))
+        await client.send_body(b'{"entries": [', end=False)
+        await client.stream.aclose()
+    with trio.fail_after(10):
+        while requests("499") < 3:
+            await trio.sleep(0.02)
+    assert requests("500") == 0
