@@ -84,6 +84,10 @@ reading more (a round trip, a TLS handshake)."""
 LINGER_S: Final = 5.0
 """How long a connection closed with a request body still coming keeps reading (and
 dropping) it after its answer, so the client reads the answer before the connection ends."""
+SEND_TIMEOUT_S: Final = 30.0
+"""Longest wait for a client to take an answer's bytes. The write is shielded from the
+request's cancellation (a half-written answer would break the connection), so without it
+a client that stops reading would hold its connection, and a stopping server, for good."""
 
 
 @dataclass(frozen=True)
@@ -331,9 +335,17 @@ class LeanTCPServer(TCPServer):
                 lock.acquire_nowait()  # uncontended (the usual case): no checkpoint
             try:
                 try:
-                    with trio.CancelScope(shield=True):
+                    with trio.CancelScope(shield=True) as sending:
+                        sending.deadline = trio.current_time() + SEND_TIMEOUT_S
                         await self.stream.send_all(event.data)
+                    gone = sending.cancelled_caught  # the client stopped reading
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    gone = True
+                if gone:
+                    # Close the socket too: the kernel still holds what the client sent,
+                    # and requests pipelined there would otherwise be read and served
+                    # (written to the WAL) for minutes, answered to nobody.
+                    await self._close()
                     await self.protocol.handle(Closed())
             finally:
                 lock.release()

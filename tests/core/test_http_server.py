@@ -434,3 +434,26 @@ async def test_updated_moves_the_keep_alive_deadline(idle: bool) -> None:
         assert deadline == math.inf
     left.close()
     right.close()
+
+
+async def test_a_client_that_stops_reading_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer's write is shielded (a half-written answer breaks the connection); with
+    no deadline, a client that stopped reading held it, and a stopping server, for good."""
+    monkeypatch.setattr("logstack._http_server.SEND_TIMEOUT_S", 0.5)
+    body = b"x" * (16 << 20)  # echoed back: far more than the socket buffers hold
+    async with running() as (port, _):
+        client = await Client.connect(port)
+        with trio.fail_after(20):
+            await client.send_head("/echo", len(body))
+            await client.send_body(body)
+            await trio.sleep(1.5)  # the server's write waits for us, then gives up
+            received = 0
+            try:
+                while chunk := await client.stream.receive_some(1 << 20):
+                    received += len(chunk)
+            except trio.BrokenResourceError:
+                pass  # a reset: the server closed with our unread data
+        assert received < len(body)  # the connection ended before the answer did
+        await client.stream.aclose()
