@@ -571,6 +571,20 @@ async def test_credentials_go_with_every_push_and_ready_probe(
     assert rx.ready_headers.get("authorization") == authorization
 
 
+async def test_new_credentials_apply_from_the_next_push_after_a_reload(tmp_path: Path) -> None:
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        async with delivering(tmp_path, [rx.url], bearer_token="old-t0k3n") as h:
+            await h.ingest("payments-api", [entry(1)])
+            await h.wait_delivered("payments-api")
+            assert rx.received_headers["authorization"] == "Bearer old-t0k3n"
+            env = settings_env(tmp_path, [rx.url], {}, bearer_token="new-t0k3n")
+            h.forward.reload(load_settings(env=env))  # what SIGHUP does
+            await h.ingest("payments-api", [entry(2)])
+            await h.wait_delivered("payments-api")
+    assert rx.received_headers["authorization"] == "Bearer new-t0k3n"
+
+
 async def test_round_robin_over_two_urls(tmp_path: Path) -> None:
     async with open_loki_receiver() as a, open_loki_receiver() as b:
         assert a.url and b.url
