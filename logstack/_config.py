@@ -60,6 +60,12 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest decoded request body accepted (413 above)."
     )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Connections served at once (per worker); more wait in the listen backlog "
+        "until one ends (an idle one costs ~15 KiB and is closed after 75 s).",
+    )
     max_body_bytes_in_flight: int = Field(
         64 * 1024 * 1024,
         gt=0,

@@ -49,6 +49,8 @@ version and ``tests/core/test_http_server.py`` checks each change and the behavi
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -76,6 +78,8 @@ from hypercorn.utils import (
 from trio.lowlevel import checkpoint_if_cancelled
 
 __all__ = ["DROP_BODY_LIMIT", "LINGER_S", "LeanTCPServer", "serve"]
+
+log = logging.getLogger("logstack.http")
 
 DROP_BODY_LIMIT: Final = 1 << 20
 """The most of a request body the server reads and drops, after answering before it was all
@@ -399,6 +403,7 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]],
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``hypercorn.trio.serve`` for an ASGI app, its connections served by ``LeanTCPServer``.
@@ -450,11 +455,21 @@ async def serve(
                         context,
                         ConnectionState(lifespan_state.copy()),
                     )
-                    nursery.start_soon(
-                        partial(
-                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                    if max_connections is None:
+                        nursery.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                handler,
+                                listeners,
+                                handler_nursery=server_nursery,
+                            )
                         )
-                    )
+                    else:
+                        slots = trio.Semaphore(max_connections)
+                        for listener in listeners:
+                            nursery.start_soon(
+                                _serve_listener, listener, handler, server_nursery, slots
+                            )
                     await trio.sleep_forever()
             except BaseExceptionGroup as error:
                 _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
@@ -466,3 +481,47 @@ async def serve(
 
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+"""``accept`` errors that say the system is out of something: wait and try again, as
+``trio.serve_listeners`` does."""
+
+
+async def _serve_listener(
+    listener: trio.SocketListener | trio.SSLListener[trio.SocketStream],
+    handler: Callable[[Any], Awaitable[Any]],
+    handler_nursery: trio.Nursery,
+    slots: trio.Semaphore,
+) -> None:
+    """``trio.serve_listeners`` for one listener, with a connection accepted only while a
+    slot is free: past ``server.max_connections`` new connections wait in the kernel's
+    backlog, costing no memory here, until one ends."""
+    async with listener:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed (%s); retrying in 0.1 s", errno.errorcode[exc.errno])
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            handler_nursery.start_soon(_run_connection, stream, handler, slots)
+
+
+async def _run_connection(
+    stream: Any, handler: Callable[[Any], Awaitable[Any]], slots: trio.Semaphore
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        slots.release()
+        await trio.aclose_forcefully(stream)

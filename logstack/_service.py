@@ -49,6 +49,7 @@ RESTART_ONLY: Final[dict[str, tuple[str, ...]]] = {
         "max_body_bytes",
         "pipeline_capacity",
         "listen_backlog",
+        "max_connections",
         "shutdown_grace_s",
         "log_format",
         "workers",
@@ -367,6 +368,7 @@ async def serve_http(
                     app,
                     hypercorn_config(settings, listen_socket, private_socket),
                     shutdown_trigger=shutdown.wait,
+                    max_connections=settings.server.max_connections,
                     task_status=task_status,
                 )
                 http_scope.cancel()  # Hypercorn finished by itself: stop waiting below

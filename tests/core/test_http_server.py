@@ -77,7 +77,9 @@ async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
 
 @asynccontextmanager
 async def running(
-    keep_alive_timeout: float = 5.0, graceful_timeout: float = 5.0
+    keep_alive_timeout: float = 5.0,
+    graceful_timeout: float = 5.0,
+    max_connections: int | None = None,
 ) -> AsyncIterator[tuple[int, trio.Event]]:
     """``serve`` on 127.0.0.1 with a free port: yields the port and the event that stops it."""
     config = Config()
@@ -87,7 +89,15 @@ async def running(
     config.accesslog = None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, echo_app, config, shutdown_trigger=stop.wait))
+        binds = await nursery.start(
+            partial(
+                serve,
+                echo_app,
+                config,
+                shutdown_trigger=stop.wait,
+                max_connections=max_connections,
+            )
+        )
         yield int(binds[0].rsplit(":", 1)[1]), stop
         stop.set()
 
@@ -457,3 +467,22 @@ async def test_a_client_that_stops_reading_loses_its_connection(
                 pass  # a reset: the server closed with our unread data
         assert received < len(body)  # the connection ended before the answer did
         await client.stream.aclose()
+
+
+async def test_past_max_connections_a_connection_waits_in_the_backlog() -> None:
+    """Nothing bounded how many connections were served at once (10,000 idle ones held
+    ~150 MiB); past the bound they now wait, unaccepted, until one ends."""
+    async with running(max_connections=2) as (port, _):
+        first, second = await Client.connect(port), await Client.connect(port)
+        for client in (first, second):
+            assert await client.post("/x", b"a") == (202, b"a")
+        third = await Client.connect(port)  # the kernel completes it; we do not accept
+        await third.send_request("/x", b"c")
+        with trio.move_on_after(0.5) as waited:
+            await third.read_answer()
+        assert waited.cancelled_caught  # not served while two connections are open
+        await first.stream.aclose()
+        with trio.fail_after(5):
+            assert await third.read_answer() == (202, b"c")
+        for client in (second, third):
+            await client.stream.aclose()
