@@ -67,7 +67,7 @@ class ServerSettings(_Strict):
         "until one ends (an idle one costs ~15 KiB and is closed after 75 s).",
     )
     max_body_bytes_in_flight: int = Field(
-        64 * 1024 * 1024,
+        32 * 1024 * 1024,
         gt=0,
         description="Request body bytes received at once over all connections; a request "
         "that would pass it is answered 503 (before its body is read, if announced).",
