@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -71,13 +73,31 @@ def test_bare_endpoints_share_one_port_as_workers_do(tmp_path: Path) -> None:
 
 def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``python -m logstack.bench ARGS --json`` as a subprocess; fails on a non-zero exit."""
+    run = bench_status(*args, "--json", timeout=timeout)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+def bench_status(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m logstack.bench ARGS`` as a subprocess, whatever its exit status."""
     return subprocess.run(
-        [sys.executable, "-m", "logstack.bench", *args, "--json"],
+        [sys.executable, "-m", "logstack.bench", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        check=True,
+        check=False,
     )
+
+
+@contextmanager
+def ingest_target(tmp_path: Path) -> Iterator[str]:
+    """A LogStack server of its own (no Loki) to point ``--target`` at: its ingest URL."""
+    server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
+    server.start()
+    try:
+        yield server.url + "/v1/logs:ingest"
+    finally:
+        server.stop()
 
 
 def test_short_run_reports_every_figure_and_delivers_everything() -> None:
@@ -142,22 +162,10 @@ def test_the_table_shows_every_goal_figure_under_its_row() -> None:
 
 
 def test_target_mode_drives_any_endpoint_and_claims_no_server_figures(tmp_path: Path) -> None:
-    server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
-    server.start()
-    try:
+    with ingest_target(tmp_path) as url:
         out = bench(
-            "--target",
-            server.url + "/v1/logs:ingest",
-            "--lines",
-            "10",
-            "--duration",
-            "1",
-            "--connections",
-            "2",
-            timeout=120,
+            "--target", url, "--lines", "10", "--duration", "1", "--connections", "2", timeout=120
         ).stdout
-    finally:
-        server.stop()
     [row] = json.loads(out)["scenarios"]
     assert row["scenario"] == "target" and row["lines_per_request"] == 10
     # Only 202s: the test config's key allows 1,000 requests/s, more than two connections send.
@@ -245,17 +253,6 @@ def test_outage_summary_holds_delivery_to_every_run() -> None:
     assert outage_summary(runs)["all_delivered"] is False
 
 
-def bench_status(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m logstack.bench ARGS`` as a subprocess, whatever its exit status."""
-    return subprocess.run(
-        [sys.executable, "-m", "logstack.bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -293,12 +290,10 @@ def test_a_target_where_nothing_listens_is_one_line() -> None:
 
 def test_a_target_that_accepts_nothing_fails_and_its_json_is_strict(tmp_path: Path) -> None:
     """A report of 401s exited 0, with NaN latencies (not JSON) in --json."""
-    server = LogstackProcess(tmp_path, make_test_config(tmp_path, "http://127.0.0.1:9"))
-    server.start()
-    try:
+    with ingest_target(tmp_path) as url:
         run = bench_status(
             "--target",
-            server.url + "/v1/logs:ingest",
+            url,
             "--header",
             "authorization: Bearer not_a_key_0123456789",  # replaces the default, any case
             "--duration",
@@ -307,8 +302,6 @@ def test_a_target_that_accepts_nothing_fails_and_its_json_is_strict(tmp_path: Pa
             "1",
             "--json",
         )
-    finally:
-        server.stop()
     assert run.returncode == 1
     assert "target: no request was accepted {401:" in run.stderr
     [row] = json.loads(run.stdout, parse_constant=pytest.fail)["scenarios"]
