@@ -158,26 +158,25 @@ class IngestEndpoint:
         server = service.context.settings.server
         budget = self.budget
         budget.limit = server.max_body_bytes_in_flight  # a reload applies to the next request
-        held = [0]  # body bytes this request holds in the budget, given back when answered
         try:
-            try:
-                envelope = await _read_envelope(
-                    scope,
-                    receive,
-                    request_id,
-                    server.max_body_bytes,
-                    budget,
-                    held,
-                    service.context.services.get(AUTHENTICATE),
-                )
-            except RejectError as transport_error:
-                metrics.logs_rejected.labels(
-                    token="unauthenticated", reason=transport_error.reason
-                ).inc()
-                return transport_error.status, transport_error.body(), transport_error.headers()
+            envelope = await _read_envelope(
+                scope,
+                receive,
+                request_id,
+                server.max_body_bytes,
+                budget,
+                service.context.services.get(AUTHENTICATE),
+            )
+        except RejectError as transport_error:
+            metrics.logs_rejected.labels(
+                token="unauthenticated", reason=transport_error.reason
+            ).inc()
+            return transport_error.status, transport_error.body(), transport_error.headers()
+        held = len(envelope.body)  # (a gzip body is replaced by its inflated form later)
+        try:
             return await self._through_pipeline(envelope)
         finally:
-            budget.give_back(held[0])
+            budget.give_back(held)  # the request is answered: its body's bytes go back
 
     async def _through_pipeline(
         self, envelope: Envelope
@@ -241,7 +240,6 @@ async def _read_envelope(
     request_id: str,
     max_body_bytes: int,
     budget: BodyBudget,
-    held: list[int],
     authenticate: Callable[[str | None], object] | None,
 ) -> Envelope:
     """The checks on the headers (the key, if the ``auth`` stage published its
@@ -291,38 +289,40 @@ async def _read_envelope(
     return Envelope(
         request_id=request_id,
         authorization=authorization,
-        body=await _read_body(receive, max_body_bytes, budget, held),
+        body=await _read_body(receive, max_body_bytes, budget),
         idempotency_key=idempotency_key,
         content_encoding="gzip" if encoding == "gzip" else "identity",
         max_body_bytes=max_body_bytes,
     )
 
 
-async def _read_body(
-    receive: Receive, max_body_bytes: int, budget: BodyBudget, held: list[int]
-) -> bytes:
+async def _read_body(receive: Receive, max_body_bytes: int, budget: BodyBudget) -> bytes:
     """The whole body, refused (413) as soon as it outgrows the limit, whether or not a
     ``Content-Length`` announced it; 408 if it takes longer than ``BODY_TIMEOUT_S``; 503
-    if the bytes of all bodies being received would pass ``budget`` (``held[0]``: what this
-    one took from it)."""
+    if the bytes of all bodies being received would pass ``budget``. The body's bytes stay
+    taken from ``budget`` (the caller gives them back once the request is answered) unless
+    it is refused here."""
     chunks: list[bytes] = []
     size = 0
-    with trio.move_on_after(BODY_TIMEOUT_S):
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _Gone  # http.disconnect
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise payload_too_large(max_body_bytes)
-                budget.take(len(chunk))
-                held[0] = size
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    raise _BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s")
+    try:
+        with trio.move_on_after(BODY_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise _Gone  # http.disconnect
+                chunk = message.get("body", b"")
+                if chunk:
+                    if size + len(chunk) > max_body_bytes:
+                        raise payload_too_large(max_body_bytes)
+                    budget.take(len(chunk))
+                    size += len(chunk)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise _BodyTimeout(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s")
+    except BaseException:
+        budget.give_back(size)
+        raise
 
 
 async def _answer(
