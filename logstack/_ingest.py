@@ -37,6 +37,7 @@ from ._errors import (
     ValidationError,
 )
 from ._logging import request_id_var
+from ._media_type import charset_of, codec_name
 
 if TYPE_CHECKING:
     from ._service import Service
@@ -225,15 +226,6 @@ class IngestEndpoint:
         return error.status, error.body(), error.headers()
 
 
-def _charset(parameters: str) -> str | None:
-    """The ``charset`` parameter of a media type's ``;``-separated parameters, if any."""
-    for parameter in parameters.split(";"):
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
-
-
 async def _read_envelope(
     scope: Scope,
     receive: Receive,
@@ -258,14 +250,16 @@ async def _read_envelope(
     # The ``auth`` stage checks again (a reload may come in between) and rate-limits.
     if authenticate is not None:
         authenticate(authorization)
-    media, _, parameters = headers.get(b"content-type", "").partition(";")
+    content_type = headers.get(b"content-type", "")
+    media, _, parameters = content_type.partition(";")
     media = media.strip().lower()
     if media != "application/json":
         raise UnsupportedMediaTypeError(
             "Content-Type must be application/json",
             details={"content_type": media or None},
         )
-    if parameters and (charset := _charset(parameters)) not in (None, "utf-8", "utf8"):
+    charset = charset_of(content_type) if parameters else None
+    if charset is not None and codec_name(charset) != "utf-8":
         # RFC 8259 §8.1: JSON between systems is UTF-8; a body in another charset would
         # be read as UTF-8 anyway, and refused or stored garbled.
         raise UnsupportedMediaTypeError(

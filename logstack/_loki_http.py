@@ -22,7 +22,6 @@ whether a connection may be reused.
 
 from __future__ import annotations
 
-import codecs
 import select
 import ssl
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import httpx
 import trio
 
 from ._delivery import USER_AGENT, LokiAnswer, LokiTransportError
+from ._media_type import charset_of, codec_name
 
 __all__ = ["Http11Transport"]
 
@@ -184,15 +184,9 @@ class _Connection:
 
 
 def _charset(content_type: bytes) -> str | None:
-    for param in content_type.decode("latin-1").split(";")[1:]:
-        name, _, value = param.strip().partition("=")
-        if name.lower() == "charset":
-            value = value.strip().strip('"')
-            try:
-                return codecs.lookup(value).name if value else None
-            except LookupError:
-                return None
-    return None
+    """The answer's charset if Python has a codec for it (else the default applies)."""
+    charset = charset_of(content_type.decode("latin-1"))
+    return None if charset is None else codec_name(charset)
 
 
 def _retry_after(value: str | None) -> float | None:
