@@ -69,8 +69,10 @@ class ServerSettings(_Strict):
     max_body_bytes_in_flight: int = Field(
         32 * 1024 * 1024,
         gt=0,
-        description="Request body bytes received at once over all connections; a request "
-        "that would pass it is answered 503 (before its body is read, if announced).",
+        description="Memory held by requests at once over all connections (per worker): a "
+        "body counts as its bytes arrive, then 5x its JSON size once whole (itself and its "
+        "decoded form; a gzip body once inflated). A request that would pass it is answered "
+        "503; one alone never is.",
     )
     pipeline_capacity: int = Field(
         256, gt=0, description="Requests queued at the pipeline head before 503 answers."

@@ -10,6 +10,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
+from ._body_budget import BodyBudget, held_for
 from ._config import ApiKey
 from ._entry import LogEntry
 from ._errors import PayloadTooLargeError, RejectError, ValidationError
@@ -67,6 +68,9 @@ class Envelope:
     ``key``; ``document()`` decodes the body once for whichever stage needs it first;
     ``validate`` fills ``entries``; ``wal_append`` drops ``entries`` (and the decoded
     document) once they are written, and resolves ``reply`` after the fsync.
+
+    ``held`` is what the request holds of the worker's ``budget`` (its body and the
+    estimate of its decoded form); whoever answers the request calls ``release``.
     """
 
     request_id: str
@@ -81,6 +85,8 @@ class Envelope:
     entries: list[LogEntry] | None = None
     masked_fields: dict[str, int] = field(default_factory=dict)
     reply: Reply = field(default_factory=Reply)
+    budget: BodyBudget | None = None
+    held: int = 0
 
     @property
     def key_name(self) -> str:
@@ -91,6 +97,11 @@ class Envelope:
         return not self.reply.resolved
 
     def reject(self, error: RejectError) -> None:
+        # Kept as the answer, the error's traceback (and that of the error it was raised
+        # from) would hold the frames that raised it, and through them this envelope and
+        # its decoded body: a reference cycle that only a rare full collection frees.
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        self.raw_entries = self.entries = None
         self.reply.resolve(error)
 
     def accept(self, entries_accepted: int) -> None:
@@ -98,11 +109,27 @@ class Envelope:
 
     def json_body(self) -> bytes:
         """The body as JSON bytes: gzip bodies are decompressed here (once, after
-        authentication, and never past the limit)."""
+        authentication, and never past the limit), and from then on hold their inflated
+        size and its decoded form (``503`` if that does not fit in the budget)."""
         if self.content_encoding == "gzip":
-            self.body = gunzip_bounded(self.body, self.max_body_bytes)
+            inflated = gunzip_bounded(self.body, self.max_body_bytes)
+            self.hold(held_for(len(inflated)) - self.held)
+            self.body = inflated
             self.content_encoding = "identity"
         return self.body
+
+    def hold(self, n: int) -> None:
+        """Hold ``n`` more bytes of the budget for this request; ``UnavailableError``
+        (503) if they do not fit."""
+        if self.budget is not None and n > 0:
+            self.budget.take(n, own=self.held)
+            self.held += n
+
+    def release(self) -> None:
+        """Give back everything the request holds (it has been answered)."""
+        if self.budget is not None:
+            self.budget.give_back(self.held)
+        self.held = 0
 
     def document(self) -> list[Any]:
         """The decoded ``entries`` array of the body (decoded on first use, then cached).

@@ -26,6 +26,7 @@ import msgspec
 import trio
 
 from ._api_types import IngestAccepted
+from ._body_budget import BodyBudget, held_for
 from ._context import AUTHENTICATE
 from ._envelope import Accepted, Envelope
 from ._errors import (
@@ -96,34 +97,6 @@ def payload_too_large(limit: int) -> PayloadTooLargeError:
     )
 
 
-class BodyBudget:
-    """Request body bytes held at once, over every connection: without a bound, a thousand
-    clients sending 1 MiB bodies at once would hold a GiB. A body takes from it as its
-    bytes arrive (an announced ``Content-Length`` reserves nothing: sixty-four connections
-    announcing 1 MiB and sending a byte a second would otherwise hold it all), and only
-    after its key was authenticated on the headers; a request that does not fit is
-    answered ``503`` with ``Retry-After``, so the clients' retries spread the load."""
-
-    __slots__ = ("held", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, n: int) -> None:
-        if self.held + n > self.limit:
-            raise UnavailableError(
-                "too many request bodies are being received at once; retry later",
-                retry_after=1,
-                details={"max_body_bytes_in_flight": self.limit},
-                reason="bodies_in_flight",
-            )
-        self.held += n
-
-    def give_back(self, n: int) -> None:
-        self.held -= n
-
-
 class IngestEndpoint:
     """ASGI middleware: answers every request for ``INGEST_PATH``, passes the rest on."""
 
@@ -173,11 +146,10 @@ class IngestEndpoint:
                 token="unauthenticated", reason=transport_error.reason
             ).inc()
             return transport_error.status, transport_error.body(), transport_error.headers()
-        held = len(envelope.body)  # (a gzip body is replaced by its inflated form later)
         try:
             return await self._through_pipeline(envelope)
         finally:
-            budget.give_back(held)  # the request is answered: its body's bytes go back
+            envelope.release()  # the request is answered: what it held goes back
 
     async def _through_pipeline(
         self, envelope: Envelope
@@ -280,22 +252,32 @@ async def _read_envelope(
             details={"errors": [{"field": "X-Idempotency-Key", "message": "1-128 characters"}]},
             reason="bad_idempotency_key",
         )
-    return Envelope(
+    body = await _read_body(receive, max_body_bytes, budget)
+    envelope = Envelope(
         request_id=request_id,
         authorization=authorization,
-        body=await _read_body(receive, max_body_bytes, budget),
+        body=body,
         idempotency_key=idempotency_key,
         content_encoding="gzip" if encoding == "gzip" else "identity",
         max_body_bytes=max_body_bytes,
+        budget=budget,
+        held=len(body),
     )
+    if encoding != "gzip":  # a gzip body's decoded form is held once it is inflated
+        try:
+            envelope.hold(held_for(len(body)) - len(body))
+        except UnavailableError:
+            envelope.release()
+            raise
+    return envelope
 
 
 async def _read_body(receive: Receive, max_body_bytes: int, budget: BodyBudget) -> bytes:
     """The whole body, refused (413) as soon as it outgrows the limit, whether or not a
     ``Content-Length`` announced it; 408 if it takes longer than ``BODY_TIMEOUT_S``; 503
     if the bytes of all bodies being received would pass ``budget``. The body's bytes stay
-    taken from ``budget`` (the caller gives them back once the request is answered) unless
-    it is refused here."""
+    taken from ``budget`` (its envelope gives them back once the request is answered)
+    unless it is refused here."""
     chunks: list[bytes] = []
     size = 0
     try:

@@ -3,6 +3,7 @@ logged; transport errors in the one error shape and counted."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import socket
@@ -227,8 +228,9 @@ async def test_a_body_too_large_to_read_gets_its_413_before_the_connection_ends(
 async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path) -> None:
     """Without a bound, many clients sending large bodies at once held them all in memory.
     Bytes are taken from the bound as they arrive (an announced length reserves nothing,
-    so slow senders cannot hold it with a few bytes); a request that would pass it is
-    answered 503, and what it took is given back when it is answered."""
+    so slow senders cannot hold it with a few bytes), and a whole body holds five times its
+    size (itself and its decoded form); a request that would pass the bound is answered
+    503, one alone never is, and what a request took is given back when it is answered."""
     config = make_test_config(
         tmp_path,
         "http://127.0.0.1:9",
@@ -256,16 +258,58 @@ async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path)
             await d.send_head(INGEST, None, json_with(TEST_TOKEN))  # chunked, the same
             await d.send_body(b'{"entries": [' + b" " * 3000, end=False)
             assert (await d.read_answer())[0] == 503
-            for client in (a, b, e):
-                await client.send_body(padded[3800:] if client is not e else padded)
+            # Whole, a's body would hold 5 x 3,900 beside b's 3,800: more than 10,000.
+            await a.send_body(padded[3800:])
+            status, body, headers = await a.read_answer_with_head()
+            assert (status, headers[b"retry-after"]) == (503, b"1")
+            assert json.loads(body)["details"] == {"max_body_bytes_in_flight": 10_000}
+            await a.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+            for client in (b, e, a):  # each alone now: 19,500 is over the bound, but alone
+                await client.send_body(padded[3800:] if client is b else padded)
                 assert (await client.read_answer())[0] == 202
             await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
             await c.send_body(padded)
             assert (await c.read_answer())[0] == 202  # everything was given back
         labels = {"token": "unauthenticated", "reason": "bodies_in_flight"}
         rejected = service.context.metrics.registry.get_sample_value("logs_rejected_total", labels)
-        assert rejected == 2
+        assert rejected == 3
         for client in (a, b, c, d, e):
+            await client.stream.aclose()
+
+
+async def test_a_gzip_body_holds_its_inflated_size(tmp_path: Path) -> None:
+    """A gzip body held only its compressed size: 300 clients sending 18 KB bodies that
+    inflate to 1 MiB took the server past 1.2 GiB. Once a stage inflates it, it holds its
+    inflated size and that one's decoded form, or is answered 503."""
+    config = make_test_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        server={"max_body_bytes": 4096, "max_body_bytes_in_flight": 10_000},
+    )
+    padded = json.dumps({"entries": [{**ENTRY, "message": "x" * 3850}]}).encode()
+    packed = gzip.compress(padded)
+    assert len(packed) < 200
+    gzip_headers = [*json_with(TEST_TOKEN), ("content-encoding", "gzip")]
+    async with open_service(Settings.model_validate(config)) as service:
+        port = port_of(service)
+        slow, zipped = [await Http1Client.connect(port) for _ in range(2)]
+        with trio.fail_after(20):
+            await slow.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
+            await slow.send_body(padded[:3800], end=False)
+            await trio.sleep(0.3)  # it has reached the app
+            await zipped.send_head(INGEST, len(packed), gzip_headers)
+            await zipped.send_body(packed)  # 3,800 + 5 x 3,900 once inflated
+            status, body = await zipped.read_answer()
+            assert (status, json.loads(body)["error"]) == (503, "unavailable")
+            await slow.send_body(padded[3800:])
+            assert (await slow.read_answer())[0] == 202
+            await zipped.send_head(INGEST, len(packed), gzip_headers)
+            await zipped.send_body(packed)
+            assert (await zipped.read_answer())[0] == 202  # alone, and all was given back
+        labels = {"token": "payments-api", "reason": "bodies_in_flight"}
+        rejected = service.context.metrics.registry.get_sample_value("logs_rejected_total", labels)
+        assert rejected == 1
+        for client in (slow, zipped):
             await client.stream.aclose()
 
 
