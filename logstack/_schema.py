@@ -51,7 +51,7 @@ from ._config import SchemaSettings
 from ._entry import LogEntry
 from ._errors import ValidationError
 
-__all__ = ["MAX_PROBLEMS", "parse_timestamp", "validate_entries"]
+__all__ = ["MAX_PROBLEMS", "check_entry_count", "parse_timestamp", "validate_entries"]
 
 MAX_PROBLEMS: Final = 100
 """At most this many problems are listed; beyond it collection stops and the answer says
@@ -268,6 +268,21 @@ def _rules_for(settings: SchemaSettings) -> _Rules:
 Problem = dict[str, str]
 
 
+def check_entry_count(raw_entries: list[Any], settings: SchemaSettings) -> None:
+    """Refuse an ``entries`` that is not an array of 1 to ``max_entries`` items, as
+    ``validate_entries`` does: also called before the masking walk, so that an oversized
+    request is refused without its entries being walked."""
+    if type(raw_entries) is not list:
+        kind = _kind(raw_entries)
+        _raise([_problem("entries", f"must be a JSON array of log entries (got {kind})")])
+    count = len(raw_entries)
+    if count == 0:
+        _raise([_problem("entries", "must contain at least 1 entry")])
+    if count > settings.max_entries:
+        limit = settings.max_entries
+        _raise([_problem("entries", f"at most {limit} entries per request (got {count})")])
+
+
 def validate_entries(raw_entries: list[Any], settings: SchemaSettings) -> list[LogEntry]:
     """Check the decoded ``entries`` array against the schema and build the ``LogEntry`` list.
 
@@ -275,15 +290,7 @@ def validate_entries(raw_entries: list[Any], settings: SchemaSettings) -> list[L
     ``details["errors"]`` if any entry breaks any rule; nothing else escapes for any input.
     """
     rules = _rules_for(settings)
-    if type(raw_entries) is not list:
-        kind = _kind(raw_entries)
-        _raise([_problem("entries", f"must be a JSON array of log entries (got {kind})")])
-    count = len(raw_entries)
-    if count == 0:
-        _raise([_problem("entries", "must contain at least 1 entry")])
-    if count > rules.max_entries:
-        limit = rules.max_entries
-        _raise([_problem("entries", f"at most {limit} entries per request (got {count})")])
+    check_entry_count(raw_entries, settings)
     buffer = bytearray()
     entries: list[LogEntry] = []
     problems: list[Problem] = []

