@@ -32,6 +32,7 @@ from ._wal_format import (
     ENTRY_RECORDS,
     FRAME_OVERHEAD,
     HEADER_SIZE,
+    MAGIC,
     MAX_RECORD_BYTES,
     Checkpoint,
     EntryRecord,
@@ -578,6 +579,39 @@ def _quarantine_segment(directory: Path, path: Path) -> None:
     shutil.move(str(path), target)
 
 
+def _repair_header(directory: Path, path: Path, seq: int) -> tuple[int, int] | None:
+    """Rewrite a segment header whose magic is damaged, if intact records follow it: each
+    record carries its own length and CRC, so they do not need the header to be read, and
+    quarantining the file would lose them. The damaged header goes to ``quarantine/``; the
+    file's modification time stands in for its creation time (an age, used for rotation
+    and the age quota, that errs on the young side).
+
+    Returns the creation time and size, or ``None`` when there is nothing to keep: a file
+    too short for a record, or none intact in it, or a header with the right magic that
+    names another format version (a WAL written by another release is not damage, and
+    its records are not read as ours).
+    """
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "r+b") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(HEADER_SIZE)
+            if size <= HEADER_SIZE + FRAME_OVERHEAD or header.startswith(MAGIC):
+                return None
+            if find_next_frame(handle.read(), 0) is None:  # one pass; rare, so a copy
+                return None
+            created_ns = os.fstat(handle.fileno()).st_mtime_ns
+            _quarantine_bytes(directory, seq, 0, header)
+            handle.seek(0)
+            handle.write(encode_header(created_ns))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        return None
+    return created_ns, size
+
+
 @dataclass
 class _ScanResult:
     checkpoint: Checkpoint | None = None
@@ -719,13 +753,20 @@ def recover_key_log(
                 created = decode_header(handle.read(HEADER_SIZE))
             size = path.stat().st_size
         except (WalCorruptionError, OSError) as exc:
-            _quarantine_segment(directory, path)
             metrics.wal_corrupt_records.labels(token=name, kind="bad_header").inc()
+            repaired = _repair_header(directory, path, seq)
+            if repaired is None:
+                _quarantine_segment(directory, path)
+                log.error(
+                    "quarantined WAL segment with a bad header",
+                    extra={"token": name, "segment": seq, "error": str(exc)},
+                )
+                continue
+            created, size = repaired
             log.error(
-                "quarantined WAL segment with a bad header",
+                "repaired a damaged WAL segment header; its records are kept",
                 extra={"token": name, "segment": seq, "error": str(exc)},
             )
-            continue
         segments.append(Segment(seq, path, size, created, sealed=True))
 
     checkpoint: Checkpoint | None = None

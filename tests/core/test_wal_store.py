@@ -27,6 +27,7 @@ from logstack._wal import (
     segment_name,
 )
 from logstack._wal_format import (
+    FORMAT_VERSION,
     FRAME_OVERHEAD,
     HEADER_SIZE,
     Checkpoint,
@@ -642,6 +643,62 @@ async def test_segment_with_bad_header_is_quarantined(tmp_path: Path, content: b
     # Restarting again is not a crash loop either.
     keylog = recover_key_log("alpha", directory, 4096, Metrics())
     assert read_all(keylog, keylog.delivered)[0][-1] == batch(50)
+    keylog.close()
+
+
+async def test_a_damaged_header_is_repaired_and_its_records_kept(tmp_path: Path) -> None:
+    """A bit flipped in a segment's magic quarantined the whole file, acknowledged records
+    included. Records carry their own length and CRC: the header is rewritten (the damaged
+    one is kept in ``quarantine/``) and every record is delivered."""
+    keylog = new_log(tmp_path, segment_max_bytes=4096)
+    ends = [keylog.append([batch(i, pad=1500)]) for i in range(6)]
+    await keylog.sync()
+    await keylog.commit_delivered(ends[0])
+    keylog.close()
+    directory = keylog.directory
+    files = segment_files(directory)
+    assert len(files) >= 3
+    victims = (files[1], files[-1])  # a sealed segment, and the one appended to
+    for victim in victims:
+        data = bytearray(victim.read_bytes())
+        data[0] ^= 0x01
+        victim.write_bytes(bytes(data))
+
+    metrics = Metrics()
+    keylog = recover_key_log("alpha", directory, 4096, metrics)
+    assert corrupt_count(metrics, "alpha", "bad_header") == 2
+    assert segment_files(directory) == files
+    assert keylog.delivered == ends[0]
+    assert read_all(keylog, keylog.delivered)[0] == [batch(i, pad=1500) for i in range(1, 6)]
+    kept = {p.name: p.read_bytes() for p in (directory / "quarantine").iterdir()}
+    assert sorted(kept) == [f"{victim.stem}-0.bin" for victim in victims]
+    assert all(header.startswith(b"MOGSTWAL") for header in kept.values())
+    assert_gauges_match_disk(keylog)
+    end = keylog.append([batch(50)])  # the repaired active segment takes appends
+    await keylog.sync()
+    assert keylog.read(ends[-1], BIG, BIG).batches == [batch(50)]
+    keylog.close()
+
+    metrics = Metrics()  # repaired for good: nothing to report on the next start
+    keylog = recover_key_log("alpha", directory, 4096, metrics)
+    assert corrupt_count(metrics, "alpha", "bad_header") == 0
+    assert read_all(keylog, keylog.delivered)[0][-1] == batch(50)
+    assert end[0] == int(files[-1].stem)
+    keylog.close()
+
+
+async def test_a_header_of_another_format_version_is_not_repaired(tmp_path: Path) -> None:
+    """Not damage: a WAL written by another release; its records are not read as ours."""
+    directory, _ = await _write_then_crash(tmp_path, deliver=1)
+    files = segment_files(directory)
+    other = bytearray(files[-1].read_bytes())
+    other[8:10] = (FORMAT_VERSION + 1).to_bytes(2, "little")
+    files[-1].write_bytes(bytes(other))
+    metrics = Metrics()
+    keylog = recover_key_log("alpha", directory, 4096, metrics)
+    assert corrupt_count(metrics, "alpha", "bad_header") == 1
+    assert (directory / "quarantine" / files[-1].name).read_bytes() == bytes(other)
+    assert segment_files(directory) == files[:-1]
     keylog.close()
 
 
