@@ -15,6 +15,7 @@ newest segment(s), not the whole backlog: start-up takes seconds with gigabytes 
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -186,10 +187,14 @@ class KeyLog:
         created = time.time_ns()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
-            os.write(fd, encode_header(created))
+            if os.write(fd, encode_header(created)) != HEADER_SIZE:  # the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             _fsync_dir(self.directory)
         except OSError:
             os.close(fd)
+            # Left behind, the file would make every later attempt fail (O_EXCL), even
+            # once there is room again.
+            path.unlink(missing_ok=True)
             raise
         self._fd = fd
         self.segments.append(Segment(seq, path, HEADER_SIZE, created, opened_at=self.clock()))
@@ -221,10 +226,25 @@ class KeyLog:
         except OSError as exc:
             raise WalError(f"cannot write WAL segment of {self.name}: {exc.strerror}") from exc
         if written != len(framed):
-            raise WalError(f"short write to WAL segment of {self.name}")
+            self._cut_short_write()
+            raise WalError(f"short write to WAL segment of {self.name} (is the disk full?)")
         self.active.size += written
         self.last_write = self.clock()
         return self.end
+
+    def _cut_short_write(self) -> None:
+        """Remove the part of a frame a short write (the disk filled up mid-write) left at
+        the end of the active segment. Left there, later appends would follow it at
+        offsets the log does not know, and delivery would stop inside acknowledged
+        records. If the file cannot be cut, it is sealed at the size the log knows (readers
+        stop there) and the next append starts a new segment."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self.active.size)
+        except OSError:
+            self._retired.append(self._fd)
+            self._fd = None
+            self.active.sealed = True
 
     async def sync(self) -> None:
         """Make every append so far durable (``fdatasync`` off the trio thread).

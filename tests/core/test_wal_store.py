@@ -3,9 +3,13 @@ delivery checkpoints and segment deletion, crash recovery, gauges."""
 
 from __future__ import annotations
 
+import resource
+import signal
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logstack._entry import LogEntry
+from logstack._errors import WalError
 from logstack._metrics import Metrics
 from logstack._wal import (
     READ_CHUNK,
@@ -713,6 +718,58 @@ async def test_bad_header_in_the_only_segment(tmp_path: Path) -> None:
     await keylog.sync()
     assert end == (1, keylog.active.size)
     assert keylog.read(keylog.delivered, BIG, BIG).batches == [batch(1)]
+    keylog.close()
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes of a file are cut short by the kernel, as when the disk
+    fills up mid-write (``RLIMIT_FSIZE``: a short count, then ``EFBIG``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+async def test_a_write_cut_short_leaves_no_partial_frame(tmp_path: Path) -> None:
+    """Part of a frame stayed at the end of the segment: the next acknowledged records
+    followed it at offsets the log did not know, and delivery stopped inside them (they
+    came out only after a restart, or never, past a checkpoint taken there)."""
+    keylog = new_log(tmp_path)
+    keylog.append([batch(1, pad=300)])
+    await keylog.sync()
+    size = keylog.active.size
+    with file_size_limit(size + 100), pytest.raises(WalError, match="short write"):
+        keylog.append([batch(2, pad=300)])
+    assert keylog.active.path.stat().st_size == keylog.active.size == size
+    end = keylog.append([batch(3, pad=300)])
+    await keylog.sync()
+    assert read_all(keylog, keylog.delivered) == ([batch(1, pad=300), batch(3, pad=300)], end)
+    await keylog.commit_delivered(end)
+    keylog.close()
+
+    metrics = Metrics()
+    keylog = recover_key_log("alpha", keylog.directory, 1 << 20, metrics)
+    assert keylog.delivered == end
+    assert read_all(keylog, (1, HEADER_SIZE))[0] == [batch(1, pad=300), batch(3, pad=300)]
+    assert not any(corrupt_count(metrics, "alpha", k) for k in ("corrupt_tail", "torn_tail"))
+    keylog.close()
+
+
+async def test_a_segment_header_cut_short_is_not_left_behind(tmp_path: Path) -> None:
+    """The file stayed, so every later attempt to start the segment failed (it exists),
+    even with room again, until a restart."""
+    keylog = new_log(tmp_path)
+    with file_size_limit(HEADER_SIZE // 2), pytest.raises(WalError):
+        keylog.append([batch(1)])
+    assert segment_files(keylog.directory) == []
+    end = keylog.append([batch(2)])
+    await keylog.sync()
+    assert read_all(keylog, keylog.delivered) == ([batch(2)], end)
     keylog.close()
 
 
