@@ -135,7 +135,13 @@ async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
         sealed: int | None = None
         if waiting or flush_request.force:
             candidate = keylog.active.seq
-            if keylog.rotate("manual"):
+            try:
+                rotated = keylog.rotate("manual")
+            except WalError as exc:  # a full disk, say: the WAL's 503, not a 500
+                raise UnavailableError(
+                    f"could not start a new segment of {name!r}: {exc}", retry_after=5
+                ) from None
+            if rotated:
                 sealed = candidate
                 try:
                     await keylog.sync()  # the sealed segment is durable before we say so

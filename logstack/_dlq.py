@@ -14,6 +14,7 @@ fsync of the directory). All file work runs in worker threads, serialised per ke
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -224,9 +225,17 @@ class DeadLetterQueue:
     def _append_sync(self, record: DeadLetter) -> None:
         path = self.path(record.key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, _encoder.encode(record) + b"\n")
+            size = os.fstat(fd).st_size
+            line = _encoder.encode(record) + b"\n"
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A line cut short earlier (a crash, a full disk): start on a line of our
+                # own, or this record would be read as part of that one, and lost with it.
+                line = b"\n" + line
+            if os.write(fd, line) != len(line):  # the disk filled up mid-write
+                os.ftruncate(fd, size)  # no partial record for the next one to join
+                raise OSError(errno.ENOSPC, f"dead-letter file {path}: short write")
             os.fsync(fd)
         finally:
             os.close(fd)

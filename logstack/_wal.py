@@ -200,6 +200,34 @@ class KeyLog:
         self.segments.append(Segment(seq, path, HEADER_SIZE, created, opened_at=self.clock()))
         self._update_gauges()
 
+    def _start_segment(self) -> None:
+        """Open the next segment; after the first, begin it with the live idempotency
+        records and the current checkpoint, so recovery (which reads back only to the
+        newest checkpoint) finds both in the newest segment. Also when the segment is
+        started by an append because a rotation could not start it (a full disk)."""
+        carried = bool(self.segments)
+        self._open_new_segment()
+        if not carried:
+            return
+        assert self._fd is not None
+        records: list[Record] = []
+        horizon = time.time_ns() - IDEMPOTENCY_WINDOW_NS
+        for digest, (request_id, count, at_ns) in list(self.idempotency.items()):
+            if at_ns < horizon:
+                del self.idempotency[digest]
+            else:
+                records.append(IdempotencyRecord(digest, request_id, count, at_ns))
+        records.append(Checkpoint(*self.delivered, time.time_ns()))
+        buffer = bytearray()
+        for record in records:
+            encode_frame(record, buffer)
+        written = os.write(self._fd, buffer)
+        if written != len(buffer):
+            self._cut_short_write()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.active.size += written
+        self.active.content_start = self.active.size
+
     def append(self, records: Iterable[Record]) -> Position:
         """Frame and write ``records`` (not yet durable: call ``sync``). Returns the end."""
         buffer = bytearray()
@@ -216,7 +244,7 @@ class KeyLog:
     def append_bytes(self, framed: bytes | bytearray) -> Position:
         try:
             if self._fd is None:
-                self._open_new_segment()
+                self._start_segment()
             elif (
                 self.active.size + len(framed) > self.segment_max_bytes and self.active.has_new_data
             ):
@@ -301,20 +329,10 @@ class KeyLog:
         self._retired.append(self._fd)
         self._fd = None
         self.active.sealed = True
-        self._open_new_segment()
-        carried: list[Record] = []
-        horizon = time.time_ns() - IDEMPOTENCY_WINDOW_NS
-        for digest, (request_id, count, at_ns) in list(self.idempotency.items()):
-            if at_ns < horizon:
-                del self.idempotency[digest]
-            else:
-                carried.append(IdempotencyRecord(digest, request_id, count, at_ns))
-        carried.append(Checkpoint(*self.delivered, time.time_ns()))
-        buffer = bytearray()
-        for record in carried:
-            encode_frame(record, buffer)
-        self.append_bytes(buffer)
-        self.active.content_start = self.active.size
+        try:
+            self._start_segment()
+        except OSError as exc:  # the next append tries again
+            raise WalError(f"cannot start a WAL segment of {self.name}: {exc.strerror}") from exc
         self.metrics.segment_rotations.labels(token=self.name, reason=reason).inc()
         log.info(
             "segment rotated",
@@ -454,7 +472,12 @@ class KeyLog:
                     break
                 position = self._normalise((segment.seq, segment.size))
                 continue
-            fd = self._read_fd(segment)
+            try:
+                fd = self._read_fd(segment)
+            except FileNotFoundError:  # deleted under the service: nothing to read there
+                self._report_damage(segment, position[1], limit, "missing")
+                position = self._past(segment, limit)
+                continue
             want = min(limit - position[1], max_bytes - used + FRAME_OVERHEAD, READ_CHUNK)
             first = os.pread(fd, FRAME_OVERHEAD, position[1])
             if len(first) == FRAME_OVERHEAD:
@@ -486,9 +509,21 @@ class KeyLog:
                     break
             if full:
                 break
-            if not progressed and (scan.corrupt or scan.torn):
+            if progressed:
+                continue
+            if scan.corrupt or scan.torn:
                 position = (segment.seq, self._step_over_damage(segment, position[1], limit))
+            else:
+                # Fewer bytes than were written (the file was cut under the service): they
+                # cannot be read; step to where the log knows it ends instead of reading the
+                # same nothing again forever.
+                self._report_damage(segment, position[1] + len(data), limit, "missing")
+                position = self._past(segment, limit)
         return ReadResult(batches, position, used)
+
+    def _past(self, segment: Segment, limit: int) -> Position:
+        """The position after ``limit`` of ``segment`` (the next segment's start if sealed)."""
+        return self._normalise((segment.seq, limit))
 
     def _step_over_damage(self, segment: Segment, start: int, limit: int) -> int:
         """Find the next intact frame after damaged bytes at ``start``; quarantine the gap."""
@@ -514,10 +549,11 @@ class KeyLog:
         self._damage_seen.add((segment.seq, start))
         self.metrics.wal_corrupt_records.labels(token=self.name, kind=kind).inc()
         try:
-            data = os.pread(self._read_fd(segment), end - start, start)
+            data = os.pread(self._read_fd(segment), max(0, end - start), start)
+        except OSError:
+            data = b""  # nothing left to keep aside
+        if data:
             _quarantine_bytes(self.directory, segment.seq, start, data)
-        except OSError as exc:  # pragma: no cover - quarantine is best effort
-            log.error("cannot quarantine damaged WAL bytes", extra={"error": str(exc)})
         log.error(
             "skipped damaged WAL bytes",
             extra={
@@ -585,9 +621,17 @@ class KeyLog:
 
 
 def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> None:
-    quarantine = directory / "quarantine"
-    quarantine.mkdir(exist_ok=True)
-    (quarantine / f"{seq:016d}-{offset}.bin").write_bytes(data)
+    """Keep damaged bytes aside, best effort: a full disk or a ``quarantine`` that is not a
+    directory is logged, never a reason to refuse to start or to stop delivering."""
+    try:
+        quarantine = directory / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        (quarantine / f"{seq:016d}-{offset}.bin").write_bytes(data)
+    except OSError as exc:
+        log.error(
+            "cannot quarantine damaged WAL bytes",
+            extra={"directory": str(directory), "segment": seq, "error": str(exc)},
+        )
 
 
 def _quarantine_segment(directory: Path, path: Path) -> None:

@@ -53,6 +53,7 @@ from logstack._dlq import (
     dead_letter_queue,
     make_dead_letter,
 )
+from logstack._errors import WalError
 from logstack._loki_http import Http11Transport
 from logstack._loki_proto import is_valid_label_name, sanitize_label_name
 from logstack._stage import Stage, StageConfig
@@ -467,6 +468,9 @@ class LokiForwarder:
                     extra={"token": batch.key_name, "retry_in_s": round(delay, 2)},
                 )
                 self.context.health.loki_last_error = f"local delivery error: {exc}"
+                if isinstance(exc, WalError):  # a checkpoint the WAL cannot take: say so
+                    self.context.health.wal_writable = False
+                    self.context.health.wal_last_error = str(exc)
                 if not await self._wait_retry(delay, wake_on_recovery=False):
                     return
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -23,6 +25,8 @@ ROTATION_CHECK_S = 1.0
 DISK_CHECK_INTERVAL_S = 1.0
 QUOTA_RETRY_AFTER_S = 30
 DISK_RETRY_AFTER_S = 30
+PROBE_INTERVAL_S = 1.0
+"""How often an unwritable WAL is probed, so that readiness recovers by itself."""
 COMMIT_QUEUE = 64
 """Written batches of requests that may wait for a group commit (then writing waits too)."""
 
@@ -113,12 +117,16 @@ class WalAppendStage(Stage):
                 return keylog, Accepted(seen[1], seen[0]), 0
         self._admit(keylog)
         records: list[Record] = [line_batch(envelope.request_id, time.time_ns(), entries)]
+        now = time.time_ns()
         if digest is not None:
-            now = time.time_ns()
             records.append(IdempotencyRecord(digest, envelope.request_id, len(entries), now))
+        keylog.append(records)
+        if digest is not None:
+            # Only once written: a retry must not be told "accepted" for a write that
+            # failed (it was, and nothing was stored). ``_answer_group`` forgets it again
+            # if the fsync fails.
             keylog.idempotency[digest] = (envelope.request_id, len(entries), now)
             waiting[digest] = (envelope.request_id, len(entries))
-        keylog.append(records)
         envelope.entries = envelope.raw_entries = None
         return keylog, None, len(entries)
 
@@ -153,7 +161,6 @@ class WalAppendStage(Stage):
     def _write_batch(self, batch: Batch) -> list[Written]:
         """Write every pending request of ``batch`` (or refuse it); the committer answers
         the written ones once their group's fsync is done."""
-        health = self.context.health
         written: list[Written] = []
         waiting: dict[str, tuple[str, int]] = {}
         for envelope in batch:
@@ -165,11 +172,7 @@ class WalAppendStage(Stage):
                 envelope.reject(error)
                 continue
             except (WalError, OSError) as exc:
-                health.wal_writable = False
-                health.wal_last_error = str(exc)
-                log.error(
-                    "WAL append failed", extra={"token": envelope.key_name, "error": str(exc)}
-                )
+                self._unwritable(envelope.key_name, exc, "WAL append failed")
                 envelope.reject(UnavailableError("the WAL cannot be written", retry_after=5))
                 continue
             written.append((envelope, keylog, replay, count))
@@ -196,6 +199,8 @@ class WalAppendStage(Stage):
             failed = await self._sync_all({id(kl): kl for _, kl, _, _ in written}.values())
         for envelope, keylog, replay, count in written:
             if keylog.name in failed:
+                if replay is None:
+                    _forget_idempotency(keylog, envelope)
                 envelope.reject(UnavailableError("the WAL fsync failed", retry_after=5))
                 continue
             if replay is not None:
@@ -213,6 +218,7 @@ class WalAppendStage(Stage):
     async def _maintain(self) -> None:
         """Timers: ADR-002 rotation (age, idle, forced) and, in ``fsync: interval`` mode,
         the periodic fsync. Rotation is driven by the clock, not only by the next write."""
+        next_probe = 0.0
         while True:
             wal = self.context.settings.wal
             interval_mode = wal.fsync == "interval"
@@ -225,12 +231,40 @@ class WalAppendStage(Stage):
                     idle_s=wal.segment_idle_s,
                     force_s=wal.segment_force_s,
                 )
-                if reason is not None and keylog.rotate(reason):
-                    rotated.append(keylog)
+                if reason is None:
+                    continue
+                try:
+                    if keylog.rotate(reason):
+                        rotated.append(keylog)
+                except WalError as exc:  # a full disk, say: the next append starts it
+                    self._unwritable(keylog.name, exc, "WAL rotation failed")
             logs = list(self.store.logs.values()) if interval_mode else rotated
             await self._sync_all(logs)
             for keylog in rotated:
                 keylog.delete_delivered()
+            if not self.context.health.wal_writable and trio.current_time() >= next_probe:
+                next_probe = trio.current_time() + PROBE_INTERVAL_S
+                await self._probe_writable()
+
+    def _unwritable(self, name: str, exc: Exception, message: str) -> None:
+        health = self.context.health
+        health.wal_writable = False
+        health.wal_last_error = str(exc)
+        log.error(message, extra={"token": name, "error": str(exc)})
+
+    async def _probe_writable(self) -> None:
+        """After a failed write, readiness said "not writable" until an ingest succeeded,
+        which a load balancer following ``/readyz`` never sends: check by itself whether
+        the WAL takes writes again (a small file written, fsynced and removed)."""
+        root = self.store.root
+        try:
+            await trio.to_thread.run_sync(_write_probe, root)
+        except OSError:
+            return
+        health = self.context.health
+        health.wal_writable = True
+        health.wal_last_error = None
+        log.info("the WAL takes writes again", extra={"root": str(root)})
 
     async def _sync_all(self, logs: Any) -> set[str]:
         """fsync every touched log concurrently; return the names whose fsync failed."""
@@ -247,9 +281,7 @@ class WalAppendStage(Stage):
                 await keylog.sync()
             except WalError as exc:
                 failed.add(keylog.name)
-                health.wal_writable = False
-                health.wal_last_error = str(exc)
-                log.error("WAL fsync failed", extra={"token": keylog.name, "error": str(exc)})
+                self._unwritable(keylog.name, exc, "WAL fsync failed")
                 return
             synced.append(keylog.name)
             metrics.wal_fsyncs.inc()
@@ -262,3 +294,32 @@ class WalAppendStage(Stage):
             health.wal_writable = True
             health.wal_last_error = None
         return failed
+
+
+PROBE_BYTES = 4096
+
+
+def _write_probe(root: Path) -> None:
+    """Write, fsync and remove a small file in ``root``; ``OSError`` if it cannot."""
+    path = root / f".write-probe-{os.getpid()}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if os.write(fd, b"\0" * PROBE_BYTES) != PROBE_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _forget_idempotency(keylog: KeyLog, envelope: Envelope) -> None:
+    """A request refused after its write (the fsync failed) must not be answered as
+    accepted to its retry: forget its idempotency key."""
+    if envelope.idempotency_key is None:
+        return
+    digest = idempotency_hash(envelope.key_name, envelope.idempotency_key)
+    seen = keylog.idempotency.get(digest)
+    if seen is not None and seen[0] == envelope.request_id:
+        del keylog.idempotency[digest]

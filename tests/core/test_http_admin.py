@@ -23,6 +23,7 @@ from logstack._api_types import (
 from logstack._config import Settings
 from logstack._openapi import openapi_document
 from logstack._service import Service, open_service
+from logstack._wal import segment_name
 from logstack.testing import LokiReceiver, open_loki_receiver
 from logstack.testing._process import (
     TEST_ADMIN_TOKEN,
@@ -184,6 +185,23 @@ async def test_flush_seals_and_forwards_now(tmp_path: Path) -> None:
         forced = await flush(client, {"force": True})
         assert forced.force is True
         assert forced.keys[0].action in ("sealed", "nothing_to_flush")
+
+
+async def test_a_flush_that_cannot_start_a_segment_is_a_503(tmp_path: Path) -> None:
+    """The WAL's own error escaped as a 500 (an "internal error" alert for a full disk)."""
+    async with open_loki_receiver() as rx:
+        rx.stop()  # Loki down: the entry stays undelivered, so a flush seals
+        async with running(tmp_path, rx) as (service, client):
+            await client.post(INGEST, headers=API_KEY, json={"entries": [entry()]})
+            keylog = service.wal.logs["payments-api"]
+            blocker = keylog.directory / segment_name(keylog.active.seq + 1)
+            blocker.mkdir()  # the next segment cannot be created, as on a full disk
+            response = await client.post("/v1/admin/flush", headers=ADMIN, json={})
+            assert response.status_code == 503, response.text
+            assert conforms(response, ErrorBody).error == "unavailable"
+            assert "Retry-After" in response.headers
+            blocker.rmdir()
+            assert (await flush(client)).keys[0].action in ("sealed", "pushed")
 
 
 async def test_flush_selects_keys_and_reports_each(tmp_path: Path) -> None:

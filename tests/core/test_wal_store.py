@@ -3,13 +3,11 @@ delivery checkpoints and segment deletion, crash recovery, gauges."""
 
 from __future__ import annotations
 
-import resource
-import signal
+import os
 import struct
 import tempfile
+import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from logstack._wal_format import (
     decode_record,
     frame_bytes,
 )
+from logstack.testing._faults import file_size_limit
 
 BIG = 1 << 40
 
@@ -721,20 +720,6 @@ async def test_bad_header_in_the_only_segment(tmp_path: Path) -> None:
     keylog.close()
 
 
-@contextmanager
-def file_size_limit(limit: int) -> Iterator[None]:
-    """Writes past ``limit`` bytes of a file are cut short by the kernel, as when the disk
-    fills up mid-write (``RLIMIT_FSIZE``: a short count, then ``EFBIG``)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 async def test_a_write_cut_short_leaves_no_partial_frame(tmp_path: Path) -> None:
     """Part of a frame stayed at the end of the segment: the next acknowledged records
     followed it at offsets the log did not know, and delivery stopped inside them (they
@@ -770,6 +755,84 @@ async def test_a_segment_header_cut_short_is_not_left_behind(tmp_path: Path) -> 
     end = keylog.append([batch(2)])
     await keylog.sync()
     assert read_all(keylog, keylog.delivered) == ([batch(2)], end)
+    keylog.close()
+
+
+async def test_a_rotation_that_cannot_start_a_segment_leaves_a_log_that_recovers(
+    tmp_path: Path,
+) -> None:
+    """The failed rotation raised a bare ``OSError`` (the stage's timer then crashed the
+    service); and the segment the next append started lacked the live idempotency records
+    and checkpoint a rotation writes first, so after a restart a retry was stored twice."""
+    keylog = new_log(tmp_path)
+    keylog.append([batch(1)])
+    keylog.append([IdempotencyRecord("digest-1", "req-1", 1, time.time_ns())])
+    keylog.idempotency["digest-1"] = ("req-1", 1, time.time_ns())
+    await keylog.sync()
+    blocker = keylog.directory / segment_name(2)
+    blocker.mkdir()  # the next segment cannot be created (as on a full disk)
+    with pytest.raises(WalError, match="cannot start a WAL segment"):
+        keylog.rotate("manual")
+    blocker.rmdir()  # room again: the next append starts the segment itself
+    end = keylog.append([batch(2)])
+    await keylog.sync()
+    assert end[0] == 2
+    assert [type(r).__name__ for r in file_records(blocker)][:2] == [
+        "IdempotencyRecord",
+        "Checkpoint",
+    ]
+    keylog.close()
+
+    keylog = recover_key_log("alpha", keylog.directory, 1 << 20, Metrics())
+    assert keylog.idempotency["digest-1"][:2] == ("req-1", 1)
+    assert read_all(keylog, keylog.delivered)[0] == [batch(1), batch(2)]
+    keylog.close()
+
+
+async def test_a_segment_cut_under_the_service_is_stepped_over_not_spun_on(
+    tmp_path: Path,
+) -> None:
+    """Shorter than what was written (someone truncated it), a segment made ``read`` loop
+    on the same empty read for good, freezing the service."""
+    keylog = new_log(tmp_path)
+    ends = [keylog.append([batch(i, pad=300)]) for i in range(3)]
+    await keylog.sync()
+    os.truncate(keylog.active.path, ends[0][1])
+    batches, end = read_all(keylog, keylog.delivered)
+    assert batches == [batch(0, pad=300)] and end == ends[-1]
+    assert corrupt_count(keylog.metrics, "alpha", "missing") == 1
+    keylog.close()
+
+
+async def test_a_segment_deleted_under_the_service_is_stepped_over(tmp_path: Path) -> None:
+    """Its ``FileNotFoundError`` stopped delivery, and the service with it."""
+    keylog = new_log(tmp_path, segment_max_bytes=4096)
+    ends = [keylog.append([batch(i, pad=1500)]) for i in range(6)]
+    await keylog.sync()
+    files = segment_files(keylog.directory)
+    assert len(files) >= 3
+    files[1].unlink()
+    batches, end = read_all(keylog, keylog.delivered)
+    assert end == ends[-1]
+    assert batches[0] == batch(0, pad=1500) and batch(5, pad=1500) in batches
+    assert len(batches) < 6
+    assert corrupt_count(keylog.metrics, "alpha", "missing") == 1
+    keylog.close()
+
+
+async def test_recovery_starts_when_damage_cannot_be_kept_aside(tmp_path: Path) -> None:
+    """Quarantine is best effort: a ``quarantine`` that is a file (or a full disk) made
+    start-up fail, reported as an invalid configuration."""
+    directory, _ = await _write_then_crash(tmp_path, deliver=0)
+    last = segment_files(directory)[-1]
+    intact = last.stat().st_size
+    append_raw(last, frame_bytes(batch(100, pad=300))[:57])
+    (directory / "quarantine").write_text("not a directory")
+    metrics = Metrics()
+    keylog = recover_key_log("alpha", directory, 4096, metrics)
+    assert last.stat().st_size == intact
+    assert corrupt_count(metrics, "alpha", "torn_tail") == 1
+    assert read_all(keylog, keylog.delivered)[0] == [batch(i, pad=300) for i in range(6)]
     keylog.close()
 
 

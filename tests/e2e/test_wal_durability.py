@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 from pathlib import Path
 
 import httpx
@@ -188,6 +189,60 @@ async def test_idempotency_key_survives_kill_9(tmp_path: Path) -> None:
             assert rx.duplicates == 0
         finally:
             await trio.to_thread.run_sync(server.stop)
+
+
+async def test_a_full_disk_refuses_then_recovers_and_loses_nothing(tmp_path: Path) -> None:
+    """The disk fills up mid-write (the kernel cuts the server's writes short:
+    ``RLIMIT_FSIZE`` set on the running process) and empties again. The writes that were
+    cut get 503, readiness says why and recovers by itself, the refused request's retry
+    (same idempotency key) is stored, and every acknowledged entry arrives once."""
+    async with open_loki_receiver() as rx:
+        server = LogstackProcess(tmp_path, make_test_config(tmp_path, rx.url))
+        await trio.to_thread.run_sync(server.start)
+        assert server.proc is not None
+        pid = server.proc.pid
+        try:
+            acked: list[str] = []
+            retry = {"X-Idempotency-Key": "order-42"}
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                # A segment larger than the server's log file, so that the limit below
+                # cuts only the WAL's writes.
+                for n in range(4):
+                    response = await client.post(
+                        INGEST, headers=headers(), json=batch(f"pad{n}", 500)
+                    )
+                    assert response.status_code == 202
+                    acked += [f"pad{n}-{i}" for i in range(500)]
+                await rx.wait_for_entries(len(acked), timeout=30)
+                await trio.sleep(0.5)  # the checkpoint after the push is written
+                (segment,) = (server.wal_root / "payments-api").glob("*.seg")
+                limit = segment.stat().st_size + 100
+                soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+                refused = await client.post(
+                    INGEST, headers=headers(**retry), json=batch("retry", 10)
+                )
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["Retry-After"]
+                ready = await client.get("/readyz")
+                assert ready.status_code == 503
+                assert not ready.json()["checks"]["wal"]["ok"]
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # room again
+                with trio.fail_after(10):  # without any ingest to prove it
+                    while (await client.get("/readyz")).status_code != 200:
+                        await trio.sleep(0.2)
+                again = await client.post(INGEST, headers=headers(**retry), json=batch("retry", 10))
+                assert again.status_code == 202 and again.json()["entries_accepted"] == 10
+                acked += [f"retry-{i}" for i in range(10)]
+                after = await client.post(INGEST, headers=headers(), json=batch("after", 10))
+                assert after.status_code == 202
+                acked += [f"after-{i}" for i in range(10)]
+            await rx.wait_for_entries(len(acked), timeout=30)
+            messages = sorted(json.loads(line)["message"] for line in rx.lines())
+            assert messages == sorted(acked)
+            assert rx.duplicates == 0
+        finally:
+            server.stop()
 
 
 async def test_graceful_restart_delivers_without_duplicates(tmp_path: Path) -> None:

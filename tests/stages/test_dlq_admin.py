@@ -25,6 +25,7 @@ from logstack._loki_proto import PushEntry
 from logstack._service import Service
 from logstack._wal import WalStore
 from logstack.testing import LokiReceiver, ReceiverTransport
+from logstack.testing._faults import file_size_limit
 from stages.forward_loki import EndpointPool, LokiForwarder
 
 ADMIN = "admin_token_0123456789abcdef"
@@ -78,6 +79,36 @@ async def test_append_read_rewrite_round_trip(tmp_path: Path) -> None:
     await queue.rewrite("payments-api", lambda r: None)
     assert not (tmp_path / "payments-api" / DLQ_FILE).exists()
     assert queue.keys() == []
+
+
+async def test_a_record_cut_short_by_a_full_disk_is_not_kept(tmp_path: Path) -> None:
+    """The short write was fsynced as if whole: the cut record was lost, and the next
+    one, appended to its line, with it (the forwarder had checkpointed past both)."""
+    queue = DeadLetterQueue(tmp_path)
+    first = record("payments-api", 2)
+    assert await queue.append(first)
+    path = queue.path("payments-api")
+    size = path.stat().st_size
+    with file_size_limit(size + 100), pytest.raises(OSError):
+        queue._append_sync(record("payments-api", 20))
+    assert path.stat().st_size == size  # the forwarder retries the whole record
+    second = record("payments-api", 3)
+    assert await queue.append(second)
+    assert [r.id for r in await queue.read("payments-api")] == [first.id, second.id]
+
+
+async def test_a_line_left_cut_by_a_crash_does_not_swallow_the_next_record(
+    tmp_path: Path,
+) -> None:
+    queue = DeadLetterQueue(tmp_path)
+    first = record("payments-api", 2)
+    assert await queue.append(first)
+    path = queue.path("payments-api")
+    with path.open("ab") as handle:
+        handle.write(b'{"id": "cut-by-a-crash", "entr')
+    second = record("payments-api", 3)
+    assert await queue.append(second)
+    assert [r.id for r in await queue.read("payments-api")] == [first.id, second.id]
 
 
 async def test_reads_older_records_and_skips_garbage(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from logstack._context import StageContext
 from logstack._delivery import LokiAnswer
 from logstack._dlq import DeadLetter, dead_letter_queue
 from logstack._entry import LogEntry
+from logstack._errors import WalError
 from logstack._loki_line import line_batch
 from logstack._loki_proto import (
     decode_json_push,
@@ -898,3 +899,31 @@ async def test_a_failed_checkpoint_is_retried_without_pushing_again(
     assert failures == 0
     assert received_messages(rx) == ["m0", "m1", "m2"]
     assert rx.statistics()["pushes"] == 1
+
+
+async def test_a_checkpoint_the_wal_cannot_take_makes_readiness_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/readyz`` said "writable" while every checkpoint failed (a full disk)."""
+    from logstack._wal import KeyLog
+
+    real = KeyLog.commit_delivered
+    failures = 1
+
+    async def full(self: KeyLog, position: Any) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise WalError("cannot write WAL segment of payments-api: No space left on device")
+        await real(self, position)
+
+    monkeypatch.setattr(KeyLog, "commit_delivered", full)
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        async with delivering(tmp_path, [rx.url]) as h:
+            await h.ingest("payments-api", [entry(0)])
+            await h.wait_delivered("payments-api")
+            health = h.context.health
+            assert not health.wal_writable
+            assert "No space left" in (health.wal_last_error or "")
+    assert failures == 0

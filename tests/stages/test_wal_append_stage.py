@@ -18,8 +18,9 @@ from logstack._entry import LogEntry
 from logstack._envelope import Accepted, Envelope
 from logstack._errors import QuotaExceededError, UnavailableError
 from logstack._loki_line import line_batch
-from logstack._wal import WalStore
+from logstack._wal import WalStore, segment_name
 from logstack._wal_format import LineBatch
+from logstack.testing._faults import file_size_limit
 from stages.wal_append import WalAppendStage
 
 
@@ -261,6 +262,51 @@ async def test_forced_rotation_of_a_busy_small_segment(
         await trio.sleep(700)
         assert h.rotations("forced") == 1
         assert h.rotations("idle") == 0 and h.rotations("age") == 0
+
+
+async def test_a_retry_of_a_request_whose_write_failed_is_stored(tmp_path: Path) -> None:
+    """The idempotency key was recorded before the write: after a full disk refused the
+    request, its retry got "accepted" with the refused request's id, and nothing was
+    stored. Readiness also stayed "not writable" until some ingest succeeded."""
+    async with running(tmp_path) as h:
+        # A large first request keeps the log files of this test below the size limit.
+        assert isinstance(await h.post(n=5000), Accepted)
+        keylog = h.store.logs["alpha"]
+        with file_size_limit(keylog.active.size + 100):  # the disk fills up mid-write
+            refused = await h.post(n=20, idempotency_key="order-42")
+        assert isinstance(refused, UnavailableError)
+        assert not h.context.health.wal_writable
+        with trio.fail_after(10):  # it says so by itself once the WAL takes writes
+            while not h.context.health.wal_writable:
+                await trio.sleep(0.1)
+        retried = await h.post(n=20, idempotency_key="order-42")
+        assert isinstance(retried, Accepted) and retried.entries_accepted == 20
+        again = await h.post(n=20, idempotency_key="order-42")
+        assert again == retried  # stored once from then on
+        entries = [
+            e for b in keylog.read(keylog.delivered, 1 << 30, 1 << 40).batches for e in b.entries
+        ]
+        assert len(entries) == 5020
+
+
+async def test_a_rotation_that_fails_on_the_clock_does_not_stop_the_stage(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The timer's rotation error escaped the stage: the service stopped (exit 1)."""
+    async with running(tmp_path, clock=autojump_clock, segment_idle_s=60) as h:
+        await h.post()
+        keylog = h.store.logs["alpha"]
+        blocker = keylog.directory / segment_name(keylog.active.seq + 1)
+        blocker.mkdir()  # the next segment cannot be created, as on a full disk
+        await trio.sleep(65)
+        assert h.rotations("idle") == 0
+        assert not h.context.health.wal_writable
+        assert "cannot start a WAL segment" in (h.context.health.wal_last_error or "")
+        blocker.rmdir()
+        assert isinstance(await h.post(), Accepted)  # the append starts the segment
+        assert len(keylog.segments) == 2
+        await trio.sleep(2)
+        assert h.context.health.wal_writable
 
 
 async def test_size_rotation(tmp_path: Path) -> None:
