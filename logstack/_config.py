@@ -339,7 +339,10 @@ class LokiSettings(_Strict):
         "this often.",
     )
     ready_window_s: float = Field(
-        60.0, gt=0, description="/readyz fails when Loki answered nothing for this long."
+        60.0,
+        gt=0,
+        description="/readyz fails when Loki answered nothing for this long, or took no "
+        "push for this long (refused, throttled or timed out) though its /ready says 200.",
     )
 
     def endpoints(self) -> list[str]:

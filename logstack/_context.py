@@ -17,7 +17,11 @@ class HealthState:
 
     forwarder_running: bool = False
     loki_last_ok: float | None = None
-    """``time.monotonic()`` of the last 2xx from Loki (push or ``/ready`` probe)."""
+    """``time.monotonic()`` of the last push Loki took (2xx, or a 400 about some entries)
+    or ``/ready`` probe answered 200."""
+    loki_failing_since: float | None = None
+    """``time.monotonic()`` of the first push not taken since the last one taken: a
+    ``/ready`` that answers 200 does not make a Loki that refuses every push ready."""
     loki_last_error: str | None = None
     wal_writable: bool = True
     wal_last_error: str | None = None

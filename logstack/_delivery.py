@@ -418,6 +418,11 @@ class LokiTransportError(LogstackError):
     """A request to Loki got no HTTP answer (connection refused or reset, timeout, ...)."""
 
 
+class LokiTimeoutError(LokiTransportError):
+    """No answer within ``loki.timeout_s``: the URL may be up but failing its pushes (a
+    hung ingester behind a ``/ready`` that says 200), unlike a refused connection."""
+
+
 @dataclass(frozen=True, slots=True)
 class LokiAnswer:
     """Loki's HTTP answer: status, body text and (if sent) ``Retry-After`` in seconds."""

@@ -22,10 +22,14 @@ whether a connection may be reused.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import select
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 import h11
@@ -73,6 +77,10 @@ def parse_target(url: str) -> _Target:
     if parts.query:
         path += "?" + parts.query
     return _Target(parts.scheme, host, port, host_header.encode("idna"), path.encode())
+
+
+EARLY_ANSWER_WAIT_S: Final = 1.0
+"""How long a request whose body could not be sent waits for an answer already on its way."""
 
 
 class _Failure(Exception):
@@ -127,8 +135,24 @@ class _Connection:
         try:
             await self.stream.send_all(b"".join((head or b"", data or b"", tail or b"")))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            early = await self._early_answer()
+            if early is not None:
+                return early, False
             raise _Failure("WriteError", _describe(exc), answered=False) from None
         return await self._read_answer()
+
+    async def _early_answer(self) -> LokiAnswer | None:
+        """The answer a server sent before it stopped reading the request, if it can still
+        be read: a proxy's ``413`` for a body over its limit, then a close. That is the
+        server's verdict (dead-lettered as the SPEC says), where a write error alone would
+        be retried for good."""
+        with trio.move_on_after(EARLY_ANSWER_WAIT_S):
+            try:
+                answer, _ = await self._read_answer()
+            except _Failure:
+                return None
+            return answer
+        return None
 
     async def _read_answer(self) -> tuple[LokiAnswer, bool]:
         conn = self.h11
@@ -179,23 +203,54 @@ class _Connection:
         reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
         if reusable:
             conn.start_next_cycle()
-        text = b"".join(chunks).decode(charset, errors="replace")[:MAX_ANSWER_CHARS]
-        return LokiAnswer(status, text, _retry_after(retry_after)), reusable
+        return LokiAnswer(
+            status, _text(b"".join(chunks), charset), _retry_after(retry_after)
+        ), reusable
 
 
 def _charset(content_type: bytes) -> str | None:
-    """The answer's charset if Python has a codec for it (else the default applies)."""
+    """The answer's charset if Python has a text codec for it (else the default applies):
+    ``base64``, ``zlib``, ``rot13`` and the like are codecs, but not of bytes to text."""
     charset = charset_of(content_type.decode("latin-1"))
-    return None if charset is None else codec_name(charset)
+    name = None if charset is None else codec_name(charset)
+    if name is None:
+        return None
+    try:
+        b"a".decode(name)  # (an empty input is decoded without asking the codec)
+    except LookupError:  # not a text encoding
+        return None
+    except UnicodeError:
+        pass  # ``undefined`` and the like: ``_text`` falls back
+    return name
 
 
-def _retry_after(value: str | None) -> float | None:
+def _text(body: bytes, charset: str) -> str:
+    """The answer's text, whatever its bytes: an answer that cannot be read in its charset
+    (``idna`` and non-ASCII bytes, say) is still Loki's answer, not a local failure, which
+    sent the push again and again."""
+    try:
+        text = body.decode(charset, errors="replace")
+    except (LookupError, UnicodeError):
+        text = body.decode("utf-8", errors="replace")
+    return text[:MAX_ANSWER_CHARS]
+
+
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds, or an HTTP-date (RFC 9110 §10.2.3, what
+    some proxies send) counted from ``now``; ``None`` if it is neither."""
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: rare from Loki's proxies; the backoff applies
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _describe(exc: BaseException) -> str:

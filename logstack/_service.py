@@ -139,10 +139,19 @@ class Service:
         settings = self.context.settings
         health = self.context.health
         checks: dict[str, dict[str, Any]] = {}
+        now = time.monotonic()
+        window = settings.loki.ready_window_s
         last_ok = health.loki_last_ok
-        age = None if last_ok is None else time.monotonic() - last_ok
-        loki_ok = age is not None and age <= settings.loki.ready_window_s
-        if loki_ok:
+        age = None if last_ok is None else now - last_ok
+        failing = health.loki_failing_since
+        failing_s = None if failing is None else now - failing
+        loki_ok = age is not None and age <= window
+        if loki_ok and failing_s is not None and failing_s > window:
+            # ``/ready`` says 200, but Loki has taken no push for a while (it refuses or
+            # throttles them, or the URL behind it hangs): not ready, and why.
+            loki_ok = False
+            detail = f"no push taken for {failing_s:.0f}s: {health.loki_last_error or 'unknown'}"
+        elif loki_ok:
             detail = f"Loki answered {age:.0f}s ago"
         elif age is None:
             detail = f"Loki not reached yet: {health.loki_last_error or 'no answer'}"

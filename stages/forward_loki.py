@@ -30,7 +30,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -38,6 +38,7 @@ from logstack._config import LokiSettings, Settings
 from logstack._delivery import (
     Item,
     LokiAnswer,
+    LokiTimeoutError,
     LokiTransport,
     LokiTransportError,
     PushBatch,
@@ -165,6 +166,34 @@ class EndpointPool:
 # ------------------------------------------------------------------------ pushing
 
 
+CONFIG_REFUSALS: Final = frozenset({401, 403, 404, 405, 407})
+"""Refusals that say every push will be refused (credentials, the URL), unlike a 413 for
+one push that is too big: they make readiness fail (``HealthState.loki_failing_since``)."""
+
+
+def answer_kind(status: int | None) -> str:
+    """What a push's answer means (SPEC §7, and what it leaves unsaid):
+
+    * ``stored``: 2xx; ``partial``: 400, Loki stored the valid lines and names the others;
+    * ``refused``: any other 4xx but 408 and 429: the push as a whole is dead-lettered;
+    * ``throttled``: 429: retried, the URL is fine;
+    * ``endpoint_fault``: 5xx, 408 (a proxy's timeout), 3xx (redirects are not followed:
+      dead-lettering every push behind an http→https redirect would empty Loki into the
+      DLQ), anything else, or no answer: retried, and another URL tried.
+    """
+    if status is None:
+        return "endpoint_fault"
+    if 200 <= status < 300:
+        return "stored"
+    if status == 400:
+        return "partial"
+    if status == 429:
+        return "throttled"
+    if 400 <= status < 500 and status != 408:
+        return "refused"
+    return "endpoint_fault"
+
+
 def backoff_delay(attempt: int, low: float, high: float) -> float:
     """Exponential backoff with full jitter: uniform in [low, min(high, low·2^attempt)]."""
     ceiling = min(high, low * (2 ** min(attempt, 32)))
@@ -242,6 +271,8 @@ class LokiForwarder:
     def reload(self, settings: Settings) -> None:
         self.limiter.total_tokens = settings.loki.max_concurrent_pushes
         self.auth_headers = _auth_headers(settings.loki)
+        # New credentials or URLs: the pushes refused so far say nothing about them.
+        self.context.health.loki_failing_since = None
 
     # ---------------------------------------------------------------- one request
 
@@ -259,7 +290,7 @@ class LokiForwarder:
                     answer = await self.transport.post(endpoint.url + loki.push_path, body, headers)
             except trio.TooSlowError:
                 metrics.loki_requests.labels(status_code="error").inc()
-                raise LokiTransportError(f"timeout: no answer within {loki.timeout_s:g}s") from None
+                raise LokiTimeoutError(f"timeout: no answer within {loki.timeout_s:g}s") from None
             except LokiTransportError:
                 metrics.loki_requests.labels(status_code="error").inc()
                 raise
@@ -293,28 +324,40 @@ class LokiForwarder:
         tried: set[str] = set()
         while True:
             endpoint = self.pool.pick(exclude=tried)
+            timed_out = False
             try:
                 answer = await self.post(endpoint, body, headers)
             except LokiTransportError as exc:
                 status, text, retry_after = None, str(exc), None
+                timed_out = isinstance(exc, LokiTimeoutError)
             else:
                 status, text, retry_after = answer.status, answer.text, answer.retry_after_s
-            if status is not None and status < 500:
-                health.loki_last_ok = time.monotonic()  # Loki itself answered (even 4xx)
-            if status is not None and status < 500 and status != 429:
+            kind = answer_kind(status)
+            if kind in ("stored", "partial"):
+                health.loki_last_ok = time.monotonic()
+                health.loki_failing_since = None
+            elif health.loki_failing_since is None and (
+                kind != "refused" or status in CONFIG_REFUSALS
+            ):
+                health.loki_failing_since = time.monotonic()
+            if kind in ("stored", "partial", "refused"):
                 self.pool.mark_ok(endpoint)
-                health.loki_last_error = None
-                if 200 <= status < 300:
+                if kind == "stored":
+                    health.loki_last_error = None
                     metrics.loki_forwarded.labels(token=key).inc(len(items))
                     return PushOutcome(stored=len(items), status=status)
-                if status == 400:
+                if kind == "partial":
+                    health.loki_last_error = None
                     return self._partial(key, items, text)
                 # Another 4xx refuses the push as a whole (nothing of it was stored).
+                health.loki_last_error = f"{endpoint.url}: HTTP {status} (dead-lettered)"
                 dead = [(i, "", False) for i in range(len(items))]
                 return PushOutcome(dead=dead, status=status, text=text)
-            # 429, 5xx or no answer: transient.
-            endpoint_fault = status is None or status >= 500
-            what = f"HTTP {status}" if status is not None else text
+            # 429, 408, 3xx, 5xx or no answer: transient.
+            endpoint_fault = kind == "endpoint_fault"
+            what = text if status is None else f"HTTP {status}"
+            if status is not None and 300 <= status < 400:
+                what += " (redirects are not followed: check loki.base_url)"
             health.loki_last_error = f"{endpoint.url}: {what}"
             if endpoint_fault:
                 self.pool.mark_failed(
@@ -322,7 +365,9 @@ class LokiForwarder:
                     what,
                     loki.endpoint_cooldown_s,
                     max(loki.backoff_max_s, loki.endpoint_cooldown_s),
-                    answered=status is not None,
+                    # A push that timed out reached a URL that is up but failing: its
+                    # ``/ready`` saying 200 must not end its cool-down early.
+                    answered=status is not None or timed_out,
                 )
             tried.add(endpoint.url)
             failover = endpoint_fault and self.pool.has_healthy(tried)

@@ -20,6 +20,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from logstack._api_types import Readiness
 from logstack._config import Settings
 from logstack._service import Service, build_asgi_app, open_service
+from logstack.testing import open_loki_receiver
 
 Message = MutableMapping[str, Any]
 
@@ -71,12 +72,23 @@ async def counting_loki() -> AsyncIterator[tuple[CountingLoki, str]]:
             stop.set()
 
 
+TOKEN = "readiness_test_token_0123456789"
+ENTRY = {
+    "timestamp": "2026-01-01T00:00:00Z",
+    "level": "INFO",
+    "message": "hello",
+    "service": "svc",
+    "env": "prod",
+}
+
+
 def settings_for(tmp_path: Path, loki_url: str, **loki: Any) -> Settings:
     return Settings.model_validate(
         {
             "server": {"port": 0},
             "wal": {"root_path": str(tmp_path / "wal")},
             "loki": {"base_url": loki_url, **loki},
+            "security": {"api_keys": {TOKEN: {"name": "readiness"}}},
         }
     )
 
@@ -122,6 +134,39 @@ async def test_a_failing_loki_probe_makes_the_service_not_ready(tmp_path: Path) 
         assert body.checks.loki.ok is False
         assert body.checks.loki.detail.startswith("Loki not reached yet")
         assert body.checks.wal.ok and body.checks.disk.ok and body.checks.forwarder.ok
+
+
+async def test_loki_refusing_every_push_is_not_ready_though_its_ready_says_200(
+    tmp_path: Path,
+) -> None:
+    """Pushes answered 401 (a gateway's expired credentials), 429 or 503 while ``/ready``
+    said 200 kept the service "ready": nothing was delivered, and readiness said "Loki
+    answered 0s ago"."""
+    async with open_loki_receiver() as rx:
+        rx.fail_next(503)  # every push, until cleared; /ready still says 200
+        settings = settings_for(tmp_path, rx.url, ready_window_s=1, ready_probe_interval_s=0.1)
+        async with (
+            open_service(settings) as service,
+            httpx.AsyncClient(base_url=service.binds[0]) as client,
+        ):
+            response = await client.post(
+                "/v1/logs:ingest",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                json={"entries": [ENTRY]},
+            )
+            assert response.status_code == 202
+            with trio.fail_after(10):
+                while (await readyz(client))[0] == 200:
+                    await trio.sleep(0.1)
+            status, body = await readyz(client)
+            assert status == 503 and body.checks.loki.ok is False
+            assert body.checks.loki.detail.startswith("no push taken for")
+            assert "HTTP 503" in body.checks.loki.detail
+            rx.clear_failures()  # the retried push goes through: ready again
+            with trio.fail_after(10):
+                while (await readyz(client))[0] != 200:
+                    await trio.sleep(0.1)
+            await rx.wait_for_entries(1, timeout=5)
 
 
 @pytest.fixture

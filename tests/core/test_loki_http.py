@@ -3,9 +3,12 @@ scripted raw TCP (and TLS) servers for the answers a stand-in never gives."""
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import os
 import resource
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,7 +18,7 @@ import trio
 import trustme
 
 from logstack._delivery import LokiTransportError
-from logstack._loki_http import MAX_ANSWER_CHARS, Http11Transport, parse_target
+from logstack._loki_http import MAX_ANSWER_CHARS, Http11Transport, _retry_after, parse_target
 from logstack._loki_proto import PushEntry, PushStream, compress_snappy, encode_push_request
 from logstack.testing import LokiReceiver, open_loki_receiver
 
@@ -160,16 +163,75 @@ async def test_retry_after_and_text() -> None:
     assert (answer.status, answer.text, answer.retry_after_s) == (429, "slow!", 3.0)
 
 
-async def test_http_date_retry_after_is_ignored() -> None:
+async def test_http_date_retry_after_is_honoured() -> None:
+    """RFC 9110 allows an HTTP-date; it used to be ignored (the backoff applied)."""
+    later = email.utils.formatdate(time.time() + 30, usegmt=True).encode()
     answer_bytes = (
-        b"HTTP/1.1 503 Service Unavailable\r\n"
-        b"Retry-After: Fri, 27 Nov 2026 12:00:00 GMT\r\nContent-Length: 0\r\n\r\n"
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %s\r\nContent-Length: 0\r\n\r\n" % later
     )
     async with scripted_server(answer_each_with(answer_bytes)) as url:
         transport = Http11Transport(2)
         answer = await transport.post(url + "/p", b"x", PROTOBUF)
         await transport.aclose()
-    assert (answer.status, answer.retry_after_s) == (503, None)
+    assert answer.status == 503
+    assert answer.retry_after_s is not None and 25 <= answer.retry_after_s <= 31
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        ("Fri, 27 Nov 2026 12:00:30 GMT", 30.0),
+        ("Fri, 27 Nov 2026 11:00:00 GMT", 0.0),  # in the past: now
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_values(value: str, seconds: float | None) -> None:
+    now = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC).timestamp()
+    assert _retry_after(value, now=now) == seconds
+
+
+@pytest.mark.parametrize("charset", ["undefined", "base64", "zlib", "rot13", "idna"])
+async def test_an_answer_in_a_charset_that_gives_no_text_is_read_as_utf8(charset: str) -> None:
+    """``LookupError``/``UnicodeError`` escaped the transport: the forwarder took the
+    answer for a local failure and sent the push again, forever (32 times in 15 s)."""
+    body = "refusé".encode()
+    answer_bytes = (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=%s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (charset.encode(), len(body), body)
+    )
+    async with scripted_server(answer_each_with(answer_bytes)) as url:
+        transport = Http11Transport(2)
+        answer = await transport.post(url + "/loki/api/v1/push", b"x", PROTOBUF)
+        await transport.aclose()
+    assert (answer.status, answer.text) == (400, "refusé")
+
+
+@pytest.mark.parametrize("close", ["reset", "fin"])
+async def test_an_answer_sent_before_the_body_was_read_is_the_answer(close: str) -> None:
+    """A proxy answers 413 to a body over its limit without reading it, then closes: the
+    failed write was retried as a network error for good; the 413 is the answer."""
+
+    async def refuse_unread(stream: trio.abc.Stream, number: int) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+            b"Content-Length: 8\r\n\r\ntoo big!"
+        )
+        if close == "fin":
+            assert isinstance(stream, trio.SocketStream)
+            await stream.send_eof()
+            await trio.sleep(0.2)
+        # Closed with the body unread: the kernel resets the connection.
+
+    async with scripted_server(refuse_unread) as url:
+        transport = Http11Transport(2)
+        answer = await transport.post(url + "/loki/api/v1/push", b"x" * (16 << 20), PROTOBUF)
+        await transport.aclose()
+    assert (answer.status, answer.text) == (413, "too big!")
 
 
 async def test_chunked_answer_is_joined_and_connection_kept() -> None:

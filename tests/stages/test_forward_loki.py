@@ -457,6 +457,50 @@ async def test_other_4xx_dead_letters_the_whole_push(tmp_path: Path) -> None:
     assert received_messages(rx) == ["m0"]
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 408])
+async def test_redirects_and_408_are_retried_not_dead_lettered(tmp_path: Path, status: int) -> None:
+    """SPEC §7 dead-letters "other 4xx"; a redirect was dead-lettered too (an ingress
+    redirecting http to https emptied every push into the DLQ), and so was a proxy's 408.
+    Both are the URL's fault: retried, another URL tried."""
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        rx.fail_next(status, count=2)
+        async with delivering(tmp_path, [rx.url]) as h:
+            await h.ingest("payments-api", [entry(0), entry(1)])
+            await h.wait_delivered("payments-api")
+            assert await h.dead_letters("payments-api") == []
+            assert rx.status_counts[status] == 2
+            assert h.metric("loki_requests_total", status_code=str(status)) == 2
+    assert received_messages(rx) == ["m0", "m1"]
+
+
+async def test_a_push_that_times_out_keeps_its_url_cooling_down(tmp_path: Path) -> None:
+    """A URL whose pushes hang while its ``/ready`` says 200 was brought back by every
+    probe, so every cycle one push waited ``timeout_s`` on it (lag in a 0-30 s sawtooth):
+    a timed-out push counts like a 5xx, and only a push that works ends the cool-down."""
+    async with open_loki_receiver() as a, open_loki_receiver() as b:
+        assert a.url and b.url
+        b.delay_s = 3.0  # b's pushes hang; b's /ready answers at once
+        async with delivering(
+            tmp_path,
+            [b.url, a.url],
+            timeout_s=0.5,
+            endpoint_cooldown_s=20,
+            ready_probe_interval_s=0.1,
+        ) as h:
+            await h.ingest("payments-api", [entry(0)])
+            await h.wait_delivered("payments-api")
+            endpoint_b = h.forward.pool.endpoints[0]
+            assert endpoint_b.failures == 1
+            await trio.sleep(1.0)  # ten probes of b's /ready, each answered 200
+            assert endpoint_b.unhealthy_until > trio.current_time()
+            for i in range(1, 6):
+                await h.ingest("payments-api", [entry(i)])
+                await h.wait_delivered("payments-api")
+            assert b.pushes == 1
+    assert sorted(received_messages(a)) == sorted(f"m{i}" for i in range(6))
+
+
 # ============================================================================ 4. fairness
 
 
