@@ -13,7 +13,7 @@ from functools import partial
 import trio
 
 from . import __version__
-from ._config import MAX_WORKERS, load_settings
+from ._config import MAX_WORKERS, Settings, load_settings
 from ._errors import ConfigError
 from ._logging import configure_logging
 from ._registry import describe_stages, resolve_pipeline
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--ports-file", help=argparse.SUPPRESS)
     serve.add_argument("--peers", help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--settings-stdin", action="store_true", help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate a config file and the pipeline")
     check.add_argument("path", nargs="?", help="config file (or use --config)")
     _add_config(check)
@@ -87,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._workers import WorkerRole, needs_supervisor, parse_worker, run_supervisor
 
     path: str | None = args.config
-    settings = load_settings(path)
+    settings = _settings_from_supervisor() if args.settings_stdin else load_settings(path)
     if args.workers is not None:
         if not 1 <= args.workers <= MAX_WORKERS:
             raise ConfigError([f"--workers: must be between 1 and {MAX_WORKERS}"])
@@ -102,7 +104,15 @@ def _serve(args: argparse.Namespace) -> int:
     role = WorkerRole()
     if args.worker is not None:
         index, count = parse_worker(args.worker)
-        role = WorkerRole(index, count, args.drain, args.port, args.ports_file, args.peers)
+        role = WorkerRole(
+            index,
+            count,
+            drain=args.drain,
+            port=args.port,
+            ports_file=args.ports_file,
+            peers_dir=args.peers,
+            supervisor=args.supervisor,
+        )
     _tune_runtime()
     try:
         trio.run(partial(serve, settings, config_path=path, role=role))
@@ -114,6 +124,22 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("logstack").exception("stopped by an unexpected error")
         return 1
     return 0
+
+
+def _settings_from_supervisor() -> Settings:
+    """A worker's starting settings: what the supervisor runs, as JSON on stdin.
+
+    Not the file: it may have changed or broken since the workers started (a SIGHUP the
+    supervisor refused, a restart-only value it kept). Not a file either: they hold the
+    tokens. The environment overrides apply again, as to a file (they are the same)."""
+    text = sys.stdin.read()
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise ConfigError(["--settings-stdin: no settings from the supervisor on stdin"])
+    return load_settings(data=document)
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005

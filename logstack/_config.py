@@ -592,11 +592,19 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Load, merge and validate the configuration; raise ``ConfigError`` listing every problem."""
+    """Load, merge and validate the configuration; raise ``ConfigError`` listing every problem.
+
+    ``data`` is a configuration already parsed (what a worker gets from its supervisor)
+    and takes the place of the file: the environment overrides apply to it exactly as to
+    a file, so the result is what the file gave.
+    """
     env = os.environ if env is None else env
-    problems: list[str] = []
-    data: dict[str, Any] = {}
+    if data is not None:
+        return _validate(dict(data), env)
+    parsed: dict[str, Any] = {}
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = env[f"{ENV_PREFIX}CONFIG"]
     if path is not None:
@@ -616,8 +624,13 @@ def load_settings(
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: top level must be a mapping"])
-        data = loaded
+        parsed = loaded
+    return _validate(parsed, env)
 
+
+def _validate(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
+    """``data`` with the environment overrides merged in, validated into ``Settings``."""
+    problems: list[str] = []
     overrides, origin = _env_overrides(env, problems)
     data = _merge(data, overrides)
 

@@ -62,6 +62,11 @@ changes them keeps the running values, says so, and applies everything else."""
 
 MIN_REDACTED_LENGTH = 6
 
+REPEATED_STOP_WINDOW_S: Final = 1.0
+"""A worker's second stop request this soon after its first is the same request: a
+SIGTERM/SIGINT sent to the whole process group (systemd's ``KillMode=control-group``,
+Ctrl-C in a terminal) reaches each worker directly and again through the supervisor."""
+
 
 def _secrets_of(settings: Settings) -> list[str | None]:
     loki = settings.loki
@@ -122,6 +127,7 @@ class Service:
         self.binds: list[str] = []
         self._no_requests = trio.Event()
         self._stop_scope: trio.CancelScope | None = None
+        self._stop_requested_at: float | None = None
         self.drained = False
         """A drain worker delivered everything its shard held."""
         set_secrets(_secrets_of(settings))
@@ -278,15 +284,30 @@ class Service:
             await self._no_requests.wait()
 
     def request_stop(self, reason: str = "requested") -> None:
-        """Begin a graceful stop; called a second time, cancel whatever is still running."""
+        """Begin a graceful stop; called a second time, cancel whatever is still running
+        (in a worker, not when the second comes within ``REPEATED_STOP_WINDOW_S``)."""
         if self.context.shutdown.is_set():
+            if self._repeats_the_stop_request():
+                log.info(
+                    "stop request repeated at once: the same request, the drain goes on"
+                    " (a signal to the process group reaches a worker twice)",
+                    extra={"by": reason},
+                )
+                return
             if self._stop_scope is not None:
                 log.warning("second stop request: cancelling the drain", extra={"by": reason})
                 self._stop_scope.cancel()
             return
         log.info("shutdown requested", extra={"by": reason})
+        self._stop_requested_at = time.monotonic()
         self.stopping = True
         self.context.shutdown.set()
+
+    def _repeats_the_stop_request(self) -> bool:
+        """Whether a worker's second stop request is its first one arriving again."""
+        if self.role.single or self._stop_requested_at is None:
+            return False
+        return time.monotonic() - self._stop_requested_at < REPEATED_STOP_WINDOW_S
 
     def __repr__(self) -> str:
         state = "stopping" if self.stopping else "running"
@@ -301,12 +322,16 @@ def all_delivered(store: WalStore) -> bool:
 async def _stop_with_supervisor(service: Service, supervisor: int, poll_s: float = 0.5) -> None:
     """A worker whose supervisor is gone (killed with SIGKILL, say) stops gracefully
     instead of serving on unsupervised. (Not ``PR_SET_PDEATHSIG``: trio starts processes
-    from worker threads, and that signal fires when the starting *thread* exits.)"""
+    from worker threads, and that signal fires when the starting *thread* exits.)
+
+    ``supervisor`` is the pid the supervisor put on the command line, not ``getppid()``
+    read now: one that died while this worker started has left it with another parent
+    already, and the check must fire at once."""
     while True:  # polling: no event tells a process that its parent died
-        await trio.sleep(poll_s)
         if os.getppid() != supervisor:
             service.request_stop("supervisor gone")
             return
+        await trio.sleep(poll_s)
 
 
 async def _stop_when_drained(service: Service, poll_s: float = 0.5) -> None:
@@ -448,7 +473,8 @@ async def serve(
             if handle_signals:
                 outer.start_soon(_signal_loop, service)
             if not role.single:
-                outer.start_soon(_stop_with_supervisor, service, os.getppid())
+                supervisor = role.supervisor if role.supervisor is not None else os.getppid()
+                outer.start_soon(_stop_with_supervisor, service, supervisor)
             try:
                 async with trio.open_nursery() as root:
                     service._stop_scope = root.cancel_scope

@@ -12,12 +12,19 @@ two processes ever write one file:
   connections over the workers' listening sockets;
 * a key's rate limit and WAL quota are divided by N in every worker. Connections are spread
   by a hash of their addresses, so this is exact when a key's traffic comes over several
-  connections and stricter when a key sends everything over one (the documented
-  approximation: the limit is never exceeded);
+  connections and stricter when a key sends everything over one; a burst share is never
+  below one request, so a burst below N lets up to one request per worker more through
+  (the documented approximation, like idempotency keys, which each worker keeps alone);
+* every worker starts from the settings the supervisor keeps (handed over on its stdin,
+  never written to disk), not from the file: the file may have changed, or broken, since
+  the workers started. SIGHUP reloads them in the supervisor as in a worker (a bad file
+  changes nothing, restart-only settings keep their running values), so a worker started
+  again runs what the others run;
 * a worker that dies is started again (its shard is recovered like after any crash), but
   one that fails on its first start stops the supervisor, as a single process would;
-  SIGTERM/SIGINT/SIGHUP are passed on to every worker, and workers stop by themselves if
-  the supervisor disappears;
+  SIGTERM/SIGINT are passed on to every worker, SIGHUP to every worker that got going
+  (the others get it once they do), and workers stop by themselves if the supervisor
+  disappears;
 * ``/metrics`` of any worker covers all of them: each also listens on a private Unix
   socket, where the others ask for its samples (``gather_metrics``).
 
@@ -28,10 +35,13 @@ HTTP — that delivers what its shard holds, removes the delivered segments and 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +53,7 @@ from typing import Final
 import httpx
 import trio
 
-from ._config import Settings
+from ._config import Settings, load_settings
 from ._errors import ConfigError
 from ._metrics import merge_expositions
 
@@ -55,6 +65,7 @@ RESTART_BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S: Final = 60.0
 START_TIMEOUT_S: Final = 60.0
 DRAIN_STARTUP_S: Final = 10.0
+GOING_POLL_S: Final = 0.05
 
 
 def shard_root(root: Path, index: int) -> Path:
@@ -115,10 +126,16 @@ class WorkerRole:
     peers_dir: str | None = None
     """Where every serving worker also listens on ``worker-<i>.sock``: ``/metrics`` asks
     the others there, so any worker's answer covers all of them."""
+    supervisor: int | None = None
+    """The supervisor's pid: the worker stops once its parent is another process."""
 
     @property
     def single(self) -> bool:
-        return self.count == 1 and self.index == 0 and not self.drain
+        """A process on its own, with no supervisor. Every role a supervisor starts has a
+        port or drains, so it is never single, not even the only worker of a restart
+        with fewer workers and a shard left over: it must write the private ports file,
+        watch the supervisor and take its part of the shared port."""
+        return self.count == 1 and self.port is None and not self.drain
 
     def apply(self, settings: Settings) -> Settings:
         """``settings`` as this worker runs them: its shard, its share of limits and quotas.
@@ -217,12 +234,21 @@ class _Worker:
     """A drain worker that finished its shard (not restarted)."""
     ever_started: bool = False
     """It listened (or, a drain worker, ran to an exit) once: a later exit is a crash."""
+    going: bool = False
+    """The current process got going (see ``Supervisor._got_going``): it handles SIGHUP."""
+    reload_pending: bool = False
+    """A SIGHUP came while the current process was still starting: sent once it is going."""
     bind: str | None = None
     stopped: trio.Event = field(default_factory=trio.Event)
 
 
 class Supervisor:
-    """Starts the workers, restarts those that die, passes signals on, stops them all."""
+    """Starts the workers, restarts those that die, passes signals on, stops them all.
+
+    ``settings`` are what the workers run (before each role applies its share): what they
+    started with, updated by each SIGHUP whose file is valid, restart-only settings kept.
+    Every worker, at its first start and every restart, gets them on its stdin.
+    """
 
     def __init__(
         self,
@@ -238,7 +264,8 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._stop = trio.Event()
-        self.workdir = Path(tempfile.mkdtemp(prefix="logstack-workers-"))
+        self.workdir: Path | None = None
+        """Ports files and peer sockets; made by ``run`` and removed when it ends."""
         root = Path(settings.wal.root_path)
         self.orphans = orphan_shards(root, self.count)
         self._reserved: socket.socket | None = None
@@ -258,20 +285,10 @@ class Supervisor:
         return port
 
     async def run(self) -> int:
-        port = self._reserve_port()
-        for index in range(self.count):
-            ports_file = str(self.workdir / f"worker-{index}.ports")
-            role = WorkerRole(
-                index, self.count, port=port, ports_file=ports_file, peers_dir=str(self.workdir)
-            )
-            self.workers.append(_Worker(role))
-        for index in self.orphans:
-            self.workers.append(_Worker(WorkerRole(index, self.count, drain=True)))
-            log.warning(
-                "WAL shard left by an earlier run with more workers: draining it",
-                extra={"shard": index, "workers": self.count},
-            )
+        self.workdir = Path(tempfile.mkdtemp(prefix="logstack-workers-"))
         try:
+            port = self._reserve_port()  # inside: a refused port leaves no directory behind
+            self.workers = self._plan_workers(port, self.workdir)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals)
                 for worker in self.workers:
@@ -285,6 +302,31 @@ class Supervisor:
                 self._reserved.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.exit_code
+
+    def _plan_workers(self, port: int, workdir: Path) -> list[_Worker]:
+        """One serving worker per index, and one drain worker per shard left over."""
+        supervisor = os.getpid()
+        workers = [
+            _Worker(
+                WorkerRole(
+                    index,
+                    self.count,
+                    port=port,
+                    ports_file=str(workdir / f"worker-{index}.ports"),
+                    peers_dir=str(workdir),
+                    supervisor=supervisor,
+                )
+            )
+            for index in range(self.count)
+        ]
+        for index in self.orphans:
+            role = WorkerRole(index, self.count, drain=True, supervisor=supervisor)
+            workers.append(_Worker(role))
+            log.warning(
+                "WAL shard left by an earlier run with more workers: draining it",
+                extra={"shard": index, "workers": self.count},
+            )
+        return workers
 
     async def _announce(self, port: int) -> None:
         """Once every serving worker listens, write ``server.bound_ports_file``."""
@@ -308,24 +350,22 @@ class Supervisor:
     async def _keep_running(self, worker: _Worker) -> None:
         try:
             while not self.stopping and not worker.done:
-                worker.started_at = time.monotonic()
-                command = list(self.command(worker.role, self.config_path))
-                worker.process = await trio.lowlevel.open_process(command)
-                code = await worker.process.wait()
+                code = await self._run_once(worker)
                 if self.stopping:
                     break
                 if worker.role.drain and code == 0:
                     worker.done = True
                     log.info("WAL shard drained", extra={"shard": worker.role.index})
                     break
-                if not (worker.ever_started or self._got_going(worker)):
+                if not (worker.ever_started or worker.going or self._got_going(worker)):
                     # It never got going (a WAL it cannot open, a plugin that fails, ...):
-                    # starting it again would fail the same way. Stop, as one process would.
+                    # starting it again would fail the same way. Stop, as one process would,
+                    # with its status: 2 says the configuration cannot be used.
                     log.error(
                         "worker failed to start; stopping (its own log lines say why)",
                         extra={"worker": worker.role.index, "exit_code": code},
                     )
-                    self.exit_code = 1
+                    self.exit_code = 2 if code == 2 else 1
                     self._stop_all()
                     break
                 worker.ever_started = True
@@ -346,6 +386,47 @@ class Supervisor:
         finally:
             worker.stopped.set()
 
+    async def _run_once(self, worker: _Worker) -> int:
+        """Start the worker's process with the current settings; its exit status."""
+        worker.started_at = time.monotonic()
+        worker.going = False
+        worker.reload_pending = False  # it starts from the settings the last SIGHUP left
+        if worker.role.ports_file is not None:
+            # The last process's file would say this one listens before it does.
+            await trio.Path(worker.role.ports_file).unlink(missing_ok=True)
+        settings = self.settings_document()
+        command = list(self.command(worker.role, self.config_path))
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.PIPE)
+        worker.process = process
+        if self.stopping:
+            # The stop came while the process was being started: _send_all missed it.
+            _send_signal(process, signal.SIGTERM)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hand_over, process, settings)
+            nursery.start_soon(self._watch_start, worker, process)
+            code = await process.wait()
+            nursery.cancel_scope.cancel()
+        return code
+
+    def settings_document(self) -> bytes:
+        """``settings`` as a worker reads them on its stdin (``--settings-stdin``)."""
+        return json.dumps(self.settings.model_dump(mode="json", by_alias=True)).encode()
+
+    async def _watch_start(self, worker: _Worker, process: trio.Process) -> None:
+        """Mark the worker going once it is, and pass on a SIGHUP it missed until then."""
+        while True:
+            if self._got_going(worker):
+                break
+            await trio.sleep(GOING_POLL_S)
+        worker.going = True
+        if worker.reload_pending:
+            worker.reload_pending = False
+            log.info(
+                "worker got going: passing on the SIGHUP that came while it started",
+                extra={"worker": worker.role.index},
+            )
+            _send_signal(process, signal.SIGHUP)
+
     @staticmethod
     def _got_going(worker: _Worker) -> bool:
         """Whether the process that just exited had started: a serving worker once it
@@ -362,27 +443,79 @@ class Supervisor:
 
     def _send_all(self, signum: int) -> None:
         for worker in self.workers:
-            process = worker.process
-            if process is not None and process.returncode is None:
-                try:
-                    process.send_signal(signum)
-                except ProcessLookupError:
-                    pass
+            if worker.process is not None:
+                _send_signal(worker.process, signum)
+
+    def _reload_workers(self) -> None:
+        """SIGHUP to every worker that got going; the others get it once they do (until
+        then SIGHUP would find no handler, or be ignored, and the reload be lost)."""
+        for worker in self.workers:
+            if worker.going and worker.process is not None:
+                _send_signal(worker.process, signal.SIGHUP)
+            else:
+                worker.reload_pending = True
+
+    async def reload(self) -> bool:
+        """Load and check the file as the workers will, and keep it for workers started
+        from now on, restart-only settings kept as they run; a bad file changes nothing."""
+        from ._registry import resolve_pipeline
+        from ._service import keep_restart_only
+
+        path = self.config_path
+
+        def load() -> Settings:
+            new = load_settings(path)
+            resolve_pipeline(new)  # a pipeline that would not start is a bad config too
+            return new
+
+        try:
+            new = await trio.to_thread.run_sync(load)
+        except ConfigError as exc:
+            log.error(
+                "config reload failed; workers keep, and restarted workers get, the running config",
+                extra={"problems": exc.problems},
+            )
+            return False
+        self.settings, kept = keep_restart_only(self.settings, new)
+        log.info("config reloaded for restarted workers", extra={"kept_running": kept})
+        return True
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: workers reload their configuration")
-                    self._send_all(signal.SIGHUP)
+                    await self.reload()
+                    self._reload_workers()  # they report a bad file themselves, too
                     continue
                 log.info("stopping the workers", extra={"signal": signal.Signals(signum).name})
                 # A second signal reaches the workers as a second signal: they cancel the drain.
                 self._stop_all()
 
 
+def _send_signal(process: trio.Process, signum: int) -> None:
+    if process.returncode is None:
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+async def _hand_over(process: trio.Process, document: bytes) -> None:
+    """Write the settings to the worker's stdin and close it (EOF ends the document)."""
+    assert process.stdin is not None
+    try:
+        async with process.stdin:
+            await process.stdin.send_all(document)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # it died before reading them: its exit status tells the rest
+
+
 def worker_command(role: WorkerRole, config_path: str | None) -> list[str]:
+    """The worker's command line. Its settings come on stdin (``--settings-stdin``);
+    ``--config`` is the file it reloads on SIGHUP."""
     command = [sys.executable, "-m", "logstack", "serve", "--worker", f"{role.index}/{role.count}"]
+    command.append("--settings-stdin")
     if config_path is not None:
         command += ["--config", config_path]
     if role.drain:
@@ -393,6 +526,8 @@ def worker_command(role: WorkerRole, config_path: str | None) -> list[str]:
         command += ["--ports-file", role.ports_file]
     if role.peers_dir is not None:
         command += ["--peers", role.peers_dir]
+    if role.supervisor is not None:
+        command += ["--supervisor", str(role.supervisor)]
     return command
 
 

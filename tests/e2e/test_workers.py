@@ -10,7 +10,8 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -231,8 +232,8 @@ async def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path) -> No
     an error instead of restarting them forever."""
     server = server_for(tmp_path, 9, workers=2)
     (tmp_path / "wal").write_text("not a directory")
-    with pytest.raises(RuntimeError, match="exited with 1 before listening"):
-        await trio.to_thread.run_sync(server.start)
+    with pytest.raises(RuntimeError, match="exited with 2 before listening"):
+        await trio.to_thread.run_sync(server.start)  # 2, as one process: a bad config
     assert "worker failed to start; stopping" in server.log_file.read_text()
 
 
@@ -248,3 +249,162 @@ async def test_a_taken_port_is_a_clear_error(tmp_path: Path, workers: int) -> No
             await trio.to_thread.run_sync(server.start)
     assert f"cannot listen on 127.0.0.1:{port}" in server.log_file.read_text()
     assert not (tmp_path / "wal").exists()  # refused before the WAL was touched
+
+
+def workers_by_index(pid: int) -> dict[str, int]:
+    """The supervisor's children by their ``--worker`` argument ("0/2", ...); a drain
+    worker's key ends in ``d``."""
+    found = {}
+    for child in child_pids(pid):
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        if "--worker" in args:
+            key = args[args.index("--worker") + 1] + ("d" if "--drain" in args else "")
+            found[key] = child
+    return found
+
+
+def ports_file_of(pid: int) -> Path:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return Path(args[args.index("--ports-file") + 1])
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    with trio.fail_after(timeout):
+        while not check():
+            await trio.sleep(0.05)
+
+
+def log_count(server: LogstackProcess, text: str) -> int:
+    return server.log_text().count(text)
+
+
+async def kill_and_wait_for_restart(server: LogstackProcess, key: str) -> None:
+    """SIGKILL worker ``key`` and wait until the process started in its place listens."""
+    assert server.proc is not None
+    supervisor = server.proc.pid
+    victim = workers_by_index(supervisor)[key]
+    os.kill(victim, signal.SIGKILL)
+
+    def listening_again() -> bool:
+        pid = workers_by_index(supervisor).get(key)
+        if pid is None or pid == victim:
+            return False
+        path = ports_file_of(pid)
+        return path.is_file() and bool(path.read_text().strip()) and _running(pid)
+
+    await wait_until(listening_again)
+
+
+async def test_a_restarted_worker_runs_what_the_others_run(tmp_path: Path) -> None:
+    """A worker started again gets the supervisor's settings, not the file's: neither a
+    restart-only value the running workers kept, nor a file they refused."""
+    async with open_loki_receiver() as rx:
+        server = server_for(tmp_path, rx.port, workers=2)
+        async with running(server):
+            moved = deep_merge(server.config, {"wal": {"root_path": str(tmp_path / "moved")}})
+            server.write_config(moved)
+            server.signal(signal.SIGHUP)
+            # The supervisor reloads before it passes SIGHUP on: the workers' lines come after.
+            await wait_until(lambda: log_count(server, "need a restart; keeping") == 2)
+            await kill_and_wait_for_restart(server, "1/2")
+            acked = await post_batches(server.url, "moved", 40)
+            server.config_path.write_text("security: [")
+            server.signal(signal.SIGHUP)
+            await wait_until(lambda: log_count(server, "reload failed; keeping the running") == 2)
+            await kill_and_wait_for_restart(server, "0/2")
+            acked |= await post_batches(server.url, "broken", 40)
+            await trio.sleep(1)  # a worker crash-looping on the broken file would show now
+            assert len(acked) == 80 * 5
+            await rx.wait_for_entries(len(acked), timeout=60)
+            assert acked <= {json.loads(line)["message"] for line in rx.lines()}
+        assert server.proc is not None and server.proc.returncode == 0
+        assert not (tmp_path / "moved").exists()  # every shard stayed where it was
+        assert log_count(server, "worker exited; starting it again") == 2
+
+
+async def test_one_worker_with_a_shard_left_over_is_still_supervised(tmp_path: Path) -> None:
+    """Down to one worker with ``_shard-1`` left: worker 0 of 1 is a supervised worker
+    (private ports file, restarted when killed), not a process on its own."""
+    async with open_loki_receiver() as rx:
+        port = rx.port
+        rx.stop()  # Loki down: the shard stays, its drain worker keeps running
+    server = server_for(tmp_path, port, workers=2)
+    async with running(server):
+        assert len(await post_batches(server.url, "left", 20)) == 20 * 5
+    single = server_for(tmp_path, port, workers=1)
+    async with running(single):
+        assert single.proc is not None
+        assert set(workers_by_index(single.proc.pid)) == {"0/1", "1/1d"}
+        await wait_until(lambda: '"logger":"logstack.workers","msg":"serving"' in single.log_text())
+        assert single.port_file.read_text() == single.url + "\n"  # the supervisor's line
+        await kill_and_wait_for_restart(single, "0/1")
+        async with httpx.AsyncClient(base_url=single.url, timeout=30) as client:
+            assert (await client.get("/healthz")).headers["x-logstack-worker"] == "0"
+    assert single.proc.returncode == 0
+    assert log_count(single, "worker exited; starting it again") == 1
+
+
+def start_in_background(server: LogstackProcess) -> subprocess.Popen[bytes]:
+    """Start the supervisor without waiting for it to listen."""
+    server.write_config()
+    log = server.log_file.open("ab")
+    return subprocess.Popen(
+        server.command(), stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir
+    )
+
+
+async def test_workers_stop_when_the_supervisor_dies_while_they_start(tmp_path: Path) -> None:
+    server = server_for(tmp_path, 9, workers=2)
+    supervisor = start_in_background(server)
+    workers: list[int] = []
+    try:
+        await wait_until(lambda: len(child_pids(supervisor.pid)) == 2, timeout=10)
+        workers = child_pids(supervisor.pid)
+        supervisor.kill()  # long before the workers finished their imports
+        supervisor.wait()
+        with trio.fail_after(30):
+            while any(_running(pid) for pid in workers):
+                await trio.sleep(0.1)
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        supervisor.kill()
+        supervisor.wait()
+
+
+async def test_a_sighup_while_the_workers_start_is_passed_on_once_they_listen(
+    tmp_path: Path,
+) -> None:
+    server = server_for(tmp_path, 9, workers=2)
+
+    async def hang_up_early() -> None:
+        await wait_until(lambda: server.proc is not None and len(child_pids(server.proc.pid)) == 2)
+        server.signal(signal.SIGHUP)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hang_up_early)
+        async with running(server):
+            # Both workers live through it, and each reloads once it listens.
+            await wait_until(lambda: log_count(server, '"msg":"config reloaded"') == 2)
+            assert log_count(server, "passing on the SIGHUP that came while it started") == 2
+    assert server.proc is not None and server.proc.returncode == 0
+
+
+async def test_a_stop_signal_to_the_process_group_is_one_request(tmp_path: Path) -> None:
+    """systemd's KillMode=control-group, or Ctrl-C: each worker gets SIGTERM directly and
+    again through the supervisor; the second must not cancel the drain."""
+    server = server_for(tmp_path, 9, workers=2)
+    server.launcher = ["setsid"]  # its own process group, as under systemd
+    async with running(server):
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        await trio.to_thread.run_sync(server.proc.wait, 30)
+    assert server.proc.returncode == 0
+    assert log_count(server, "second stop request") == 0
+    # (Each worker says "stop request repeated at once" unless both signals arrived before
+    # it handled the first: pending signals are merged.)
+    assert log_count(server, '"clean":true') == 2
