@@ -153,6 +153,10 @@ class KeyLog:
     """Set while an fsync runs in a worker thread; fires when it ends."""
     _read_fds: dict[int, int] = field(default_factory=dict)
     _damage_seen: set[Position] = field(default_factory=set)
+    next_seq_floor: int = 1
+    """The lowest number a new segment may take: past a segment file recovery had to
+    leave in place (one it could neither read nor move aside), which would otherwise
+    make every new segment of that number fail to be created."""
 
     # ----------------------------------------------------------------- writing
     @property
@@ -182,7 +186,7 @@ class KeyLog:
         return total
 
     def _open_new_segment(self) -> None:
-        seq = self.segments[-1].seq + 1 if self.segments else 1
+        seq = max(self.segments[-1].seq + 1 if self.segments else 1, self.next_seq_floor)
         path = self.directory / segment_name(seq)
         created = time.time_ns()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
@@ -223,7 +227,13 @@ class KeyLog:
             encode_frame(record, buffer)
         written = os.write(self._fd, buffer)
         if written != len(buffer):
-            self._cut_short_write()
+            # Without its first records, the segment must not take appends: remove it
+            # (it holds only its header), and the next append starts it again.
+            segment = self.segments.pop()
+            os.close(self._fd)
+            self._fd = None
+            segment.path.unlink(missing_ok=True)
+            self._update_gauges()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.active.size += written
         self.active.content_start = self.active.size
@@ -635,12 +645,20 @@ def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> No
 
 
 def _quarantine_segment(directory: Path, path: Path) -> None:
-    quarantine = directory / "quarantine"
-    quarantine.mkdir(exist_ok=True)
-    target = quarantine / path.name
-    if target.exists():
-        target = quarantine / f"{path.name}.{time.time_ns()}"
-    shutil.move(str(path), target)
+    """Move a segment that cannot be read aside, best effort (left in place, it is
+    skipped again at the next start)."""
+    try:
+        quarantine = directory / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        target = quarantine / path.name
+        if target.exists():
+            target = quarantine / f"{path.name}.{time.time_ns()}"
+        shutil.move(str(path), target)
+    except OSError as exc:
+        log.error(
+            "cannot quarantine a WAL segment; skipping it",
+            extra={"path": str(path), "error": str(exc)},
+        )
 
 
 def _repair_header(directory: Path, path: Path, seq: int) -> tuple[int, int] | None:
@@ -821,6 +839,8 @@ def recover_key_log(
             repaired = _repair_header(directory, path, seq)
             if repaired is None:
                 _quarantine_segment(directory, path)
+                if path.exists():  # it could not be moved aside: new segments go past it
+                    keylog.next_seq_floor = max(keylog.next_seq_floor, seq + 1)
                 log.error(
                     "quarantined WAL segment with a bad header",
                     extra={"token": name, "segment": seq, "error": str(exc)},

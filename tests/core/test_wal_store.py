@@ -789,6 +789,26 @@ async def test_a_rotation_that_cannot_start_a_segment_leaves_a_log_that_recovers
     keylog.close()
 
 
+async def test_a_segment_whose_first_records_are_cut_short_is_started_again(
+    tmp_path: Path,
+) -> None:
+    """Its header written but not the idempotency records and checkpoint that follow: it
+    is removed, so that the next append starts it again with them."""
+    keylog = new_log(tmp_path)
+    keylog.append([batch(1)])
+    keylog.idempotency["digest-1"] = ("req-1", 1, time.time_ns())
+    await keylog.sync()
+    with file_size_limit(HEADER_SIZE + 10), pytest.raises(WalError):
+        keylog.rotate("manual")
+    assert [p.name for p in segment_files(keylog.directory)] == [segment_name(1)]
+    keylog.append([batch(2)])
+    await keylog.sync()
+    records = file_records(keylog.directory / segment_name(2))
+    assert [type(r).__name__ for r in records] == ["IdempotencyRecord", "Checkpoint", "EntryBatch"]
+    assert_gauges_match_disk(keylog)
+    keylog.close()
+
+
 async def test_a_segment_cut_under_the_service_is_stepped_over_not_spun_on(
     tmp_path: Path,
 ) -> None:
@@ -833,6 +853,17 @@ async def test_recovery_starts_when_damage_cannot_be_kept_aside(tmp_path: Path) 
     assert last.stat().st_size == intact
     assert corrupt_count(metrics, "alpha", "torn_tail") == 1
     assert read_all(keylog, keylog.delivered)[0] == [batch(i, pad=300) for i in range(6)]
+    keylog.close()
+
+    garbage = directory / segment_name(int(last.stem) + 1)
+    garbage.write_bytes(b"not a segment at all")
+    keylog = recover_key_log("alpha", directory, 4096, Metrics())  # skipped, kept in place
+    assert garbage.exists()
+    assert read_all(keylog, keylog.delivered)[0] == [batch(i, pad=300) for i in range(6)]
+    keylog.rotate("manual")  # a new segment goes past the one left in place
+    end = keylog.append([batch(50)])
+    await keylog.sync()
+    assert end[0] == int(garbage.stem) + 1
     keylog.close()
 
 
