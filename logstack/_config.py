@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Final, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -46,7 +46,9 @@ DEFAULT_BASELINE_KEYS = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No ``.inf``: an infinite rate, wait or timeout is a typo, and some break arithmetic
+    # later (a Retry-After of ``ceil(inf)``).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServerSettings(_Strict):
@@ -114,6 +116,13 @@ class ServerSettings(_Strict):
         return value.upper() if isinstance(value, str) else value
 
 
+_HEADER_WORD: Final = re.compile(r"[\x21-\x7e]+")
+"""Printable ASCII without spaces: what an HTTP header value can carry as one word."""
+LOKI_TENANT_PATTERN: Final = r"^[A-Za-z0-9!\-_.*'()]{1,150}$"
+"""Loki's tenant ID rules (its multi-tenancy docs): a CR/LF in one made every push of the
+key fail for good, and ``check-config`` said OK."""
+
+
 class ApiKey(_Strict):
     """One API key. The token itself is the mapping key in ``security.api_keys``."""
 
@@ -126,7 +135,11 @@ class ApiKey(_Strict):
     rate_limit_burst: float | None = Field(
         None, ge=1, description="Overrides security.rate_limit_burst for this key."
     )
-    loki_tenant: str | None = Field(None, description="X-Scope-OrgID sent for this key.")
+    loki_tenant: str | None = Field(
+        None,
+        pattern=LOKI_TENANT_PATTERN,
+        description="X-Scope-OrgID sent for this key (Loki's tenant ID characters, ≤ 150).",
+    )
 
 
 class SecuritySettings(_Strict):
@@ -147,6 +160,11 @@ class SecuritySettings(_Strict):
         for token, key in self.api_keys.items():
             if len(token) < 16:
                 raise ValueError(f"api key {key.name!r}: token must be at least 16 characters")
+            if not _HEADER_WORD.fullmatch(token):
+                raise ValueError(
+                    f"api key {key.name!r}: a token is sent as 'Bearer <token>': no spaces or "
+                    "control characters"
+                )
             if key.name in seen:
                 raise ValueError(f"api key name {key.name!r} is used by two tokens")
             seen[key.name] = token
@@ -292,7 +310,11 @@ class LokiSettings(_Strict):
         default_factory=list,
         description="Several Loki URLs, used round-robin (unhealthy ones skipped); beats base_url.",
     )
-    push_path: str = Field("/loki/api/v1/push", description="Loki's push API path.")
+    push_path: str = Field(
+        "/loki/api/v1/push",
+        pattern=r"^/\S*$",
+        description="Loki's push API path (from its leading /).",
+    )
     username: str | None = Field(
         None, description="HTTP basic auth user (e.g. a Grafana Cloud instance id)."
     )
@@ -385,25 +407,40 @@ class LokiSettings(_Strict):
 
 def _loki_url(url: str) -> str:
     """A Loki URL the forwarder can use: absolute http(s) with a host and a valid port, no
-    spaces, and no credentials (a URL is shown in logs, ``/readyz`` and admin status)."""
+    spaces, and no credentials (a URL is shown in logs, ``/readyz`` and admin status).
+    Errors show the URL without whatever precedes an ``@`` in it: a password there must
+    not reach the message either (it is printed, and logged on a reload)."""
+    shown = repr(_without_credentials(url))
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError when out of range or not a number
     except ValueError as exc:
-        raise ValueError(f"not a usable URL: {url!r} ({exc})") from None
+        raise ValueError(f"not a usable URL: {shown} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http:// or https:// URL with a host: {url!r}")
+        raise ValueError(f"not an http:// or https:// URL with a host: {shown}")
     if any(c.isspace() for c in url):
-        raise ValueError(f"a URL cannot hold spaces: {url!r}")
+        raise ValueError(f"a URL cannot hold spaces: {shown}")
     if parts.username is not None or parts.password is not None:
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         raise ValueError(
-            f"credentials in the URL ({shown}) would be shown wherever the URL is; set "
-            "loki.username and loki.password (or loki.bearer_token) instead"
+            f"credentials in the URL ({_without_credentials(url)}) would be shown wherever "
+            "the URL is; set loki.username and loki.password (or loki.bearer_token) instead"
         )
     if port == 0:
-        raise ValueError(f"port 0 in {url!r}")
+        raise ValueError(f"port 0 in {shown}")
     return url
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` with anything between ``//`` and the last ``@`` of its authority replaced by
+    ``***`` (done on the text, so that it holds for URLs too broken to parse)."""
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority = rest[:authority_end]
+    if "@" not in authority:
+        return url
+    return f"{scheme}//***@{authority.rpartition('@')[2]}{rest[authority_end:]}"
 
 
 class StageSpec(_Strict):
@@ -589,13 +626,54 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(root)"
 
 
+def load_settings_for_reload(path: str | os.PathLike[str] | None) -> Settings:
+    """``load_settings`` for a SIGHUP: an empty file is refused, and whatever else goes
+    wrong reading it is a ``ConfigError`` too (never a reason for the running service to
+    stop: a bad file keeps the running config)."""
+    try:
+        return load_settings(path, allow_empty=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the type only: a message could quote the file
+        raise ConfigError([f"{path}: cannot be loaded ({type(exc).__name__})"]) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: the second
+    ``security:`` block silently replaced the first (every API key gone, "config OK")."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<``: what it merges in may be overridden by the mapping's own
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {str(key)[:40]!r} twice",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     *,
     data: Mapping[str, Any] | None = None,
+    allow_empty: bool = True,
 ) -> Settings:
     """Load, merge and validate the configuration; raise ``ConfigError`` listing every problem.
+
+    ``allow_empty=False`` (a reload) refuses an empty file instead of reading it as the
+    defaults.
 
     ``data`` is a configuration already parsed (what a worker gets from its supervisor)
     and takes the place of the file: the environment overrides apply to it exactly as to
@@ -609,9 +687,14 @@ def load_settings(
         path = env[f"{ENV_PREFIX}CONFIG"]
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise ConfigError([f"{path}: no such file"]) from None
+        except UnicodeDecodeError as exc:
+            problem = f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            raise ConfigError([problem]) from None
+        except RecursionError:
+            raise ConfigError([f"{path}: nested too deeply to be a configuration"]) from None
         except yaml.MarkedYAMLError as exc:
             # str(exc) quotes the offending line, which may hold a token: report position only.
             mark = exc.problem_mark or exc.context_mark
@@ -621,6 +704,11 @@ def load_settings(
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError([f"{path}: cannot read YAML: {exc}"]) from None
         if loaded is None:
+            if not allow_empty:
+                # A half-written file (config management mid-copy) reads as empty: it
+                # would otherwise replace every key, the admin token and Loki's URL by
+                # the defaults.
+                raise ConfigError([f"{path}: the file is empty"])
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: top level must be a mapping"])

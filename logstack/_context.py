@@ -22,6 +22,10 @@ class HealthState:
     loki_failing_since: float | None = None
     """``time.monotonic()`` of the first push not taken since the last one taken: a
     ``/ready`` that answers 200 does not make a Loki that refuses every push ready."""
+    loki_last_failure: float | None = None
+    """``time.monotonic()`` of the last push not taken."""
+    loki_push_error: str | None = None
+    """Why the last push not taken was not (``loki_last_error`` may be a probe's since)."""
     loki_last_error: str | None = None
     wal_writable: bool = True
     wal_last_error: str | None = None

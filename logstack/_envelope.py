@@ -104,8 +104,9 @@ class Envelope:
         self.raw_entries = self.entries = None
         self.reply.resolve(error)
 
-    def accept(self, entries_accepted: int) -> None:
-        self.reply.resolve(Accepted(entries_accepted, self.request_id))
+    def accept(self, entries_accepted: int) -> bool:
+        """Answer ``202``; ``False`` if the request was answered already (it timed out)."""
+        return self.reply.resolve(Accepted(entries_accepted, self.request_id))
 
     def json_body(self) -> bytes:
         """The body as JSON bytes: gzip bodies are decompressed here (once, after

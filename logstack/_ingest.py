@@ -27,6 +27,7 @@ import trio
 
 from ._api_types import IngestAccepted
 from ._body_budget import BodyBudget, held_for
+from ._config import ApiKey
 from ._context import AUTHENTICATE
 from ._envelope import Accepted, Envelope
 from ._errors import (
@@ -132,19 +133,22 @@ class IngestEndpoint:
         server = service.context.settings.server
         budget = self.budget
         budget.limit = server.max_body_bytes_in_flight  # a reload applies to the next request
+        headers = _request_headers(scope)
+        key: ApiKey | None = None
         try:
+            # A request without a valid key is answered before its body is read (or, with
+            # ``Expect: 100-continue``, sent): it costs no upload and holds no memory. The
+            # ``auth`` stage checks again (a reload may come in between) and rate-limits.
+            authenticate = service.context.services.get(AUTHENTICATE)
+            if authenticate is not None:
+                key = authenticate(headers.get(b"authorization"))
             envelope = await _read_envelope(
-                scope,
-                receive,
-                request_id,
-                server.max_body_bytes,
-                budget,
-                service.context.services.get(AUTHENTICATE),
+                headers, receive, request_id, server.max_body_bytes, budget, key
             )
         except RejectError as transport_error:
-            metrics.logs_rejected.labels(
-                token="unauthenticated", reason=transport_error.reason
-            ).inc()
+            # A refusal after the key was known is that key's (the metric's ``token``).
+            token = key.name if key is not None else "unauthenticated"
+            metrics.logs_rejected.labels(token=token, reason=transport_error.reason).inc()
             return transport_error.status, transport_error.body(), transport_error.headers()
         try:
             return await self._through_pipeline(envelope)
@@ -190,6 +194,9 @@ class IngestEndpoint:
                 error = UnavailableError(
                     "timed out waiting for the WAL", retry_after=5, reason="timeout"
                 )
+                # Answered now: a stage that gets to it later skips it, and ``wal_append``
+                # neither writes it (if it has not yet) nor counts it as ingested.
+                envelope.reject(error)
         metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
         if error.status >= 500:
             log.warning(
@@ -198,30 +205,28 @@ class IngestEndpoint:
         return error.status, error.body(), error.headers()
 
 
-async def _read_envelope(
-    scope: Scope,
-    receive: Receive,
-    request_id: str,
-    max_body_bytes: int,
-    budget: BodyBudget,
-    authenticate: Callable[[str | None], object] | None,
-) -> Envelope:
-    """The checks on the headers (the key, if the ``auth`` stage published its
-    ``authenticate``; media type, encoding, size, idempotency key), then the body. No
-    JSON decoding.
-
-    Headers are read as Quart reads them: latin-1, the first of repeated ones.
-    """
+def _request_headers(scope: Scope) -> dict[bytes, str]:
+    """The headers ingest reads, as Quart reads them: latin-1, the first of repeated ones."""
     headers: dict[bytes, str] = {}
     for name, value in scope["headers"]:
         if name in _WANTED and name not in headers:
             headers[name] = value.decode("latin-1")
+    return headers
+
+
+async def _read_envelope(
+    headers: dict[bytes, str],
+    receive: Receive,
+    request_id: str,
+    max_body_bytes: int,
+    budget: BodyBudget,
+    key: ApiKey | None,
+) -> Envelope:
+    """The transport checks on the headers (media type, encoding, size, idempotency key),
+    then the body. No JSON decoding. ``key`` is the one authenticated on the headers, if
+    the ``auth`` stage published its check (until ``auth`` runs, it names the request in
+    metrics and logs: a full pipeline's 503 is that key's)."""
     authorization = headers.get(b"authorization")
-    # A request without a valid key is answered before its body is read (or, with
-    # ``Expect: 100-continue``, sent): it costs no upload and holds no memory.
-    # The ``auth`` stage checks again (a reload may come in between) and rate-limits.
-    if authenticate is not None:
-        authenticate(authorization)
     content_type = headers.get(b"content-type", "")
     media, _, parameters = content_type.partition(";")
     media = media.strip().lower()
@@ -260,6 +265,7 @@ async def _read_envelope(
         idempotency_key=idempotency_key,
         content_encoding="gzip" if encoding == "gzip" else "identity",
         max_body_bytes=max_body_bytes,
+        key=key,
         budget=budget,
         held=len(body),
     )

@@ -111,7 +111,7 @@ class Metrics:
         )
         self.wal_corrupt_records = Counter(
             "wal_corrupt_records_total",
-            "Corrupt or torn WAL records found on recovery.",
+            "Damaged WAL records or bytes found on recovery or while delivering.",
             ["token", "kind"],
             registry=r,
         )

@@ -25,7 +25,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from . import __version__
-from ._config import Settings, load_settings
+from ._config import Settings, load_settings_for_reload
 from ._context import StageContext
 from ._errors import ConfigError
 from ._http import create_app, disk_free_ratio, instrument, normalise_slashes
@@ -151,12 +151,24 @@ class Service:
         age = None if last_ok is None else now - last_ok
         failing = health.loki_failing_since
         failing_s = None if failing is None else now - failing
+        failure = health.loki_last_failure
+        # Pushes failing matter while there is something to push, or Loki was asked very
+        # recently: a single refused push, dead-lettered, must not keep an idle service
+        # "not ready" for good (a load balancer would never send it the traffic to mend it).
+        still_failing = failing_s is not None and (
+            self._has_backlog() or (failure is not None and now - failure <= window)
+        )
+        push_error = health.loki_push_error or health.loki_last_error or "unknown"
         loki_ok = age is not None and age <= window
-        if loki_ok and failing_s is not None and failing_s > window:
+        if loki_ok and still_failing and failing_s is not None and failing_s > window:
             # ``/ready`` says 200, but Loki has taken no push for a while (it refuses or
             # throttles them, or the URL behind it hangs): not ready, and why.
             loki_ok = False
-            detail = f"no push taken for {failing_s:.0f}s: {health.loki_last_error or 'unknown'}"
+            detail = f"no push taken for {failing_s:.0f}s: {push_error}"
+        elif loki_ok and still_failing and failing_s is not None:
+            detail = (
+                f"Loki answered {age:.0f}s ago; no push taken for {failing_s:.0f}s: " + push_error
+            )
         elif loki_ok:
             detail = f"Loki answered {age:.0f}s ago"
         elif age is None:
@@ -188,6 +200,13 @@ class Service:
         }
         return checks
 
+    def _has_backlog(self) -> bool:
+        """Whether any key's WAL holds entries not yet delivered."""
+        store: WalStore | None = self.context.services.get("wal")
+        if store is None:
+            return False
+        return any(log.has_unread_entries(log.delivered) for log in store.logs.values())
+
     def refresh_gauges(self) -> None:
         """Gauges that are cheaper to compute on scrape than to keep updated."""
         metrics = self.context.metrics
@@ -208,7 +227,7 @@ class Service:
         path = self.config_path
 
         def load() -> Settings:
-            new = load_settings(path)
+            new = load_settings_for_reload(path)
             resolve_pipeline(new)  # a pipeline that would not start is a bad config too
             return self.role.apply(new)
 

@@ -89,6 +89,7 @@ class Stage:
                         continue
                     if envelope.pending:
                         passed.append(envelope)
+                request_id_var.set(None)  # later lines (stopping, say) are no request's
                 if passed:
                     await pass_on(outbox, passed)
 

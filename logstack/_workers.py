@@ -53,7 +53,7 @@ from typing import Final
 import httpx
 import trio
 
-from ._config import Settings, load_settings
+from ._config import Settings, load_settings_for_reload
 from ._errors import ConfigError
 from ._metrics import merge_expositions
 
@@ -464,7 +464,7 @@ class Supervisor:
         path = self.config_path
 
         def load() -> Settings:
-            new = load_settings(path)
+            new = load_settings_for_reload(path)
             resolve_pipeline(new)  # a pipeline that would not start is a bad config too
             return new
 

@@ -14,6 +14,9 @@ from logstack._envelope import Envelope
 from logstack._errors import AuthenticationError, RateLimitedError
 from logstack._stage import Stage, StageConfig
 
+MAX_RETRY_AFTER_S = 3600
+"""The longest ``Retry-After`` a rate-limited request is told (an hour)."""
+
 
 @dataclass(slots=True)
 class TokenBucket:
@@ -114,6 +117,7 @@ class AuthStage(Stage):
             self.context.metrics.rate_limited.labels(token=key.name).inc()
             raise RateLimitedError(
                 f"rate limit of {bucket.rate:g} requests/s (burst {bucket.burst:g}) exceeded",
-                retry_after=max(1, math.ceil(wait)),
+                # Capped: a very low rate makes ``wait`` huge, or infinite (a 500 then).
+                retry_after=max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S))),
                 details={"rate_limit_rps": bucket.rate, "rate_limit_burst": bucket.burst},
             )

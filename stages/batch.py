@@ -72,6 +72,23 @@ class BatchStage(Stage):
     def __init__(self, config: StageConfig, context: Any) -> None:
         super().__init__(config, context)
         self.name = "batch"
+        self._tenants: dict[str, str | None] = {}
+        """The tenant of every key seen in any configuration since start: a key removed or
+        renamed by a reload still has a backlog, whose entries must not reach Loki
+        without their tenant (a single-tenant Loki files them under ``fake``)."""
+        self._remember_tenants(context.settings)
+
+    def reload(self, settings: Any) -> None:
+        self._remember_tenants(settings)
+
+    def _remember_tenants(self, settings: Any) -> None:
+        for key in settings.security.api_keys.values():
+            self._tenants[key.name] = key.loki_tenant
+
+    def tenant_of(self, name: str) -> str | None:
+        """The key's tenant now, or the last one it had if a reload removed it."""
+        key = self.context.settings.key_by_name(name)
+        return key.loki_tenant if key is not None else self._tenants.get(name)
 
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Any], outbox: trio.MemorySendChannel[Any]
@@ -158,8 +175,7 @@ class BatchStage(Stage):
                     received = batches[0].received_ns
                     age = max(0.0, (time.time_ns() - received) / 1e9)
                     deadline = trio.current_time() + max(0.0, loki.batch_max_wait_s - age)
-                    key = self.context.settings.key_by_name(keylog.name)
-                    tenant = key.loki_tenant if key else None
+                    tenant = self.tenant_of(keylog.name)
                     push = PushBatch(keylog.name, tenant, cursor, cursor, received)
                 batches.reverse()  # popped from the end: each record freed once converted
                 while batches:

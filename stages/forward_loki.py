@@ -333,13 +333,17 @@ class LokiForwarder:
             else:
                 status, text, retry_after = answer.status, answer.text, answer.retry_after_s
             kind = answer_kind(status)
+            now = time.monotonic()
             if kind in ("stored", "partial"):
-                health.loki_last_ok = time.monotonic()
+                health.loki_last_ok = now
                 health.loki_failing_since = None
-            elif health.loki_failing_since is None and (
-                kind != "refused" or status in CONFIG_REFUSALS
-            ):
-                health.loki_failing_since = time.monotonic()
+            elif kind != "refused" or status in CONFIG_REFUSALS:
+                if health.loki_failing_since is None:
+                    health.loki_failing_since = now
+                health.loki_last_failure = now
+                health.loki_push_error = f"{endpoint.url}: " + (
+                    text if status is None else f"HTTP {status}"
+                )
             if kind in ("stored", "partial", "refused"):
                 self.pool.mark_ok(endpoint)
                 if kind == "stored":

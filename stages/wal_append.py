@@ -206,8 +206,8 @@ class WalAppendStage(Stage):
             if replay is not None:
                 envelope.reply.resolve(replay)
                 continue
-            envelope.accept(count)
-            metrics.logs_ingested.labels(token=keylog.name).inc(count)
+            if envelope.accept(count):  # not if its client was answered 503 meanwhile
+                metrics.logs_ingested.labels(token=keylog.name).inc(count)
         # Tell the batcher which keys grew; it reads the WAL itself, so a full channel
         # just means it is busy: never wait for it.
         try:

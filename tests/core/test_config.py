@@ -21,6 +21,7 @@ from logstack._config import (
     ApiKey,
     Settings,
     load_settings,
+    load_settings_for_reload,
 )
 from logstack._errors import ConfigError
 
@@ -307,7 +308,7 @@ def test_detectors_override_as_json() -> None:
         ("LOGSTACK_MASKING_HASH_SECRET", "12345", "masking", "hash_secret", None),
         ("LOGSTACK_MASKING_HASH_SECRET", "yes", "masking", "hash_secret", None),
         ("LOGSTACK_WAL_ROOT_PATH", "2024", "wal", "root_path", Path("2024")),
-        ("LOGSTACK_LOKI_PUSH_PATH", "2024-01-01", "loki", "push_path", None),
+        ("LOGSTACK_LOKI_USERNAME", "2024-01-01", "loki", "username", None),
         ("LOGSTACK_HOST", "1.5", "server", "host", None),
     ],
 )
@@ -367,7 +368,10 @@ _COMPLEX_VALUES: dict[tuple[str, str], Any] = {
     ("schema", "label_allowlist"): ["zone"],
     ("loki", "urls"): ["http://loki-a:3100", "http://loki-b:3100"],
 }
-_TEXT_VALUES: dict[tuple[str, str], str] = {("loki", "base_url"): "http://custom-loki:3100"}
+_TEXT_VALUES: dict[tuple[str, str], str] = {
+    ("loki", "base_url"): "http://custom-loki:3100",
+    ("loki", "push_path"): "/custom/loki/api/v1/push",  # a path: from its leading /
+}
 _COMPANIONS: dict[tuple[str, str], dict[str, str]] = {("loki", "password"): {"username": "u"}}
 """Other fields of its section a field is only valid with."""
 
@@ -1094,3 +1098,71 @@ def test_no_active_api_key_is_a_warning() -> None:
     assert load_settings(env={"LOGSTACK_SECURITY_API_KEYS": inactive}).warnings() == [warning]
     active = json.dumps({TOKEN_JSON: {"name": "svc"}})
     assert load_settings(env={"LOGSTACK_SECURITY_API_KEYS": active}).warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (b"server:\n  host: caf\xe9\n", "not UTF-8 text"),
+        (b"a: " + b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b"security:\n  rate_limit_rps: 5\nsecurity:\n  rate_limit_rps: 6\n", "twice"),
+        (b"loki:\n  push_path: loki/api/v1/push\n", "loki.push_path"),
+        (b"security:\n  rate_limit_rps: .inf\n", "security.rate_limit_rps"),
+        (b"loki:\n  timeout_s: .inf\n", "loki.timeout_s"),
+    ],
+    ids=["latin-1", "deep", "duplicate-key", "push-path", "inf-rate", "inf-timeout"],
+)
+def test_a_file_that_cannot_be_a_configuration_is_a_config_error(
+    tmp_path: Path, text: bytes, problem: str
+) -> None:
+    """Each was either a traceback (exit 1), or accepted: the second ``security:`` block
+    silently replaced the first, an infinite rate made a 500, a push path without its
+    ``/`` failed every push."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, env={})
+    assert problem in str(refused.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "base: &base {rate_limit_rps: 5, rate_limit_burst: 10}\n"
+        "security:\n  <<: *base\n  rate_limit_rps: 7\n"
+    )
+    with pytest.raises(ConfigError, match="base: unknown"):  # the anchor's own key
+        load_settings(path, env={})
+    path.write_text(
+        "security:\n  <<: {rate_limit_rps: 5, rate_limit_burst: 10}\n  rate_limit_rps: 7\n"
+    )
+    security = load_settings(path, env={}).security
+    assert (security.rate_limit_rps, security.rate_limit_burst) == (7, 10)
+
+
+@pytest.mark.parametrize(
+    ("token", "tenant"),
+    [
+        ("token with a space 0123456789", None),
+        ("token_with_a_newline\n0123456789", None),
+        ("good_token_0123456789abcdef", "team-a\r\nX-Injected: 1"),
+        ("good_token_0123456789abcdef", "x" * 151),
+    ],
+    ids=["space-in-token", "newline-in-token", "crlf-in-tenant", "long-tenant"],
+)
+def test_tokens_and_tenants_must_fit_in_a_header(token: str, tenant: str | None) -> None:
+    """A tenant with a CR/LF passed ``check-config`` and then failed every push of its key
+    for good; a token with a space can never be sent."""
+    key: dict[str, Any] = {"name": "payments-api"}
+    if tenant is not None:
+        key["loki_tenant"] = tenant
+    with pytest.raises(ValueError):
+        Settings.model_validate({"security": {"api_keys": {token: key}}})
+
+
+def test_a_reload_refuses_an_empty_file_and_reports_any_failure(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("")
+    assert load_settings(path, env={}).security.api_keys == {}  # at start: the defaults
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_settings_for_reload(path)

@@ -204,6 +204,33 @@ async def test_stale_loki_answer_is_not_ready(service: Service) -> None:
     assert body.checks.loki.detail == "no answer from Loki for 61s: http://loki:3100: 503"
 
 
+async def test_pushes_refused_while_asked_are_not_ready_and_say_the_push_error(
+    service: Service,
+) -> None:
+    health = service.context.health
+    now = time.monotonic()
+    health.loki_failing_since = now - 61
+    health.loki_last_failure = now - 1
+    health.loki_push_error = "http://loki:3100: HTTP 401"
+    health.loki_last_error = "http://loki:3100/ready: HTTP 503"  # a probe's, since
+    status, body = await ask(service)
+    assert status == 503
+    assert body.checks.loki.detail == "no push taken for 61s: http://loki:3100: HTTP 401"
+
+
+async def test_a_refused_push_long_ago_with_nothing_to_push_does_not_keep_it_not_ready(
+    service: Service,
+) -> None:
+    """One push refused (a 401, dead-lettered) and nothing since: readiness stayed 503 for
+    good, so a load balancer never sent the traffic that would have shown Loki fixed."""
+    health = service.context.health
+    now = time.monotonic()
+    health.loki_failing_since = health.loki_last_failure = now - 120
+    health.loki_push_error = "http://loki:3100: HTTP 401"
+    status, body = await ask(service)
+    assert status == 200 and body.checks.loki.detail.startswith("Loki answered")
+
+
 async def test_wal_write_failure_is_not_ready(service: Service) -> None:
     service.context.health.wal_writable = False
     service.context.health.wal_last_error = "fsync of WAL segment of x failed: EIO"

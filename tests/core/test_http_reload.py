@@ -110,8 +110,17 @@ async def test_a_bad_file_changes_nothing(tmp_path: Path) -> None:
         "security: {api_keys: [",
         yaml.safe_dump({**config, "loki": {"base_url": None, "urls": []}}),
         yaml.safe_dump({**config, "pipeline": [{"type": "no_such_stage"}]}),
+        # These stopped the service (exit 1) or replaced every key by the defaults:
+        "server:\n  host: caf\xe9\n".encode("latin-1"),  # not UTF-8
+        "a: " + "[" * 20_000 + "]" * 20_000,  # nested past the recursion limit
+        "",  # a half-written file reads as empty
+        "# only a comment\n",
+        yaml.safe_dump(config) + "security: {}\n",  # a section given twice
     ):
-        path.write_text(broken)
+        if isinstance(broken, bytes):
+            path.write_bytes(broken)
+        else:
+            path.write_text(broken)
         assert not await service.reload()
         assert service.context.settings is before
         assert service.config_version == 1

@@ -171,7 +171,8 @@ async def test_chunked_body_over_the_limit_is_413_and_counted(
     assert response.status_code == 413
     assert response.json()["error"] == "payload_too_large"
     registry = service.context.metrics.registry
-    labels = {"token": "unauthenticated", "reason": "payload_too_large"}
+    # The key was found on the headers: the refusal is that key's.
+    labels = {"token": "payments-api", "reason": "payload_too_large"}
     assert registry.get_sample_value("logs_rejected_total", labels) == 1
 
 
@@ -270,11 +271,37 @@ async def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path: Path)
             await c.send_head(INGEST, len(padded), json_with(TEST_TOKEN))
             await c.send_body(padded)
             assert (await c.read_answer())[0] == 202  # everything was given back
-        labels = {"token": "unauthenticated", "reason": "bodies_in_flight"}
+        labels = {"token": "payments-api", "reason": "bodies_in_flight"}  # found on headers
         rejected = service.context.metrics.registry.get_sample_value("logs_rejected_total", labels)
         assert rejected == 3
         for client in (a, b, c, d, e):
             await client.stream.aclose()
+
+
+async def test_a_request_answered_503_timeout_is_neither_stored_nor_counted(
+    tmp_path: Path,
+) -> None:
+    """It was written, counted as ingested and delivered after its client got 503: the
+    client's retry then stored the entries twice."""
+    config = make_test_config(
+        tmp_path, "http://127.0.0.1:9", server={"request_timeout_s": 0.000001}
+    )
+    async with open_service(Settings.model_validate(config)) as service:
+        async with httpx.AsyncClient(base_url=service.binds[0], timeout=10) as client:
+            for _ in range(3):
+                answer = await client.post(
+                    INGEST, headers=bearer(TEST_TOKEN), json={"entries": [ENTRY, ENTRY]}
+                )
+                assert answer.status_code == 503 and "timed out" in answer.json()["message"]
+        await trio.sleep(0.5)  # whatever the pipeline would still do with them
+        registry = service.context.metrics.registry
+        labels = {"token": "payments-api"}
+        assert not registry.get_sample_value("logs_ingested_total", labels)
+        assert (
+            registry.get_sample_value("logs_rejected_total", {**labels, "reason": "timeout"}) == 3
+        )
+        keylog = service.wal.logs.get("payments-api")
+        assert keylog is None or not keylog.has_unread_entries(keylog.delivered)
 
 
 async def test_a_gzip_body_holds_its_inflated_size(tmp_path: Path) -> None:

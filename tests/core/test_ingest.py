@@ -154,7 +154,7 @@ async def test_announced_oversize_body_is_413_before_it_is_sent(
     assert headers["content-type"] == "application/json"
     assert body["error"] == "payload_too_large"
     assert body["details"] == {"max_body_bytes": 4096}
-    labels = {"token": "unauthenticated", "reason": "payload_too_large"}
+    labels = {"token": "payments-api", "reason": "payload_too_large"}  # its key was valid
     assert sample(service, "logs_rejected_total", **labels) == 1
 
 

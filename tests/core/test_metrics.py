@@ -101,16 +101,17 @@ async def test_ingest_side_metrics_move(tmp_path: Path) -> None:
         assert m("http_requests_total", **labels, status_code="202") == 1
         assert m("http_request_duration_seconds_count", **labels) == 1
 
-        # Refusals, each with its reason; unauthenticated ones under "unauthenticated".
+        # Refusals, each with its reason; unauthenticated ones under "unauthenticated",
+        # the others under their key, also those refused on the headers.
         bad = await client.post(INGEST, headers=auth(), json={"entries": [entry(level="LOUD")]})
         assert bad.status_code == 400
         assert m("logs_rejected_total", token="payments-api", reason="schema") == 1
         await client.post(INGEST, json={"entries": [entry()]})
         assert m("logs_rejected_total", token="unauthenticated", reason="missing_credentials") == 1
         await client.post(INGEST, headers={**auth(), "Content-Type": "text/plain"}, content=b"x")
-        assert (
-            m("logs_rejected_total", token="unauthenticated", reason="unsupported_media_type") == 1
-        )
+        media = "unsupported_media_type"
+        assert m("logs_rejected_total", token="payments-api", reason=media) == 1
+        assert m("logs_rejected_total", token="unauthenticated", reason=media) == 0
         await client.post(
             INGEST, headers={**auth(), "Content-Type": "application/json"}, content=b"{"
         )

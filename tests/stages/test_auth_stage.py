@@ -11,7 +11,7 @@ from logstack._context import StageContext
 from logstack._envelope import Envelope
 from logstack._errors import AuthenticationError, RateLimitedError, RejectError
 from logstack._stage import StageConfig
-from stages.auth import AuthStage
+from stages.auth import MAX_RETRY_AFTER_S, AuthStage
 
 TOKEN_A = "logstack_alpha_0123456789abcdef"
 TOKEN_B = "logstack_bravo_0123456789abcdef"
@@ -221,6 +221,16 @@ def test_retry_after_is_the_deficit_in_whole_seconds(
     passes(stage, TOKEN_A)
     clock.advance(elapsed)
     assert limited(stage, TOKEN_A).retry_after == retry_after
+
+
+@pytest.mark.parametrize("rps", [1e-300, 1e-320])
+def test_a_tiny_rate_is_a_429_with_a_retry_after_of_at_most_an_hour(
+    clock: FakeClock, rps: float
+) -> None:
+    """The wait overflowed: a 300-digit ``Retry-After``, or a 500 (``ceil(inf)``)."""
+    stage = make_stage(clock, settings(rps=rps, burst=1))
+    passes(stage, TOKEN_A)
+    assert limited(stage, TOKEN_A).retry_after == MAX_RETRY_AFTER_S == 3600
 
 
 def test_retry_after_is_enough_to_pass(clock: FakeClock) -> None:

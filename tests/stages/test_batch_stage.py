@@ -3,6 +3,7 @@ gives the event loop back."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -116,3 +117,22 @@ async def test_collect_cuts_batches_at_the_entry_limit_equal_to_converting_the_r
     assert (second.start, second.end, end) == (ends[9], ends[11], ends[11])
     assert second.items == PushBatch.from_wal("alpha", None, ends[9], end, records[10:]).items
     keylog.close()
+
+
+def test_a_key_removed_or_renamed_by_a_reload_keeps_its_tenant_for_its_backlog() -> None:
+    """Its entries not yet cut into a batch went to Loki without ``X-Scope-OrgID``: into
+    a single-tenant Loki's ``fake`` tenant, or refused and dead-lettered."""
+    tenants = {
+        "payments_token_0123456789": {"name": "payments", "loki_tenant": "team-a"},
+        "users_token_0123456789ab": {"name": "users", "loki_tenant": "team-b"},
+    }
+    before = load_settings(env={"LOGSTACK_SECURITY_API_KEYS": json.dumps(tenants)})
+    stage = BatchStage(StageConfig(), StageContext(before))
+    renamed = {"payments_token_0123456789": {"name": "payments-v2", "loki_tenant": "team-a"}}
+    after = load_settings(env={"LOGSTACK_SECURITY_API_KEYS": json.dumps(renamed)})
+    stage.context.settings = after
+    stage.reload(after)
+    assert stage.tenant_of("payments") == "team-a"  # renamed: its old name's backlog
+    assert stage.tenant_of("users") == "team-b"  # removed
+    assert stage.tenant_of("payments-v2") == "team-a"
+    assert stage.tenant_of("never-configured") is None
