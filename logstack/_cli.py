@@ -6,8 +6,9 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import trio
@@ -88,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._service import serve
     from ._workers import WorkerRole, needs_supervisor, parse_worker, run_supervisor
 
-    path: str | None = args.config
+    path = config_path(args.config, os.environ)
     settings = _settings_from_supervisor() if args.settings_stdin else load_settings(path)
     if args.workers is not None:
         if not 1 <= args.workers <= MAX_WORKERS:
@@ -124,6 +125,12 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("logstack").exception("stopped by an unexpected error")
         return 1
     return 0
+
+
+def config_path(given: str | None, env: Mapping[str, str]) -> str | None:
+    """The file the service runs from and reloads: ``--config``, else ``$LOGSTACK_CONFIG``
+    (named, so that the admin status and the reload log say which file it is)."""
+    return given or env.get("LOGSTACK_CONFIG") or None
 
 
 def _settings_from_supervisor() -> Settings:

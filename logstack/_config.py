@@ -572,10 +572,14 @@ def _env_overrides(
             if key not in SECTIONS[section].model_fields:
                 problems.append(f"{var}: unknown setting {section}.{key}")
                 continue
+        path = f"{section}.{key}"
+        if path in origin:  # LOGSTACK_PORT and LOGSTACK_SERVER_PORT: which one was meant?
+            problems.append(f"{origin[path]} and {var} both set {path}: set one of them")
+            continue
         overrides.setdefault(section, {})[key] = _parse_env_for_field(
             SECTIONS[section], key, env[var]
         )
-        origin[f"{section}.{key}"] = var
+        origin[path] = var
     return overrides, origin
 
 

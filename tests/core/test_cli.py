@@ -198,3 +198,12 @@ def test_serve_runtime_tuning() -> None:
     threshold, frozen, interval = out.stdout.split()
     assert int(threshold) == 20_000 and frozen == "True"
     assert float(interval) == _cli.GIL_SWITCH_INTERVAL_S < sys.getswitchinterval()
+
+
+def test_the_config_file_is_named_also_when_it_comes_from_the_environment() -> None:
+    """Started with ``$LOGSTACK_CONFIG``, the admin status showed ``config.path: null`` and
+    the reload log ``"path": "None"``."""
+    assert _cli.config_path(None, {"LOGSTACK_CONFIG": "/etc/logstack.yaml"}) == "/etc/logstack.yaml"
+    assert _cli.config_path("given.yaml", {"LOGSTACK_CONFIG": "/etc/logstack.yaml"}) == "given.yaml"
+    assert _cli.config_path(None, {}) is None
+    assert _cli.config_path(None, {"LOGSTACK_CONFIG": ""}) is None

@@ -1166,3 +1166,10 @@ def test_a_reload_refuses_an_empty_file_and_reports_any_failure(tmp_path: Path) 
     assert load_settings(path, env={}).security.api_keys == {}  # at start: the defaults
     with pytest.raises(ConfigError, match="the file is empty"):
         load_settings_for_reload(path)
+
+
+def test_a_setting_given_by_two_variables_is_refused() -> None:
+    """``LOGSTACK_PORT`` and ``LOGSTACK_SERVER_PORT`` both set: the second won, silently."""
+    with pytest.raises(ConfigError, match="LOGSTACK_PORT and LOGSTACK_SERVER_PORT both set"):
+        load_settings(env={"LOGSTACK_PORT": "8001", "LOGSTACK_SERVER_PORT": "8002"})
+    assert load_settings(env={"LOGSTACK_PORT": "8001"}).server.port == 8001
