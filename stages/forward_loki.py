@@ -333,17 +333,8 @@ class LokiForwarder:
             else:
                 status, text, retry_after = answer.status, answer.text, answer.retry_after_s
             kind = answer_kind(status)
-            now = time.monotonic()
-            if kind in ("stored", "partial"):
-                health.loki_last_ok = now
-                health.loki_failing_since = None
-            elif kind != "refused" or status in CONFIG_REFUSALS:
-                if health.loki_failing_since is None:
-                    health.loki_failing_since = now
-                health.loki_last_failure = now
-                health.loki_push_error = f"{endpoint.url}: " + (
-                    text if status is None else f"HTTP {status}"
-                )
+            what = text if status is None else f"HTTP {status}"
+            self._note_for_readiness(kind, status, f"{endpoint.url}: {what}")
             if kind in ("stored", "partial", "refused"):
                 self.pool.mark_ok(endpoint)
                 if kind == "stored":
@@ -359,7 +350,6 @@ class LokiForwarder:
                 return PushOutcome(dead=dead, status=status, text=text)
             # 429, 408, 3xx, 5xx or no answer: transient.
             endpoint_fault = kind == "endpoint_fault"
-            what = text if status is None else f"HTTP {status}"
             if status is not None and 300 <= status < 400:
                 what += " (redirects are not followed: check loki.base_url)"
             health.loki_last_error = f"{endpoint.url}: {what}"
@@ -402,6 +392,20 @@ class LokiForwarder:
             )
             if not await self._wait_retry(delay, wake_on_recovery=endpoint_fault):
                 return PushOutcome(status=status, text=text, gave_up=True)
+
+    def _note_for_readiness(self, kind: str, status: int | None, error: str) -> None:
+        """A push Loki took, or one it did not (``error``) that says it takes none now: a
+        refusal of that push alone (a 413) says nothing about the next."""
+        health = self.context.health
+        now = time.monotonic()
+        if kind in ("stored", "partial"):
+            health.loki_last_ok = now
+            health.loki_failing_since = None
+        elif kind != "refused" or status in CONFIG_REFUSALS:
+            if health.loki_failing_since is None:
+                health.loki_failing_since = now
+            health.loki_last_failure = now
+            health.loki_push_error = error
 
     def _partial(self, key: str, items: Sequence[Item], text: str) -> PushOutcome:
         """A 400: Loki stored the valid lines; never re-send them."""

@@ -918,29 +918,33 @@ async def test_next_batch_is_built_while_one_is_in_flight_and_pushes_stay_in_ord
     assert rx.duplicates == 0
 
 
-async def test_a_failed_checkpoint_is_retried_without_pushing_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def fail_first_checkpoint(monkeypatch: pytest.MonkeyPatch, error: Exception) -> list[Exception]:
+    """Make the next ``commit_delivered`` raise ``error``; the list empties once it did."""
     from logstack._wal import KeyLog
 
     real = KeyLog.commit_delivered
-    failures = 1
+    pending = [error]
 
-    async def flaky(self: KeyLog, position: Any) -> None:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise OSError("disk full")
+    async def failing(self: KeyLog, position: Any) -> None:
+        if pending:
+            raise pending.pop()
         await real(self, position)
 
-    monkeypatch.setattr(KeyLog, "commit_delivered", flaky)
+    monkeypatch.setattr(KeyLog, "commit_delivered", failing)
+    return pending
+
+
+async def test_a_failed_checkpoint_is_retried_without_pushing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pending = fail_first_checkpoint(monkeypatch, OSError("disk full"))
     async with open_loki_receiver() as rx:
         assert rx.url
         async with delivering(tmp_path, [rx.url]) as h:
             await h.ingest("payments-api", [entry(i) for i in range(3)])
             await rx.wait_for_entries(3)
             await h.wait_delivered("payments-api")
-    assert failures == 0
+    assert pending == []
     assert received_messages(rx) == ["m0", "m1", "m2"]
     assert rx.statistics()["pushes"] == 1
 
@@ -949,19 +953,8 @@ async def test_a_checkpoint_the_wal_cannot_take_makes_readiness_say_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``/readyz`` said "writable" while every checkpoint failed (a full disk)."""
-    from logstack._wal import KeyLog
-
-    real = KeyLog.commit_delivered
-    failures = 1
-
-    async def full(self: KeyLog, position: Any) -> None:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise WalError("cannot write WAL segment of payments-api: No space left on device")
-        await real(self, position)
-
-    monkeypatch.setattr(KeyLog, "commit_delivered", full)
+    full = WalError("cannot write WAL segment of payments-api: No space left on device")
+    pending = fail_first_checkpoint(monkeypatch, full)
     async with open_loki_receiver() as rx:
         assert rx.url
         async with delivering(tmp_path, [rx.url]) as h:
@@ -970,4 +963,4 @@ async def test_a_checkpoint_the_wal_cannot_take_makes_readiness_say_so(
             health = h.context.health
             assert not health.wal_writable
             assert "No space left" in (health.wal_last_error or "")
-    assert failures == 0
+    assert pending == []
