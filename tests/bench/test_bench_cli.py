@@ -124,6 +124,11 @@ def test_short_run_reports_every_figure_and_delivers_everything() -> None:
     assert rows["workers-2"]["over_one_worker_median"] > 0
     assert rows["workers-2"]["ceiling_two_over_one_median"] > 0
     assert rows["workers-2"]["cpu_per_line_over_one_worker_median"] > 0
+    # Both rows delivered everything, so the sustained ratio is there, from the same pair.
+    one, two = rows["workers-1"], rows["workers-2"]
+    assert two["sustained_over_one_worker"] == [
+        pytest.approx(two["sustained_lines_per_s"] / one["sustained_lines_per_s"], rel=0.01)
+    ]
     assert "ceiling-100-2 " in run.stderr
 
 
@@ -145,6 +150,7 @@ def test_the_table_shows_every_goal_figure_under_its_row() -> None:
         "outage-recovery": {"drain_over_ingest_median": 2.1},
         "workers-2": {
             "over_one_worker_median": 1.2,
+            "sustained_over_one_worker_median": 1.3,
             "cpu_per_line_over_one_worker_median": 1.1,
             "ceiling_two_over_one_median": 1.6,
         },
