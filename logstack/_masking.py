@@ -10,7 +10,8 @@ touches disk. Two mechanisms:
   ``****`` unless a partial rule applies; a matched list or object has every scalar leaf
   masked. Classification is cached per raw key, since the same keys repeat across entries.
 * **Values.** ``message`` and every string in ``metadata``/``labels`` not already masked by
-  key are scanned by the value detectors: the built-ins (``email``, ``card_number`` passing
+  key, and the keys of ``metadata``/``labels`` themselves, are scanned by the value
+  detectors (a JSON number is checked for being a card): the built-ins (``email``, ``card_number`` passing
   Luhn, ``jwt``, ``bearer``), each a precompiled pass behind a substring pre-check that
   almost every string fails, and the configured ones (literal ``replacement``), combined
   into one alternation where their patterns allow it.
@@ -31,7 +32,7 @@ from itertools import accumulate
 from typing import Any, Final, TypeAlias
 
 from ._config import DEFAULT_BASELINE_KEYS, MaskingSettings, PartialRule, ValueDetector
-from ._key_names import ascii_form, normalise_key
+from ._key_names import ascii_form, ascii_letters, normalise_key
 
 __all__ = ["MASK", "KeyMasker", "Masker", "mask_email", "normalise_key"]
 
@@ -134,7 +135,12 @@ class _Rule:
 # extends a match, so nothing is masked twice.
 # ---------------------------------------------------------------------------------------
 
-_BEARER = re.compile(r"[Bb](?<![A-Za-z0-9_][Bb])(?i:earer|asic)[ \t]++[A-Za-z0-9._~+/=\-]++")
+# The scheme, then any whitespace (a header copied with its line break, a no-break space),
+# ':' or '=' ("bearer=...", "Bearer: ..."), then the credential: everything up to the next
+# whitespace, quote, bracket, comma or semicolon, so a token with '%', ':' or '$' in it is
+# masked whole (a narrower class once showed the part after the first such character).
+_BEARER = re.compile(r"[Bb](?<![A-Za-z][Bb])(?i:earer|asic)[\s:=]++[^\s\"'<>()\[\]{},;]++")
+_BEARER_SEPARATOR = re.compile(r"[\s:=]*+")
 _JWT = re.compile(r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]++(?:\.[A-Za-z0-9_\-]*+){2,4}")
 # A run of digit groups (3 to 19 digits each, the last may be shorter, a single space or
 # dash between them) holding at least 13 digits; the handler finds the Luhn-valid cards in
@@ -171,7 +177,8 @@ def _jwt_handler(match: re.Match[str]) -> _Found:
 def _bearer_handler(match: re.Match[str]) -> _Found | None:
     text = match.group()
     scheme_len = 6 if text[1] in "eE" else 5
-    credential = text[scheme_len:].lstrip(" \t")
+    separator = _BEARER_SEPARATOR.match(text, scheme_len)
+    credential = text[separator.end() if separator else scheme_len :]
     if scheme_len == 6:
         looks_secret = len(credential) >= 8 or not credential.isalpha()
     else:
@@ -184,10 +191,12 @@ def _bearer_handler(match: re.Match[str]) -> _Found | None:
 
 def _is_basic_credential(credential: str) -> bool:
     """Whether ``credential`` is base64 of ``user:password`` ("Basic information" is not)."""
-    padded = credential + "=" * (-len(credential) % 4)
+    if not credential.isascii():
+        return False
+    padded = (credential + "=" * (-len(credential) % 4)).encode("ascii")
     for decode in (base64.standard_b64decode, base64.urlsafe_b64decode):
         try:
-            raw = decode(padded.encode("ascii"))
+            raw = decode(padded)
         except (binascii.Error, ValueError):
             continue
         if b":" in raw:
@@ -223,8 +232,13 @@ def _luhn_ok(digits: str) -> bool:
 def _card_handler(match: re.Match[str]) -> _Found | None:
     """Mask every Luhn-valid card (13 to 19 digits, whole groups) inside a run of digit groups.
 
-    Windows are taken leftmost first, longest first, never overlapping, so
-    ``1234 4111 1111 1111 1111`` masks the card that starts at the second group.
+    Every window of whole groups is tried, from every group on, and each valid one is
+    masked; overlapping windows are masked as one span, shown by the span's last four
+    digits. Taking windows one after the other instead (leftmost, longest, never
+    overlapping) let a number that forms a valid window with a card's first groups hide the
+    card from the search: ``order 100009 4539 1488 0343 6467`` showed ``0343 6467``.
+    Windows that only touch stay apart: ``4111 1111 1111 1111 5500 0000 0000 0004`` is two
+    cards.
     """
     run = match.group()
     if len(run) < MIN_CARD_MATCH:  # e.g. "123 4" followed by more short groups
@@ -244,9 +258,8 @@ def _card_handler(match: re.Match[str]) -> _Found | None:
         return MASK + digits[-4:], match.end(), "detector:card_number", 1
     sums = _luhn_prefix_sums(digits)
     bounds = [0, *accumulate(len(g) for g in groups)]
-    windows: list[tuple[int, int]] = []
-    first = 0
-    while first < len(groups):
+    spans: list[list[int]] = []  # [first group, end group), overlapping windows merged
+    for first in range(len(groups)):
         start = bounds[first]
         best = 0
         last = first + 1
@@ -257,22 +270,23 @@ def _card_handler(match: re.Match[str]) -> _Found | None:
                 if (table[end] - table[start]) % 10 == 0:
                     best = last
             last += 1
-        if best:
-            windows.append((first, best))
-            first = best
+        if not best:
+            continue
+        if spans and first < spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], best)
         else:
-            first += 1
-    if not windows:
+            spans.append([first, best])
+    if not spans:
         # Every window of the run was checked: do not rescan its suffixes (quadratic).
         return None, match.end(), "detector:card_number", 0
     out: list[str] = []
     done = 0  # groups before this index are written
-    for first, best in windows:
+    for first, best in spans:
         out.extend(pieces[max(2 * done - 1, 0) : 2 * first])
         out.append(MASK + digits[bounds[best] - 4 : bounds[best]])
         done = best
     out.extend(pieces[2 * done - 1 :])
-    return "".join(out), match.end(), "detector:card_number", len(windows)
+    return "".join(out), match.end(), "detector:card_number", len(spans)
 
 
 class _Pass:
@@ -456,6 +470,21 @@ class _Detectors:
             text = user_pass.run(text, counts)
         return text
 
+    def scan_number(self, value: int | float, counts: dict[str, int]) -> str | None:
+        """A JSON number that is a card (``"cc": 4111111111111111``): its masked form as a
+        string, else ``None``. The caller only asks for numbers of 13 digits or more."""
+        if self._card is None:
+            return None
+        if isinstance(value, float):
+            if not value.is_integer():
+                return None
+            value = int(value)
+        digits = str(abs(value))
+        if not MIN_CARD_MATCH <= len(digits) <= 19 or not _luhn_ok(digits):
+            return None
+        counts["detector:card_number"] = counts.get("detector:card_number", 0) + 1
+        return MASK + digits[-4:]
+
 
 def _may_hold_card_run(body: bytes) -> bool:
     """Whether ``body`` holds 13 digits in a row, each pair separated by at most one space or
@@ -511,6 +540,8 @@ _WALKED_FIELDS: Final = ("metadata", "labels", "trace_id", "span_id")
 (``service``, ``env`` and ``level`` are names from a closed set or pattern)."""
 _MISSING: Final[Any] = object()
 _PLAIN_SCALARS: Final = frozenset({int, float, bool, type(None)})
+_CARD_SIZED: Final = 10 ** (MIN_CARD_MATCH - 1)
+"""Numbers this large or larger (13 digits) are checked for being a card."""
 
 
 class KeyMasker:
@@ -584,16 +615,38 @@ class KeyMasker:
             self._walk(entry, counts)
 
     def rule_for(self, key: Any) -> _Rule | None:
-        """The rule masking the value under ``key``, or ``None`` (cached per raw key)."""
+        """The rule masking the value under ``key``, or ``None``."""
         rule = self._cache.get(key, _MISSING)
-        if rule is _MISSING:
-            normal = normalise_key(key if isinstance(key, str) else str(key))
-            rule = self._rules.get(normal)
-            if rule is None and not normal.isascii():
-                rule = self._rules.get(ascii_form(normal))
-            if len(self._cache) < CLASSIFY_CACHE_MAX:
-                self._cache[key] = rule
-        return rule  # type: ignore[no-any-return]
+        return self._rule_of(key) if rule is _MISSING else rule
+
+    def _rule_of(self, key: Any) -> _Rule | None:
+        normal = normalise_key(key if isinstance(key, str) else str(key))
+        rule = self._rules.get(normal)
+        if rule is None and not normal.isascii():
+            rule = self._rules.get(ascii_form(normal))
+        if rule is None and isinstance(key, str) and not key.isascii():
+            # Case folding can turn a stray letter into ASCII ones ("passwordß" folds to
+            # "passwordss"): try the key's own ASCII letters too.
+            rule = self._rules.get(ascii_letters(key))
+        return rule
+
+    def _classify(self, key: Any, counts: dict[str, int]) -> tuple[_Rule | None, str | None]:
+        """The rule for ``key``'s value, and ``key`` masked if the detectors find something
+        in the key itself (an address or a token used as a key), else ``None``. Only keys
+        left as they are get cached: one that is masked is masked, and counted, each time."""
+        rule = self._rule_of(key)
+        masked = self._masked_key(key, counts)
+        if masked is None and len(self._cache) < CLASSIFY_CACHE_MAX:
+            self._cache[key] = rule
+        return rule, masked
+
+    def _masked_key(self, key: Any, counts: dict[str, int]) -> str | None:
+        if key.__class__ is not str and not isinstance(key, str):
+            return None
+        if len(key) < self._detectors.min_length:
+            return None
+        masked = self.scan(key, counts)
+        return None if masked is key else masked
 
     def _walk(self, root: dict[Any, Any] | list[Any], counts: dict[str, int]) -> None:
         # An explicit stack: nesting depth is not validated yet, so no recursion limit applies.
@@ -601,19 +654,24 @@ class KeyMasker:
         stack: list[Any] = [root]
         push = stack.append
         scan = self.scan
+        scan_number = self._detectors.scan_number
         min_length = self._detectors.min_length
         cached = self._cache.get
         while stack:
             node = stack.pop()
             if isinstance(node, dict):
+                renamed: dict[Any, str] | None = None
                 for key, value in node.items():
                     rule = cached(key, _MISSING)
                     if rule is _MISSING:
-                        rule = self.rule_for(key)
+                        rule, masked_key = self._classify(key, counts)
+                        if masked_key is not None:
+                            renamed = renamed or {}
+                            renamed[key] = masked_key
                     if rule is None:
                         pass  # not a sensitive key: treated like a list item below
                     elif isinstance(value, dict | list):
-                        _mask_leaves(value, rule, counts)
+                        _mask_leaves(value, rule, counts, self._masked_key)
                         continue
                     else:
                         node[key] = rule.apply(value)
@@ -627,8 +685,15 @@ class KeyMasker:
                                 node[key] = masked
                     elif cls is dict or cls is list:
                         push(value)
+                    elif cls is int or cls is float:
+                        if not -_CARD_SIZED < value < _CARD_SIZED:
+                            masked_number = scan_number(value, counts)
+                            if masked_number is not None:
+                                node[key] = masked_number
                     elif cls not in _PLAIN_SCALARS:
                         self._odd_value(node, key, value, push, counts)
+                if renamed is not None:
+                    _rename_keys(node, renamed)
             else:
                 for index, value in enumerate(node):
                     cls = value.__class__
@@ -639,6 +704,11 @@ class KeyMasker:
                                 node[index] = masked
                     elif cls is dict or cls is list:
                         push(value)
+                    elif cls is int or cls is float:
+                        if not -_CARD_SIZED < value < _CARD_SIZED:
+                            masked_number = scan_number(value, counts)
+                            if masked_number is not None:
+                                node[index] = masked_number
                     elif cls not in _PLAIN_SCALARS:
                         self._odd_value(node, index, value, push, counts)
 
@@ -660,12 +730,25 @@ class KeyMasker:
         )
 
 
-def _mask_leaves(root: dict[Any, Any] | list[Any], rule: _Rule, counts: dict[str, int]) -> None:
-    """Every scalar inside ``root`` (any depth) replaced by ``rule``; the structure stays."""
+def _mask_leaves(
+    root: dict[Any, Any] | list[Any],
+    rule: _Rule,
+    counts: dict[str, int],
+    masked_key: Callable[[Any, dict[str, int]], str | None],
+) -> None:
+    """Every scalar inside ``root`` (any depth) replaced by ``rule``; the structure stays,
+    its keys scanned as everywhere else (``masked_key``)."""
     stack: list[Any] = [root]
     label = rule.label
     while stack:
         node = stack.pop()
+        renamed: dict[Any, str] | None = None
+        if isinstance(node, dict):
+            for key in node:
+                new_key = masked_key(key, counts)
+                if new_key is not None:
+                    renamed = renamed or {}
+                    renamed[key] = new_key
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
             if isinstance(value, dict | list):
@@ -673,6 +756,24 @@ def _mask_leaves(root: dict[Any, Any] | list[Any], rule: _Rule, counts: dict[str
             else:
                 node[key] = rule.apply(value)
                 counts[label] = counts.get(label, 0) + 1
+        if renamed is not None:
+            _rename_keys(node, renamed)
+
+
+def _rename_keys(node: dict[Any, Any], renamed: dict[Any, str]) -> None:
+    """``node`` with the keys in ``renamed`` replaced, in place and in order. A masked key
+    equal to one already there (two addresses masking alike) gets ``#2``, ``#3``, ...: no
+    value is dropped."""
+    items = list(node.items())
+    node.clear()
+    for key, value in items:
+        new_key = renamed.get(key, key)
+        if new_key in node:
+            n = 2
+            while f"{new_key}#{n}" in node:
+                n += 1
+            new_key = f"{new_key}#{n}"
+        node[new_key] = value
 
 
 class Masker:

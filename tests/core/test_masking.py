@@ -853,3 +853,115 @@ def test_any_text_scans_without_error(text: str) -> None:
     assert first == again  # deterministic
     assert all(n > 0 for n in counts.values())
     assert "Z" not in first  # the configured detector runs after the built-ins
+
+
+# --- what the first audit of the detectors found (2026-11-28) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "counts"),
+    [
+        # A number before a card that forms a Luhn-valid window with its first groups
+        # used to be masked instead of the card, showing 8 to 12 of its digits.
+        ("order 100009 4539 1488 0343 6467", "order ****6467", {"card_number": 1}),
+        ("paid 2024 4768 4268 4656 3212", "paid ****3212", {"card_number": 1}),
+        # Two cards side by side stay two.
+        ("4111 1111 1111 1111 5500 0000 0000 0004", "****1111 ****0004", {"card_number": 2}),
+        # Bearer and Basic credentials after any whitespace, ':' or '=', masked whole.
+        ("auth Bearer\nKx7tokVALA3abcd", "auth Bearer\n****", {"bearer": 1}),
+        (
+            "Authorization: Bearer\r\nsk_live_Hh8NlTok",
+            "Authorization: Bearer\r\n****",
+            {"bearer": 1},
+        ),
+        ("Bearer\u00a0abc123xyz", "Bearer\u00a0****", {"bearer": 1}),
+        ("Bearer:abc123xyz", "Bearer:****", {"bearer": 1}),
+        ("bearer=abc123456", "bearer=****", {"bearer": 1}),
+        ("Basic\u00a0dXNlcjpwYXNzd29yZA==", "Basic\u00a0****", {"bearer": 1}),
+        ("Bearer abc123%2FHh8PctTok", "Bearer ****", {"bearer": 1}),
+        ("Bearer sk:live", "Bearer ****", {"bearer": 1}),
+        ("Bearer ab$cd", "Bearer ****", {"bearer": 1}),
+        ("hdr_Bearer abc123xyz", "hdr_Bearer ****", {"bearer": 1}),
+        ('{"auth":"Bearer abc123xyz"}', '{"auth":"Bearer ****"}', {"bearer": 1}),
+        ("(Bearer abc123xyz)", "(Bearer ****)", {"bearer": 1}),
+        # Still not credentials: a short word, and "Basic" before what is not base64.
+        ("Bearer: the holder", "Bearer: the holder", {}),
+        ("Basic ünïcode", "Basic ünïcode", {}),
+    ],
+)
+def test_detector_gaps_found_by_the_audit(text: str, expected: str, counts: dict[str, int]) -> None:
+    masked, found = scan(text)
+    assert masked == expected
+    assert found == {f"detector:{name}": n for name, n in counts.items()}
+
+
+@given(
+    body=st.text("0123456789", min_size=15, max_size=15),
+    prefix=st.text("0123456789", min_size=1, max_size=6),
+)
+def test_a_number_before_a_card_never_shows_more_than_its_last_four_digits(
+    body: str, prefix: str
+) -> None:
+    card = _luhn_complete(body)
+    grouped = " ".join(card[i : i + 4] for i in range(0, 16, 4))
+    masked, counts = scan(f"ref {prefix} {grouped} end")
+    assert masked in (f"ref {prefix} ****{card[-4:]} end", f"ref ****{card[-4:]} end")
+    assert counts == {"detector:card_number": 1}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected", "counts"),
+    [
+        ({"cc": 4111111111111111}, {"cc": "****1111"}, {"detector:card_number": 1}),
+        ({"cc": 4111111111111111.0}, {"cc": "****1111"}, {"detector:card_number": 1}),
+        ({"cc": [378282246310005]}, {"cc": ["****0005"]}, {"detector:card_number": 1}),
+        # Numbers that are not cards stay numbers.
+        ({"n": 4111111111111112, "f": 4111111111111111.5}, None, {}),
+        ({"id": 1234567890123456789012, "small": 4111, "yes": True}, None, {}),
+    ],
+)
+def test_card_numbers_sent_as_json_numbers_are_masked(
+    metadata: dict[str, Any], expected: dict[str, Any] | None, counts: dict[str, int]
+) -> None:
+    masked, found = mask_metadata(copy.deepcopy(metadata))
+    assert masked == (metadata if expected is None else expected)
+    assert found == counts
+
+
+def test_keys_are_scanned_like_values() -> None:
+    """An address, token or card used as a key (per-user maps) is masked there too."""
+    metadata, counts = mask_metadata(
+        {
+            "recipients": {"jane.doe@example.com": "sent", "ok": 1},
+            f"Bearer {JWT}": 1,
+            "password": {"john.roe@example.com": "hunter2"},
+        }
+    )
+    assert metadata == {
+        "recipients": {"j*****e@example.com": "sent", "ok": 1},
+        "Bearer ****": 1,
+        "password": {"j*****e@example.com": MASK},
+    }
+    assert counts == {"detector:email": 2, "detector:bearer": 1, "password": 1}
+
+
+def test_keys_masked_alike_keep_every_value_and_their_order() -> None:
+    metadata, counts = mask_metadata({"an@x.io": 1, "plain": 2, "am@x.io": 3})
+    assert list(metadata.items()) == [("*****@x.io", 1), ("plain", 2), ("*****@x.io#2", 3)]
+    assert counts == {"detector:email": 2}
+
+
+def test_a_masked_key_is_masked_and_counted_each_time() -> None:
+    km = masker()
+    for _ in range(3):
+        metadata, counts = mask_metadata({"jane.doe@example.com": 1, "user": 2}, km)
+        assert metadata == {"j*****e@example.com": 1, "user": 2}
+        assert counts == {"detector:email": 1}
+    assert "cached=1" in repr(km)  # "user" only
+
+
+def test_a_letter_that_case_folds_to_ascii_does_not_hide_a_baseline_key() -> None:
+    # "ß" case-folds to "ss": "passwordß" became "passwordss", which matched nothing.
+    metadata, counts = mask_metadata({"passwordß": "Ty6EszettPw", "ßecret": "x"})
+    assert metadata == {"passwordß": MASK, "ßecret": "x"}
+    assert counts == {"password": 1}

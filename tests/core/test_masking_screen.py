@@ -125,6 +125,37 @@ def test_screen_is_sound_with_a_masked_key_that_has_digits(
     check(Masker(settings_).for_key("svc"), [{"message": "m", "metadata": m} for m in metadata])
 
 
+SECRET_KEYS = st.sampled_from(
+    [
+        "jane.doe@example.com",
+        "Bearer abcdefgh12345",
+        "hdr_Bearer\nabcdefgh12345",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln",
+        "4111 1111 1111 1111",
+    ]
+)
+CARD_NUMBERS = st.sampled_from(
+    [4111111111111111, 4111111111111111.0, 378282246310005, -4111111111111111]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(SECRET_KEYS | KEYS, CARD_NUMBERS | VALUES, max_size=4),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_screen_is_sound_with_secrets_in_keys_and_cards_as_numbers(
+    metadata: list[dict[str, Any]],
+) -> None:
+    """The walk also masks keys and card numbers sent as JSON numbers: the screen must
+    send such bodies to it."""
+    masker = Masker(load_settings(env={}).masking).for_key("svc")
+    check(masker, [{"message": "m", "metadata": m} for m in metadata])
+
+
 def test_keys_with_kept_characters_inside_are_walked() -> None:
     """``{`` and ``,`` stay in the squeezed body (they mark where keys start); a key that
     holds them is still a masked key once normalised, and must be walked."""
