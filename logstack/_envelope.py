@@ -14,7 +14,7 @@ from ._body_budget import BodyBudget, held_for
 from ._config import ApiKey
 from ._entry import LogEntry
 from ._errors import PayloadTooLargeError, RejectError, ValidationError
-from ._schema import MAX_PROBLEMS
+from ._schema import MAX_PROBLEMS, shown_key
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,7 +162,7 @@ class Envelope:
             ) from None
         if not isinstance(doc, dict):
             raise _shape_error("body", "must be a JSON object with an 'entries' array")
-        unknown = sorted(k for k in doc if k != "entries")
+        unknown = sorted(shown_key(k) for k in doc if k != "entries")
         if unknown:
             problems = [
                 {"field": k, "message": f"unknown field {k!r}; only 'entries' is allowed"}

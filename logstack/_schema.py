@@ -533,8 +533,13 @@ def _member(base: str, key: Any) -> str:
         return f"{base}[<{_kind(key)} key>]"
     if len(key) <= _KEY_SHOWN_CHARS and _PLAIN_KEY_RE.fullmatch(key):
         return f"{base}.{key}"
-    shown = key if len(key) <= _KEY_SHOWN_CHARS else key[:_KEY_SHOWN_CHARS] + "..."
-    return f"{base}[{json.dumps(shown)}]"
+    return f"{base}[{json.dumps(shown_key(key))}]"
+
+
+def shown_key(key: str) -> str:
+    """A client's key as an error shows it: at most 64 characters, so an answer stays small
+    whatever was sent (a 500 KB key name is not echoed back)."""
+    return key if len(key) <= _KEY_SHOWN_CHARS else key[:_KEY_SHOWN_CHARS] + "..."
 
 
 def _field_problem(

@@ -91,6 +91,18 @@ def test_every_unknown_top_level_field_is_listed() -> None:
     assert [p["field"] for p in info.value.body()["details"]["errors"]] == ["extra", "zzz"]
 
 
+def test_a_long_unknown_field_name_is_shown_cut_to_64_characters() -> None:
+    """A 500 KB key name once came back three times in the answer (2 MB)."""
+    name = "s3cr3t-" + "A" * 500_000
+    body = msgspec.json.encode({"entries": [], name: 1})
+    with pytest.raises(ValidationError) as info:
+        Envelope(request_id="r", authorization="Bearer x", body=body).document()
+    shown = name[:64] + "..."
+    assert info.value.message == f"{shown}: unknown field {shown!r}; only 'entries' is allowed"
+    assert [p["field"] for p in info.value.body()["details"]["errors"]] == [shown]
+    assert len(msgspec.json.encode(info.value.body())) < 500
+
+
 def test_a_flood_of_unknown_fields_gets_a_bounded_answer() -> None:
     body = msgspec.json.encode({"entries": [], **{f"k{i:06d}": 1 for i in range(5000)}})
     with pytest.raises(ValidationError) as info:
