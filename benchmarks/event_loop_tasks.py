@@ -32,6 +32,7 @@ import atexit
 import json
 import os
 import runpy
+import shutil
 import signal
 import sys
 import time
@@ -228,6 +229,7 @@ async def measure(args: argparse.Namespace) -> str:
         if server is not None:
             await _stop(server)
         await _stop(receiver)
+        shutil.rmtree(bench.workdir, ignore_errors=True)
     requests = measured.accepted_requests
     if requests == 0:
         raise RuntimeError("no request was accepted during the measured load")
@@ -281,6 +283,7 @@ async def measure_drain(args: argparse.Namespace) -> str:
         if server is not None:
             await _stop(server)
         await _stop(receiver)
+        shutil.rmtree(bench.workdir, ignore_errors=True)
     drained = delivered - first
     if drained <= 0 or load.duration_s <= 0:
         raise RuntimeError("nothing was left to drain once the first push was stored")

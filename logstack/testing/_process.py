@@ -62,6 +62,14 @@ def make_test_config(workdir: Path, loki_url: str, **sections: Any) -> dict[str,
     return deep_merge(base, sections)
 
 
+def inherited_environment() -> dict[str, str]:
+    """This process's environment without its ``LOGSTACK_*`` variables: those are config
+    overrides, and a child started from a config dict (by a test or the bench) must run
+    that config, not whatever the shell exported (``LOGSTACK_SECURITY_RATE_LIMIT_RPS=100``
+    once made the bench measure a rate limit). A child's own ``env`` still sets them."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LOGSTACK_")}
+
+
 class ChildProcess:
     """A child that announces its bound address in a file once it listens."""
 
@@ -93,7 +101,7 @@ class ChildProcess:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"{self.name} is already running")
         self.port_file.unlink(missing_ok=True)
-        env = {**os.environ, **self.env}
+        env = {**inherited_environment(), **self.env}
         env.setdefault("PYTHONUNBUFFERED", "1")
         with self.log_file.open("ab") as log:
             log.write(f"--- start #{self.starts + 1} ---\n".encode())

@@ -15,11 +15,13 @@ ROW = re.compile(r"^(\S+) +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)%$", re.MUL
 
 
 def test_a_short_run_times_the_stages_and_the_http_tasks_of_a_real_server(
-    run_script: Callable[..., Any],
+    run_script: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     args = ("--lines", "10", "--connections", "2", "--warmup", "0.5", "--duration", "1")
     out = run_script("event_loop_tasks", *args)
     assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == []  # its work directory (WAL, counters) removed
     head = r"LogStack, delivery included: [0-9,]+ requests of 10 lines, 2 connections"
     assert re.search(head, out.stdout)
     rows = {row[0]: row for row in ROW.findall(out.stdout)}
@@ -44,9 +46,13 @@ def test_a_paced_run_says_so_and_offers_no_more_than_its_rate(
     assert 20 <= int(head.group(1).replace(",", "")) <= 41
 
 
-def test_a_drain_is_timed_per_push(run_script: Callable[..., Any]) -> None:
+def test_a_drain_is_timed_per_push(
+    run_script: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     out = run_script("event_loop_tasks", "--drain", "--connections", "4", "--duration", "1")
     assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == []
     head = r"LogStack draining [0-9,]+ lines in [0-9.]+ s \([0-9,]+ lines/s; ingest with Loki down"
     assert re.search(head, out.stdout), out.stdout
     rows = {row[0]: row for row in ROW.findall(out.stdout)}
