@@ -247,8 +247,8 @@ class LokiReceiver:
         self.port: int | None = None
         self._shutdown: trio.Event | None = None
         self._changed = trio.Event()
-        self._tokens = float(burst_limit_bytes)
-        self._tokens_at = time.monotonic()
+        self._buckets: dict[str, tuple[float, float]] = {}
+        """Each tenant's rate limiter: (tokens, when counted)."""
         self.reset()
 
     # ------------------------------------------------------------------ switches
@@ -272,9 +272,11 @@ class LokiReceiver:
 
     def reset(self) -> None:
         """Forget everything stored and counted (switches stay as they are)."""
-        self.streams: dict[str, list[PushEntry]] = {}
-        """Stored entries per canonical label string, in arrival order."""
-        self._state: dict[str, _StreamState] = {}
+        self.tenant_streams: dict[str, dict[str, list[PushEntry]]] = {}
+        """Stored entries per tenant (``X-Scope-OrgID``, ``fake`` without one), then per
+        canonical label string, in arrival order. As in Loki, tenants share nothing: the
+        same labels in two tenants are two streams, with their own duplicates and order."""
+        self._state: dict[tuple[str, str], _StreamState] = {}
         self.pushes = 0
         """Push requests received (answered or not yet)."""
         self.status_counts: Counter[int] = Counter()
@@ -299,16 +301,32 @@ class LokiReceiver:
 
     # ------------------------------------------------------------------ inspection
 
+    @property
+    def streams(self) -> dict[str, list[PushEntry]]:
+        """Stored entries per canonical label string, when at most one tenant pushed (most
+        tests); with several, a stream is only named with its tenant: ``tenant_streams``."""
+        if len(self.tenant_streams) > 1:
+            raise ValueError(
+                f"entries of {len(self.tenant_streams)} tenants "
+                f"({', '.join(sorted(self.tenant_streams))}): use tenant_streams"
+            )
+        return next(iter(self.tenant_streams.values()), {})
+
     def entries(self) -> list[tuple[dict[str, str], PushEntry]]:
-        """Every stored entry with its stream's labels, stream by stream."""
+        """Every stored entry with its stream's labels, stream by stream (every tenant)."""
+        return [(labels, entry) for _, labels, entry in self.tenant_entries()]
+
+    def tenant_entries(self) -> list[tuple[str, dict[str, str], PushEntry]]:
+        """Every stored entry with its tenant and its stream's labels, stream by stream."""
         return [
-            (self._state[key].labels, entry)
-            for key, entries in self.streams.items()
+            (tenant, self._state[tenant, key].labels, entry)
+            for tenant, streams in self.tenant_streams.items()
+            for key, entries in streams.items()
             for entry in entries
         ]
 
     def lines(self) -> list[str]:
-        return [entry.line for entries in self.streams.values() for entry in entries]
+        return [entry.line for _, _, entry in self.tenant_entries()]
 
     # ``timeout`` rather than the caller's ``trio.fail_after``: a timeout here is a test
     # failure and deserves a message saying what did arrive.
@@ -345,7 +363,7 @@ class LokiReceiver:
             "first_stored_ns": self.first_stored_ns,
             "first_stored_entries": self.first_stored_entries,
             "last_stored_ns": self.last_stored_ns,
-            "streams": len(self.streams),
+            "streams": len(self._state),
             "duplicates": self.duplicates,
             "last_error": self.last_error,
             "ready": self.ready,
@@ -360,7 +378,7 @@ class LokiReceiver:
             else ""
         )
         return (
-            f"<LokiReceiver {state}: {self.entry_count} entries in {len(self.streams)} "
+            f"<LokiReceiver {state}: {self.entry_count} entries in {len(self._state)} "
             f"streams, {self.pushes} pushes {dict(self.status_counts)}, "
             f"{self.duplicates} duplicates{failing}>"
         )
@@ -500,14 +518,14 @@ class LokiReceiver:
             self.allow_structured_metadata = control.allow_structured_metadata
 
     def dump_json(self) -> bytes:
-        """All stored entries as a JSON array of ``{labels, timestamp_ns, line,
+        """All stored entries as a JSON array of ``{tenant, labels, timestamp_ns, line,
         structured_metadata}`` objects (what ``GET /_receiver/entries`` answers)."""
-        return _json_encoder.encode([_entry_record(labels, e) for labels, e in self.entries()])
+        return _json_encoder.encode([_entry_record(*record) for record in self.tenant_entries()])
 
     def dump_json_lines(self) -> bytes:
         """The same records, one JSON object per line."""
         return b"".join(
-            _json_encoder.encode(_entry_record(labels, e)) + b"\n" for labels, e in self.entries()
+            _json_encoder.encode(_entry_record(*record)) + b"\n" for record in self.tenant_entries()
         )
 
     # ------------------------------------------------------------------ the push path
@@ -592,7 +610,7 @@ class LokiReceiver:
                 return 204, "", pushed, names
             return 400, validation_error + "\n", pushed, names
         # The tenant's rate limiter: a push over the burst can never pass.
-        if not self._allow(validated_bytes):
+        if not self._allow(tenant, validated_bytes):
             lines = sum(len(good) for _, _, good in accepted)
             return (
                 429,
@@ -707,12 +725,13 @@ class LokiReceiver:
         window_ns = int(window * _NS) if window is not None else None
         per_push_limit = self.rate_limit_lines_per_push
         probe_marker = self.probe_marker
+        streams = self.tenant_streams.setdefault(tenant, {})
         for key, labels, good in accepted:
-            state = self._state.get(key)
+            state = self._state.get((tenant, key))
             if state is None:
-                state = self._state[key] = _StreamState(labels)
-                self.streams[key] = []
-            stored = self.streams[key]
+                state = self._state[tenant, key] = _StreamState(labels)
+                streams[key] = []
+            stored = streams[key]
             if per_push_limit is None and self._store_whole(state, stored, good, window_ns):
                 continue
             seen = state.seen
@@ -845,8 +864,8 @@ class LokiReceiver:
                 return labels, key, f"stream '{key}' has label value too long: '{value}'"
         return labels, key, None
 
-    def _allow(self, n: int) -> bool:
-        """Go's ``rate.Limiter.AllowN`` with burst ``burst_limit_bytes``."""
+    def _allow(self, tenant: str, n: int) -> bool:
+        """Go's ``rate.Limiter.AllowN`` with burst ``burst_limit_bytes``, one per tenant."""
         burst = self.burst_limit_bytes
         if n > burst:
             return False
@@ -854,11 +873,12 @@ class LokiReceiver:
         if rate is None:
             return True
         now = time.monotonic()
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if n > self._tokens:
+        tokens, counted_at = self._buckets.get(tenant, (float(burst), now))
+        tokens = min(burst, tokens + (now - counted_at) * rate)
+        if n > tokens:
+            self._buckets[tenant] = (tokens, now)
             return False
-        self._tokens -= n
+        self._buckets[tenant] = (tokens - n, now)
         return True
 
 
@@ -891,8 +911,9 @@ def _decode(headers: dict[str, str], body: bytes) -> list[_RawStream]:
         raise _Refused(400, f"{exc}\n") from None
 
 
-def _entry_record(labels: dict[str, str], entry: PushEntry) -> dict[str, Any]:
+def _entry_record(tenant: str, labels: dict[str, str], entry: PushEntry) -> dict[str, Any]:
     return {
+        "tenant": tenant,
         "labels": labels,
         "timestamp_ns": entry.timestamp_ns,
         "line": entry.line,

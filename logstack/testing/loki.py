@@ -61,6 +61,25 @@ def _parser() -> argparse.ArgumentParser:
         help="refused entries an ingester lists per 400 (Loki: max_returned_stream_errors)",
     )
     p.add_argument(
+        "--require-tenant",
+        action="store_true",
+        help="answer 401 'no org id' to a push without X-Scope-OrgID (Loki: auth_enabled)",
+    )
+    p.add_argument(
+        "--reject-old-samples-max-age-s",
+        type=float,
+        default=None,
+        help="refuse entries older than this (Loki: reject_old_samples_max_age, 168 h); "
+        "off unless given, since it compares with the wall clock",
+    )
+    p.add_argument(
+        "--creation-grace-period-s",
+        type=float,
+        default=None,
+        help="refuse entries this far in the future (Loki: creation_grace_period, 10 min); "
+        "off unless given",
+    )
+    p.add_argument(
         "--probe-marker",
         help="record the arrival time of lines containing this marker + digits "
         "(GET /_receiver/probes; used by the benchmark)",
@@ -78,6 +97,9 @@ async def _run(args: argparse.Namespace) -> None:
         else args.out_of_order_window_s,
         allow_structured_metadata=not args.disallow_structured_metadata,
         max_returned_errors=args.max_returned_errors,
+        require_tenant=args.require_tenant,
+        reject_old_samples_max_age_s=args.reject_old_samples_max_age_s,
+        creation_grace_period_s=args.creation_grace_period_s,
         probe_marker=args.probe_marker,
     )
     rx.delay_s = args.delay_s

@@ -29,6 +29,7 @@ from logstack._loki_proto import (
     encode_push_request,
 )
 from logstack.testing import LokiReceiver, open_loki_receiver
+from logstack.testing._process import LokiReceiverProcess
 
 PUSH = "/loki/api/v1/push"
 NOW = time.time_ns()
@@ -394,6 +395,42 @@ async def test_require_tenant() -> None:
         assert (await push_proto(c, s, **{"X-Scope-OrgID": "t"})).status_code == 204
 
 
+async def test_tenants_share_no_stream(rx: LokiReceiver, client: httpx.AsyncClient) -> None:
+    """Loki keeps an instance per tenant: the same labels in two tenants are two streams,
+    each with its own duplicates and its own out-of-order window."""
+    same = stream({"mt": "x"}, (NOW, "same line"))
+    assert (await push_proto(client, same, **{"X-Scope-OrgID": "a"})).status_code == 204
+    assert (await push_proto(client, same, **{"X-Scope-OrgID": "b"})).status_code == 204
+    assert rx.duplicates == 0
+    older = stream({"mt": "x"}, (NOW - 2 * HOUR, "older, but new to c"))
+    assert (await push_proto(client, older, **{"X-Scope-OrgID": "c"})).status_code == 204
+    assert (await push_proto(client, older, **{"X-Scope-OrgID": "a"})).status_code == 400
+    assert sorted((t, e.line) for t, _, e in rx.tenant_entries()) == [
+        ("a", "same line"),
+        ("b", "same line"),
+        ("c", "older, but new to c"),
+    ]
+    assert list(rx.tenant_streams["a"]) == ['{mt="x"}']
+    assert (await client.get("/_receiver/stats")).json()["streams"] == 3
+    assert {r["tenant"] for r in (await client.get("/_receiver/entries")).json()} == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="3 tenants"):
+        _ = rx.streams
+
+
+async def test_each_tenant_has_its_own_rate_limit() -> None:
+    async with (
+        open_loki_receiver(burst_limit_bytes=1000, ingestion_rate_bytes_per_s=1.0) as rx,
+        httpx.AsyncClient(base_url=rx.url or "") as c,
+    ):
+        s = stream({"a": "b"}, (NOW, "x" * 600))
+        assert (await push_proto(c, s, **{"X-Scope-OrgID": "a"})).status_code == 204
+        assert (await push_proto(c, s, **{"X-Scope-OrgID": "b"})).status_code == 204
+        again = stream({"a": "b"}, (NOW + 1, "x" * 600))
+        r = await push_proto(c, again, **{"X-Scope-OrgID": "a"})
+        assert r.status_code == 429 and "for user a " in r.text
+        assert rx.entry_count == 2
+
+
 # ----------------------------------------------------------------------------- switches
 
 
@@ -578,7 +615,13 @@ async def test_receiver_over_http_control(rx: LokiReceiver, client: httpx.AsyncC
     assert stats["status_counts"] == {"204": 1, "503": 1}
     entries = (await client.get("/_receiver/entries")).json()
     assert entries == [
-        {"labels": {"a": "b"}, "timestamp_ns": NOW, "line": "x", "structured_metadata": {}}
+        {
+            "tenant": "fake",
+            "labels": {"a": "b"},
+            "timestamp_ns": NOW,
+            "line": "x",
+            "structured_metadata": {},
+        }
     ]
 
 
@@ -642,6 +685,7 @@ async def test_cli_process_port_file_entries_and_dump(tmp_path: Path) -> None:
             r = await c.post(PUSH, content=compress_snappy(encode_push_request([s])), headers=PROTO)
             assert r.status_code == 204
             expected = {
+                "tenant": "fake",
                 "labels": {"service": "api"},
                 "timestamp_ns": NOW,
                 "line": "from a test",
@@ -707,3 +751,32 @@ async def test_probe_marker_records_arrival_times() -> None:
     assert set(probes) == {"000000042", "7"}
     assert all(before <= at <= time.time_ns() for at in probes.values())
     assert rx.entry_count == 4  # probing changes nothing about what is stored
+
+
+def test_the_process_form_takes_loki_auth_and_age_limits(tmp_path: Path) -> None:
+    """``auth_enabled`` (401 without a tenant) and the two age limits, from the command line."""
+    proc = LokiReceiverProcess(
+        tmp_path,
+        extra_args=[
+            "--require-tenant",
+            "--reject-old-samples-max-age-s",
+            "3600",
+            "--creation-grace-period-s",
+            "600",
+        ],
+    )
+    url = proc.start()
+    try:
+        fresh = compress_snappy(encode_push_request([stream({"a": "b"}, (time.time_ns(), "x"))]))
+        assert httpx.post(url + PUSH, content=fresh, headers=PROTO).status_code == 401
+        tenant = {**PROTO, "X-Scope-OrgID": "t"}
+        assert httpx.post(url + PUSH, content=fresh, headers=tenant).status_code == 204
+        for ts, reason in (
+            (time.time_ns() - 2 * HOUR, "too old"),
+            (time.time_ns() + HOUR, "too new"),
+        ):
+            body = compress_snappy(encode_push_request([stream({"a": "b"}, (ts, "y"))]))
+            answer = httpx.post(url + PUSH, content=body, headers=tenant)
+            assert answer.status_code == 400 and f"timestamp {reason}" in answer.text
+    finally:
+        proc.stop()
