@@ -11,10 +11,10 @@ touches disk. Two mechanisms:
   masked. Classification is cached per raw key, since the same keys repeat across entries.
 * **Values.** ``message`` and every string in ``metadata``/``labels`` not already masked by
   key, and the keys of ``metadata``/``labels`` themselves, are scanned by the value
-  detectors (a JSON number is checked for being a card): the built-ins (``email``, ``card_number`` passing
-  Luhn, ``jwt``, ``bearer``), each a precompiled pass behind a substring pre-check that
-  almost every string fails, and the configured ones (literal ``replacement``), combined
-  into one alternation where their patterns allow it.
+  detectors (a JSON number is checked for being a card): the built-ins (``email``,
+  ``card_number`` passing Luhn, ``jwt``, ``bearer``), each a precompiled pass behind a
+  substring pre-check that almost every string fails, and the configured ones (literal
+  ``replacement``), combined into one alternation where their patterns allow it.
 
 ``Masker(settings).for_key(name)`` gives the ``KeyMasker`` of one API key (baseline plus
 that key's override, which may add keys and rules but never removes the baseline).
