@@ -374,6 +374,7 @@ ErrorCode = Literal[
     "validation_error",
     "payload_too_large",
     "unsupported_media_type",
+    "idempotency_key_reused",
     "rate_limit_exceeded",
     "quota_exceeded",
     "unavailable",

@@ -92,6 +92,15 @@ class UnsupportedMediaTypeError(RejectError):
     code = "unsupported_media_type"
 
 
+class IdempotencyKeyReusedError(RejectError):
+    """``X-Idempotency-Key`` again within its window, with other entries than the request
+    accepted under it (a client reusing keys): answering the first request's ``202`` would
+    tell the client that entries never stored were accepted."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class RateLimitedError(RejectError):
     status = 429
     code = "rate_limit_exceeded"

@@ -151,6 +151,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             Answer(413, "The (decoded) body exceeds `server.max_body_bytes`."),
             Answer(415, "Not `application/json`, or an encoding other than gzip."),
             Answer(
+                422,
+                "`idempotency_key_reused`: the `X-Idempotency-Key` was used in the last 15 "
+                "minutes for a request with other entries; `details` names that request.",
+            ),
+            Answer(
                 429,
                 "`rate_limit_exceeded` (the key's token bucket) or `quota_exceeded` (the "
                 "key's WAL backlog is at 80% of its size or age quota).",

@@ -57,6 +57,9 @@ READ_CHUNK = 128 * 1024
 reads a few records per step; reading up to its byte limit (1 MiB by default) each time
 copied some twenty times what the step used."""
 Position = tuple[int, int]
+IdempotencySeen = tuple[str, int, int, str]
+"""A request accepted under an idempotency key: its request id, entries accepted, when
+(``time.time_ns``), and the digest of its masked entries (``""`` if not known)."""
 """(segment sequence number, byte offset within that segment)."""
 Clock = Callable[[], float]
 
@@ -141,7 +144,8 @@ class KeyLog:
     """Everything before this position is fsynced (readers never look past it)."""
     last_entry_end: Position = (0, HEADER_SIZE)
     """End of the newest entry batch appended: beyond it there are only bookkeeping records."""
-    idempotency: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    idempotency: dict[str, IdempotencySeen] = field(default_factory=dict)
+    """Requests accepted under an idempotency key, by the key's hash."""
     last_write: float = 0.0
     flush_requested: bool = False
     """Set by ``request_flush`` (admin flush): the batcher cuts what it holds at once."""
@@ -216,11 +220,11 @@ class KeyLog:
         assert self._fd is not None
         records: list[Record] = []
         horizon = time.time_ns() - IDEMPOTENCY_WINDOW_NS
-        for digest, (request_id, count, at_ns) in list(self.idempotency.items()):
-            if at_ns < horizon:
+        for digest, seen in list(self.idempotency.items()):
+            if seen[2] < horizon:
                 del self.idempotency[digest]
             else:
-                records.append(IdempotencyRecord(digest, request_id, count, at_ns))
+                records.append(IdempotencyRecord(digest, *seen))
         records.append(Checkpoint(*self.delivered, time.time_ns()))
         buffer = bytearray()
         for record in records:
@@ -708,7 +712,7 @@ def _scan_frames(
     seq: int,
     view: memoryview,
     metrics: Metrics,
-    idempotency: dict[str, tuple[str, int, int]],
+    idempotency: dict[str, IdempotencySeen],
     damage: set[Position],
 ) -> _ScanResult:
     """Walk every frame of a mapped segment, stepping over damaged ones in the middle.
@@ -733,6 +737,7 @@ def _scan_frames(
                     record.request_id,
                     record.entries_accepted,
                     record.accepted_ns,
+                    record.entries_digest,
                 )
             elif isinstance(record, ENTRY_RECORDS):
                 result.last_entry_end = frame.end
@@ -759,7 +764,7 @@ def _scan_segment(
     path: Path,
     seq: int,
     metrics: Metrics,
-    idempotency: dict[str, tuple[str, int, int]],
+    idempotency: dict[str, IdempotencySeen],
     damage: set[Position],
 ) -> _ScanResult:
     """Read one segment front to back (memory-mapped, so a large segment costs no heap):

@@ -81,6 +81,9 @@ class IdempotencyRecord(msgspec.Struct, tag=3, array_like=True, gc=False):
     request_id: str
     entries_accepted: int
     accepted_ns: int
+    entries_digest: str = ""
+    """A digest of the request's masked entries: a retry must carry the same ones (empty in
+    records written before it was kept: such a retry is taken as the same request)."""
 
 
 Record = EntryBatch | LineBatch | Checkpoint | IdempotencyRecord

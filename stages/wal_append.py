@@ -10,10 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from logstack._envelope import Accepted, Batch, Envelope
-from logstack._errors import QuotaExceededError, RejectError, UnavailableError, WalError
+from logstack._errors import (
+    IdempotencyKeyReusedError,
+    QuotaExceededError,
+    RejectError,
+    UnavailableError,
+    WalError,
+)
 from logstack._loki_line import line_batch
 from logstack._stage import Stage, StageConfig, coalesce, pass_on
 from logstack._wal import IDEMPOTENCY_WINDOW_NS, KeyLog, WalStore
@@ -30,12 +37,21 @@ PROBE_INTERVAL_S = 1.0
 COMMIT_QUEUE = 64
 """Written batches of requests that may wait for a group commit (then writing waits too)."""
 
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+
 Written = tuple[Envelope, KeyLog, Accepted | None, int]
 """A written request: its log, the first answer if it was an idempotent retry, its entries."""
 
 
 def idempotency_hash(key_name: str, idempotency_key: str) -> str:
     return hashlib.sha256(f"{key_name}\0{idempotency_key}".encode()).hexdigest()[:32]
+
+
+def entries_digest(entries: list[Any]) -> str:
+    """What tells a retry from another request under the same idempotency key: a digest of
+    its entries as masked and validated (the same body gives the same entries, whatever
+    its encoding or gzip; a digest, never the entries, so nothing unmasked is kept)."""
+    return hashlib.blake2b(_msgpack_encode(entries), digest_size=16).hexdigest()
 
 
 class WalAppendStage(Stage):
@@ -98,7 +114,7 @@ class WalAppendStage(Stage):
                 )
 
     def _append(
-        self, envelope: Envelope, waiting: dict[str, tuple[str, int]]
+        self, envelope: Envelope, waiting: dict[str, tuple[str, int, str]]
     ) -> tuple[KeyLog, Accepted | None, int]:
         """Write one request's records; return the log to fsync, for an idempotent retry
         the first answer to repeat once that fsync is done, and the entries written.
@@ -108,37 +124,48 @@ class WalAppendStage(Stage):
         fsync later, when other requests have taken the CPU's caches."""
         keylog = self.store.log_for(envelope.key_name)
         entries = envelope.entries or []
-        digest = None
+        digest = fingerprint = None
         if envelope.idempotency_key is not None:
             digest = idempotency_hash(envelope.key_name, envelope.idempotency_key)
+            fingerprint = entries_digest(entries)
             seen = waiting.get(digest) or self._recent(keylog, digest)
             if seen is not None:
+                if seen[2] and seen[2] != fingerprint:
+                    raise IdempotencyKeyReusedError(
+                        "X-Idempotency-Key was used within the last 15 minutes for a request "
+                        "with other entries; use a new key for new entries",
+                        details={"request_id": seen[0], "entries_accepted": seen[1]},
+                    )
                 # A retry of an accepted request: the first answer, stored once.
                 return keylog, Accepted(seen[1], seen[0]), 0
         self._admit(keylog)
         records: list[Record] = [line_batch(envelope.request_id, time.time_ns(), entries)]
         now = time.time_ns()
-        if digest is not None:
-            records.append(IdempotencyRecord(digest, envelope.request_id, len(entries), now))
+        if digest is not None and fingerprint is not None:
+            records.append(
+                IdempotencyRecord(digest, envelope.request_id, len(entries), now, fingerprint)
+            )
         keylog.append(records)
-        if digest is not None:
+        if digest is not None and fingerprint is not None:
             # Only once written: a retry must not be told "accepted" for a write that
             # failed (it was, and nothing was stored). ``_answer_group`` forgets it again
             # if the fsync fails.
-            keylog.idempotency[digest] = (envelope.request_id, len(entries), now)
-            waiting[digest] = (envelope.request_id, len(entries))
+            keylog.idempotency[digest] = (envelope.request_id, len(entries), now, fingerprint)
+            waiting[digest] = (envelope.request_id, len(entries), fingerprint)
         envelope.entries = envelope.raw_entries = None
         return keylog, None, len(entries)
 
     @staticmethod
-    def _recent(keylog: KeyLog, digest: str) -> tuple[str, int] | None:
+    def _recent(keylog: KeyLog, digest: str) -> tuple[str, int, str] | None:
+        """The request accepted under ``digest`` within the window: its request id, entries
+        accepted and entries' digest."""
         seen = keylog.idempotency.get(digest)
         if seen is None:
             return None
         if time.time_ns() - seen[2] > IDEMPOTENCY_WINDOW_NS:
             del keylog.idempotency[digest]
             return None
-        return seen[0], seen[1]
+        return seen[0], seen[1], seen[3]
 
     async def run(
         self, inbox: trio.MemoryReceiveChannel[Batch], outbox: trio.MemorySendChannel[Any]
@@ -162,7 +189,7 @@ class WalAppendStage(Stage):
         """Write every pending request of ``batch`` (or refuse it); the committer answers
         the written ones once their group's fsync is done."""
         written: list[Written] = []
-        waiting: dict[str, tuple[str, int]] = {}
+        waiting: dict[str, tuple[str, int, str]] = {}
         for envelope in batch:
             if not envelope.pending:
                 continue

@@ -130,6 +130,26 @@ IDEMPOTENCY_FRAME = bytes.fromhex(
     "07"
     "cf17979cfead5f9400"
 )
+"""The shape written before ``entries_digest`` (2026-11-28): still read, as a record with
+an empty digest."""
+
+IDEMPOTENCY_WITH_DIGEST = IdempotencyRecord(
+    "ab" * 32, "req-2", 7, 1_700_000_002_000_000_000, "cd" * 16
+)
+IDEMPOTENCY_WITH_DIGEST_FRAME = bytes.fromhex(
+    "76000000 184640af"
+    # [tag 3, key_hash, request_id, entries_accepted, accepted_ns, entries_digest]
+    "96"
+    "03"
+    "d940"
+    "6162616261626162616261626162616261626162616261626162616261626162"
+    "6162616261626162616261626162616261626162616261626162616261626162"
+    "a57265712d32"
+    "07"
+    "cf17979cfead5f9400"
+    "d920"
+    "6364636463646364636463646364636463646364636463646364636463646364"
+)
 
 HEADER_CREATED_NS = 1_700_000_000_000_000_000
 HEADER_BYTES = bytes.fromhex(
@@ -141,8 +161,15 @@ GOLDEN = [
     pytest.param(ENTRY_BATCH, ENTRY_BATCH_FRAME, id="entry_batch"),
     pytest.param(LINE_BATCH, LINE_BATCH_FRAME, id="line_batch"),
     pytest.param(CHECKPOINT, CHECKPOINT_FRAME, id="checkpoint"),
-    pytest.param(IDEMPOTENCY, IDEMPOTENCY_FRAME, id="idempotency"),
+    pytest.param(IDEMPOTENCY_WITH_DIGEST, IDEMPOTENCY_WITH_DIGEST_FRAME, id="idempotency"),
 ]
+
+
+def test_an_idempotency_record_of_the_earlier_shape_is_read_with_an_empty_digest() -> None:
+    scan = FrameScan(IDEMPOTENCY_FRAME, 100)
+    [frame] = list(scan)
+    assert decode_record(frame.payload) == IDEMPOTENCY
+    assert IDEMPOTENCY.entries_digest == ""
 
 
 @pytest.mark.parametrize(("record", "golden"), GOLDEN)
@@ -163,7 +190,13 @@ def test_golden_bytes_decode_to_record(record: Record, golden: bytes) -> None:
 
 
 def test_golden_frames_are_length_and_crc_of_payload() -> None:
-    for golden in (ENTRY_BATCH_FRAME, LINE_BATCH_FRAME, CHECKPOINT_FRAME, IDEMPOTENCY_FRAME):
+    for golden in (
+        ENTRY_BATCH_FRAME,
+        LINE_BATCH_FRAME,
+        CHECKPOINT_FRAME,
+        IDEMPOTENCY_FRAME,
+        IDEMPOTENCY_WITH_DIGEST_FRAME,
+    ):
         length, crc = struct.unpack_from("<II", golden)
         payload = golden[FRAME_OVERHEAD:]
         assert length == len(payload)
@@ -210,6 +243,7 @@ def test_entry_field_order_is_pinned() -> None:
         "request_id",
         "entries_accepted",
         "accepted_ns",
+        "entries_digest",
     )
 
 
@@ -257,8 +291,8 @@ def test_bad_header_is_corruption(data: bytes, message: str) -> None:
 def test_encode_frame_appends_to_existing_buffer() -> None:
     buffer = bytearray(b"prefix")
     encode_frame(CHECKPOINT, buffer)
-    encode_frame(IDEMPOTENCY, buffer)
-    assert bytes(buffer) == b"prefix" + CHECKPOINT_FRAME + IDEMPOTENCY_FRAME
+    encode_frame(IDEMPOTENCY_WITH_DIGEST, buffer)
+    assert bytes(buffer) == b"prefix" + CHECKPOINT_FRAME + IDEMPOTENCY_WITH_DIGEST_FRAME
     # The buffer can still grow: no memoryview export was left behind.
     buffer.extend(b"more")
 

@@ -172,6 +172,31 @@ def test_a_gzip_body_of_several_members_is_read_whole(no_loki_server: LogstackPr
     assert response.json()["entries_accepted"] == 2
 
 
+def test_an_idempotency_key_reused_for_other_entries_is_422(
+    no_loki_server: LogstackProcess,
+) -> None:
+    url, key = no_loki_server.url + INGEST, {"X-Idempotency-Key": "order-7"}
+    first = httpx.post(url, headers={**bearer(TEST_TOKEN), **key}, content=body())
+    assert first.status_code == 202, first.text
+    # The same entries re-encoded and gzipped are a retry: the first answer.
+    retry = httpx.post(
+        url,
+        headers={**bearer(TEST_TOKEN), **key, "Content-Encoding": "gzip"},
+        content=gzip.compress(json.dumps({"entries": [ENTRY]}, indent=2).encode()),
+    )
+    assert retry.status_code == 202 and retry.json()["request_id"] == first.json()["request_id"]
+    other = httpx.post(
+        url, headers={**bearer(TEST_TOKEN), **key}, content=body({**ENTRY, "message": "new"})
+    )
+    assert other.status_code == 422
+    assert other.json() == {
+        "error": "idempotency_key_reused",
+        "message": "X-Idempotency-Key was used within the last 15 minutes for a request with "
+        "other entries; use a new key for new entries",
+        "details": {"request_id": first.json()["request_id"], "entries_accepted": 1},
+    }
+
+
 def test_unknown_route_and_method(no_loki_server: LogstackProcess) -> None:
     check_error_shape(httpx.get(no_loki_server.url + "/nope"), 404, "not_found")
     wrong_method = httpx.get(no_loki_server.url + INGEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,12 +17,12 @@ from logstack._config import ApiKey, load_settings
 from logstack._context import StageContext
 from logstack._entry import LogEntry
 from logstack._envelope import Accepted, Envelope
-from logstack._errors import QuotaExceededError, UnavailableError
+from logstack._errors import IdempotencyKeyReusedError, QuotaExceededError, UnavailableError
 from logstack._loki_line import line_batch
 from logstack._wal import WalStore, segment_name
 from logstack._wal_format import LineBatch
 from logstack.testing._faults import file_size_limit
-from stages.wal_append import WalAppendStage
+from stages.wal_append import WalAppendStage, idempotency_hash
 
 
 async def fsync_inline(fds: list[int]) -> None:
@@ -173,6 +174,36 @@ async def test_idempotent_retry_is_answered_once_and_stored_once(tmp_path: Path)
         keylog = h.store.logs["alpha"]
         batches = keylog.read(keylog.delivered, 10_000, 1 << 30).batches
         assert sum(len(b.entries) for b in batches) == 2
+
+
+async def test_an_idempotency_key_reused_for_other_entries_is_refused_not_answered_202(
+    tmp_path: Path,
+) -> None:
+    """Once answered with the first request's 202, and nothing of the second was stored."""
+    async with running(tmp_path) as h:
+        first = await h.post(n=1, idempotency_key="k")
+        reused = await h.post(n=2, idempotency_key="k")
+        assert isinstance(first, Accepted)
+        assert isinstance(reused, IdempotencyKeyReusedError) and reused.status == 422
+        assert reused.details == {"request_id": first.request_id, "entries_accepted": 1}
+        assert await h.post(n=1, idempotency_key="k") == first  # the real retry still is
+        keylog = h.store.logs["alpha"]
+        batches = keylog.read(keylog.delivered, 10_000, 1 << 30).batches
+        assert sum(len(b.entries) for b in batches) == 1
+    # After a restart the digest is read back from the WAL with the key.
+    async with running(tmp_path) as h:
+        assert isinstance(await h.post(n=2, idempotency_key="k"), IdempotencyKeyReusedError)
+        assert await h.post(n=1, idempotency_key="k") == first
+
+
+async def test_an_idempotency_record_without_a_digest_takes_any_retry_as_the_same(
+    tmp_path: Path,
+) -> None:
+    """Records written before the digest was kept cannot tell: the first answer, as before."""
+    async with running(tmp_path) as h:
+        keylog = h.store.log_for("alpha")
+        keylog.idempotency[idempotency_hash("alpha", "old")] = ("req-old", 3, time.time_ns(), "")
+        assert await h.post(n=5, idempotency_key="old") == Accepted(3, "req-old")
 
 
 async def test_quota_rejects_one_key_only(tmp_path: Path) -> None:
