@@ -101,7 +101,9 @@ _E400 = Answer(400, "Malformed JSON or a schema violation; `details` lists every
 _E500 = Answer(500, "A bug: no stack trace, no input echoed.")
 _E503 = Answer(
     503,
-    "WAL disk below its free-space floor, WAL not writable, pipeline full, or shutting down.",
+    "WAL disk below its free-space floor, WAL not writable or too slow (timeout), pipeline "
+    "full, too many request bodies in flight (`server.max_body_bytes_in_flight`), or "
+    "shutting down.",
     headers=("Retry-After",),
 )
 
