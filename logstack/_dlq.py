@@ -7,9 +7,11 @@ Entries Loki's answer did not account for (it may have stored them) are kept too
 ``unconfirmed``: replaying them is safe, Loki drops exact duplicates it still holds.
 
 Appends are written and fsynced before the forwarder checkpoints past the range, so a crash
-in between re-delivers the range (and the same refusal is not recorded twice: records carry
-their WAL range). Replay removes records by rewriting the file (temp file, fsync, rename,
-fsync of the directory). All file work runs in worker threads, serialised per key.
+in between re-delivers the range, and the same refusal is not recorded twice: records carry
+their WAL range, and a record whose range overlaps recorded ones (after a restart, delivery
+may cut its batches elsewhere) leaves out the entries they hold. Replay removes records by
+rewriting the file (temp file, fsync, rename, fsync of the directory). All file work runs
+in worker threads, serialised per key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -195,7 +198,14 @@ class DeadLetterQueue:
     # ------------------------------------------------------------------ writing
 
     async def append(self, record: DeadLetter) -> bool:
-        """Append ``record`` durably; ``False`` if the same WAL range is already recorded."""
+        """Append ``record`` durably; ``False`` if its entries are recorded already.
+
+        A record whose WAL range overlaps recorded ones is appended without the entries
+        those hold (``record`` is changed in place): after a crash between this append and
+        the forwarder's checkpoint, the range is delivered again from the last checkpoint
+        and may be cut into batches elsewhere, so the same refusal comes with another range.
+        Entries are matched by stream, timestamp and line, as many times as they are held
+        (two requests may send the same line)."""
         async with self.lock(record.key):
             ranges = self._ranges.get(record.key)
             if ranges is None:
@@ -205,6 +215,10 @@ class DeadLetterQueue:
             span = _span(record)
             if span is not None and span in ranges:
                 return False
+            if span is not None and any(_overlap(span, other) for other in ranges):
+                await trio.to_thread.run_sync(self._leave_out_recorded, record, span)
+                if not record.entries:
+                    return False
             await trio.to_thread.run_sync(self._append_sync, record)
             if span is not None:
                 ranges.add(span)
@@ -221,6 +235,28 @@ class DeadLetterQueue:
             if span is not None:
                 out.add(span)
         return out
+
+    def _leave_out_recorded(self, record: DeadLetter, span: tuple[int, int, int, int]) -> None:
+        held: Counter[tuple[Labels, str, str]] = Counter()
+        for other in self.read_sync(record.key):
+            other_span = _span(other)
+            if other_span is not None and _overlap(span, other_span):
+                held.update(_identities(other))
+        kept_streams: list[DeadStream] = []
+        for stream in record.streams:
+            labels: Labels = tuple(sorted(stream.stream.items()))
+            kept: list[DeadEntry] = []
+            for entry in stream.entries:
+                identity = (labels, entry.ts, entry.line)
+                if held[identity] > 0:
+                    held[identity] -= 1
+                else:
+                    kept.append(entry)
+            if kept:
+                kept_streams.append(DeadStream(stream.stream, kept))
+        record.streams = kept_streams
+        record.entries = sum(len(s.entries) for s in kept_streams)
+        record.unconfirmed = sum(e.unconfirmed for s in kept_streams for e in s.entries)
 
     def _append_sync(self, record: DeadLetter) -> None:
         path = self.path(record.key)
@@ -334,6 +370,19 @@ class DeadLetterQueue:
 
     def __repr__(self) -> str:
         return f"<DeadLetterQueue {self.root} keys={self.keys()}>"
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether two WAL ranges ``(start segment, offset, end segment, offset)`` share a
+    position (positions compare as (segment, offset) pairs)."""
+    return a[:2] < b[2:] and b[:2] < a[2:]
+
+
+def _identities(record: DeadLetter) -> Iterator[tuple[Labels, str, str]]:
+    for stream in record.streams:
+        labels: Labels = tuple(sorted(stream.stream.items()))
+        for entry in stream.entries:
+            yield labels, entry.ts, entry.line
 
 
 def _span(record: DeadLetter | DeadLetterHeader) -> tuple[int, int, int, int] | None:

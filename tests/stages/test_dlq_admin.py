@@ -81,6 +81,50 @@ async def test_append_read_rewrite_round_trip(tmp_path: Path) -> None:
     assert queue.keys() == []
 
 
+async def test_a_refusal_seen_again_with_another_wal_range_is_not_recorded_twice(
+    tmp_path: Path,
+) -> None:
+    """After a crash between the DLQ write and the checkpoint, delivery starts again at the
+    checkpoint and may cut the batch elsewhere: the same refusal came with another range
+    and was recorded twice (an audit's kill -9 did it three times in three)."""
+    queue = DeadLetterQueue(tmp_path)
+    first = make_dead_letter(
+        "payments-api",
+        None,
+        400,
+        "line too long",
+        [(item(0), "", False), (item(1), "", True)],
+        wal_range=((0, 24), (1, 2682)),
+    )
+    assert await queue.append(first)
+    again = make_dead_letter(
+        "payments-api",
+        None,
+        400,
+        "line too long",
+        [(item(0), "", False), (item(1), "", True)],
+        wal_range=((1, 24), (1, 2838)),
+    )
+    assert not await queue.append(again)
+    # Overlapping, with one entry not recorded yet (and one line sent twice: once held).
+    more = make_dead_letter(
+        "payments-api",
+        None,
+        400,
+        "line too long",
+        [(item(1), "", True), (item(2), "", False), (item(0), "", False), (item(0), "", False)],
+        wal_range=((1, 100), (1, 3000)),
+    )
+    assert await queue.append(more)
+    assert more.entries == 2 and more.unconfirmed == 0
+    records = await queue.read("payments-api")
+    assert [r.items() for r in records] == [[item(0), item(1)], [item(2), item(0)]]
+    # A range that does not overlap is recorded whole, the same lines included.
+    later = record("payments-api", 2, wal_range=((2, 24), (2, 500)))
+    assert await queue.append(later)
+    assert [h.entries for h in queue.headers_sync("payments-api")] == [2, 2, 2]
+
+
 async def test_a_record_cut_short_by_a_full_disk_is_not_kept(tmp_path: Path) -> None:
     """The short write was fsynced as if whole: the cut record was lost, and the next
     one, appended to its line, with it (the forwarder had checkpointed past both)."""
