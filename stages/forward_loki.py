@@ -551,51 +551,65 @@ class LokiForwarder:
         limit = self.loki.burst_limit_bytes
         changes: dict[str, DeadLetter | None] = {}
         processed = 0
-        for record in records:
-            tenant = configured.loki_tenant if configured is not None else record.tenant
-            items = record.items()
-            before = [(e.reason, e.unconfirmed) for s in record.streams for e in s.entries]
-            position = {id(item): i for i, item in enumerate(items)}
-            still_dead: dict[int, tuple[str, bool]] = {}
-            settled: set[int] = set()
-            chunks, oversized = split_by_size(items, limit)
-            for item in oversized:
-                still_dead[position[id(item)]] = (_oversize_reason(item, limit), False)
-                settled.add(position[id(item)])
-            failure: PushOutcome | None = None
-            answers: list[str] = []
-            for chunk in chunks:
-                indices = [position[id(item)] for item in chunk]
-                outcome = await self.push(key, tenant, chunk, retry=False)
-                if outcome.gave_up:
-                    failure = outcome
-                    break
-                settled.update(indices)
-                report.replayed_entries += outcome.stored
-                for i, why, unsure in outcome.dead:
-                    still_dead[indices[i]] = (why or outcome.text.strip(), unsure)
-                if outcome.dead:
-                    answers.append(f"HTTP {outcome.status}: {outcome.text.strip()}")
-            report.refused_again_entries += len(still_dead)
-            for i in range(len(items)):
-                if i not in settled:
-                    still_dead[i] = before[i]  # not sent again (replay stopped): unchanged
-            processed += 1
-            if still_dead:
-                what = "\n".join(answers)
+        try:
+            for record in records:
+                tenant = configured.loki_tenant if configured is not None else record.tenant
+                items = record.items()
+                before = [(e.reason, e.unconfirmed) for s in record.streams for e in s.entries]
+                position = {id(item): i for i, item in enumerate(items)}
+                still_dead: dict[int, tuple[str, bool]] = {}
+                settled: set[int] = set()
+                chunks, oversized = split_by_size(items, limit)
+                for item in oversized:
+                    still_dead[position[id(item)]] = (_oversize_reason(item, limit), False)
+                    settled.add(position[id(item)])
+                failure: PushOutcome | None = None
+                answers: list[str] = []
+                for chunk in chunks:
+                    indices = [position[id(item)] for item in chunk]
+                    outcome = await self.push(key, tenant, chunk, retry=False)
+                    if outcome.gave_up:
+                        failure = outcome
+                        break
+                    settled.update(indices)
+                    report.replayed_entries += outcome.stored
+                    for i, why, unsure in outcome.dead:
+                        still_dead[indices[i]] = (why or outcome.text.strip(), unsure)
+                    if outcome.dead:
+                        answers.append(f"HTTP {outcome.status}: {outcome.text.strip()}")
+                report.refused_again_entries += len(still_dead)
+                for i in range(len(items)):
+                    if i not in settled:
+                        still_dead[i] = before[i]  # not sent again (replay stopped): unchanged
+                processed += 1
+                if still_dead:
+                    what = "\n".join(answers)
+                    if failure is not None:
+                        status = f"HTTP {failure.status}" if failure.status else failure.text
+                        what = f"{what}\n{status}".strip()
+                    pending = [(items[i], still_dead[i]) for i in sorted(still_dead)]
+                    changes[record.id] = _updated(record, pending, what)
+                else:
+                    changes[record.id] = None
+                    report.replayed_records += 1
                 if failure is not None:
-                    status = f"HTTP {failure.status}" if failure.status else failure.text
-                    what = f"{what}\n{status}".strip()
-                pending = [(items[i], still_dead[i]) for i in sorted(still_dead)]
-                changes[record.id] = _updated(record, pending, what)
-            else:
-                changes[record.id] = None
-                report.replayed_records += 1
-            if failure is not None:
-                what = f"HTTP {failure.status}" if failure.status else failure.text
-                report.error = f"Loki did not take the replay: {what}"[:500]
-                report.loki_status = failure.status
-                break
+                    what = f"HTTP {failure.status}" if failure.status else failure.text
+                    report.error = f"Loki did not take the replay: {what}"[:500]
+                    report.loki_status = failure.status
+                    break
+        except trio.Cancelled:
+            # The admin client went away (the request is cancelled with it) or the
+            # service is stopping: what was replayed so far is kept below, so the next
+            # replay does not push it again.
+            log.warning(
+                "dead-letter replay stopped before its end; its progress is kept",
+                extra={"token": key, "records": processed},
+            )
+            raise
+        finally:
+            if changes:
+                with trio.CancelScope(shield=True):
+                    await self.dlq.rewrite(key, lambda r: changes.get(r.id, r))
         for record in records:
             if record.id in changes:
                 kept = changes[record.id]
@@ -605,8 +619,6 @@ class LokiForwarder:
             else:
                 report.remaining_records += 1
                 report.remaining_entries += record.entries
-        if changes:
-            await self.dlq.rewrite(key, lambda r: changes.get(r.id, r))
         log.info(
             "dead letters replayed",
             extra={

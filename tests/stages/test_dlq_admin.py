@@ -352,3 +352,27 @@ async def test_concurrent_replay_of_one_key_is_409(tmp_path: Path) -> None:
             await trio.sleep(0.1)
             nursery.start_soon(replay)
         assert sorted(results) == [200, 409]
+
+
+async def test_a_replay_cancelled_half_way_keeps_what_it_replayed(tmp_path: Path) -> None:
+    """An admin client that gives up (the request is cancelled with it) once stopped the
+    replay with nothing written: every record stayed and the next replay pushed them all
+    again."""
+    rx = LokiReceiver()
+    rx.delay_s = 0.2
+    transport = ReceiverTransport({"http://loki": rx})
+    async with admin_app(tmp_path) as (_, service):
+        forwarder = LokiForwarder(service.context, transport, EndpointPool(["http://loki"]))
+        queue = queue_of(service)
+        records = [record("payments-api", 1, line=f"line {i}") for i in range(3)]
+        for dead in records:
+            await queue.append(dead)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forwarder.replay, "payments-api")
+            await rx.wait_for_pushes(1)
+            nursery.cancel_scope.cancel()
+        left = await queue.read("payments-api")
+        assert [r.id for r in left] == [r.id for r in records[1:]]
+        await forwarder.replay("payments-api")
+        assert await queue.read("payments-api") == []
+    assert rx.lines() == ["line 0", "line 1", "line 2"] and rx.duplicates == 0
