@@ -243,7 +243,10 @@ async def status(service: Service) -> AdminStatus:
                 )
             )
             continue
-        oldest = keylog.oldest_undelivered_ns()
+        # When the oldest undelivered entry was received (one record read at the
+        # checkpoint), as forwarder_lag_seconds says: the creation of its segment, up to
+        # the forced rotation's 6 h earlier, read hours for a key that logs little.
+        oldest = keylog.oldest_undelivered_received_ns()
         records, entries = dlq.get(name, (0, 0))
         keys.append(
             KeyStatus(

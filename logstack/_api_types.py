@@ -519,7 +519,10 @@ class KeyStatus(msgspec.Struct):
     ]
     oldest_undelivered_age_s: Annotated[
         float | None,
-        Meta(description="Age of the oldest segment holding undelivered entries; null if none."),
+        Meta(
+            description="Seconds since the oldest undelivered entry was received (as "
+            "`forwarder_lag_seconds`); null if none."
+        ),
     ]
     delivered_segment: Annotated[int, Meta(description="Delivery checkpoint: segment.")]
     delivered_offset: Annotated[int, Meta(description="Delivery checkpoint: byte offset.")]

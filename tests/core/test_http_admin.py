@@ -324,3 +324,20 @@ async def test_dlq_routes_answer_their_published_types(tmp_path: Path) -> None:
         bad = await client.post("/v1/admin/dlq/replay", headers=ADMIN, json={"token": "a b"})
         assert bad.status_code == 400
         assert conforms(bad, ErrorBody).error == "validation_error"
+
+
+async def test_status_gives_the_age_of_the_oldest_undelivered_entry_not_of_its_segment(
+    tmp_path: Path,
+) -> None:
+    """A key that logs little keeps one segment for hours (rotation by age needs 64 KiB):
+    its creation time once read as the age of an entry received a moment ago."""
+    async with open_loki_receiver() as rx, running(tmp_path, rx) as (_, client):
+        await client.post(INGEST, headers=API_KEY, json={"entries": [entry("first")]})
+        await rx.wait_for_entries(1)
+        await trio.sleep(1.5)  # the segment ages; nothing is waiting
+        rx.fail_next(503)  # until cleared: the next entry stays undelivered
+        await client.post(INGEST, headers=API_KEY, json={"entries": [entry("second")]})
+        [payments] = [k for k in (await status(client)).keys if k.token == "payments-api"]
+        assert payments.wal_segments == 1 and payments.undelivered_bytes > 0
+        assert payments.oldest_undelivered_age_s is not None
+        assert payments.oldest_undelivered_age_s < 1.0
