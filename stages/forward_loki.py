@@ -37,6 +37,7 @@ import trio
 from logstack._config import LokiSettings, Settings
 from logstack._delivery import (
     Item,
+    Labels,
     LokiAnswer,
     LokiTimeoutError,
     LokiTransport,
@@ -230,6 +231,27 @@ class ReplayReport:
     @property
     def complete(self) -> bool:
         return self.error is None and self.remaining_records == 0
+
+
+def _replay_pushes(items: list[Item], limit: int) -> tuple[list[list[Item]], list[Item]]:
+    """A record's entries as replay sends them: one stream per push, each cut to ``limit``.
+
+    Loki's ``400`` names the refused entries of only the last stream it refused entries
+    of, so the entries of the other streams of a push come back "unconfirmed"; a record
+    dead-lettered that way, pushed again whole, got the same answer at every replay and
+    never left the queue, although Loki held or refused each of its entries. One stream
+    per push gets an answer about every entry (the first ``max_returned_stream_errors``
+    of a stream are listed, the count of all)."""
+    by_stream: dict[Labels, list[Item]] = {}
+    for item in items:
+        by_stream.setdefault(item[0], []).append(item)
+    chunks: list[list[Item]] = []
+    oversized: list[Item] = []
+    for stream_items in by_stream.values():
+        stream_chunks, stream_oversized = split_by_size(stream_items, limit)
+        chunks.extend(stream_chunks)
+        oversized.extend(stream_oversized)
+    return chunks, oversized
 
 
 def _oversize_reason(item: Item, limit: int) -> str:
@@ -559,7 +581,7 @@ class LokiForwarder:
                 position = {id(item): i for i, item in enumerate(items)}
                 still_dead: dict[int, tuple[str, bool]] = {}
                 settled: set[int] = set()
-                chunks, oversized = split_by_size(items, limit)
+                chunks, oversized = _replay_pushes(items, limit)
                 for item in oversized:
                     still_dead[position[id(item)]] = (_oversize_reason(item, limit), False)
                     settled.add(position[id(item)])

@@ -376,3 +376,32 @@ async def test_a_replay_cancelled_half_way_keeps_what_it_replayed(tmp_path: Path
         await forwarder.replay("payments-api")
         assert await queue.read("payments-api") == []
     assert rx.lines() == ["line 0", "line 1", "line 2"] and rx.duplicates == 0
+
+
+async def test_a_replay_gets_an_answer_about_every_stream_of_a_record(tmp_path: Path) -> None:
+    """Loki's 400 names the refused entries of the last stream only: a record with refused
+    entries in two streams, pushed again whole, came back with the other stream's entries
+    "unconfirmed" at every replay and never left the queue. One stream per push instead."""
+    hours_behind = -2 * 3600 * 10**9
+    rx = LokiReceiver()
+    transport = ReceiverTransport({"http://loki": rx})
+    async with admin_app(tmp_path) as (_, service):
+        forwarder = LokiForwarder(service.context, transport, EndpointPool(["http://loki"]))
+        queue = queue_of(service)
+        new = [item(1, level="INFO"), item(2, level="ERROR")]
+        old = [item(hours_behind, level="INFO"), item(hours_behind + 1, level="ERROR")]
+        # The new entries reach Loki (as their first push did), the old ones never can.
+        await queue.append(
+            make_dead_letter("payments-api", None, 400, "x", [(i, "", True) for i in new])
+        )
+        await forwarder.replay("payments-api")
+        assert rx.entry_count == 2 and await queue.read("payments-api") == []
+        dead = [(i, "", True) for i in (*old, *new)]
+        await queue.append(make_dead_letter("payments-api", None, 400, "too far behind", dead))
+        report = await forwarder.replay("payments-api")
+        [kept] = await queue.read("payments-api")
+        assert sorted(kept.items()) == sorted(old)
+        assert kept.unconfirmed == 0
+        assert all("too far behind" in e.reason for s in kept.streams for e in s.entries)
+        assert report.refused_again_entries == 2 and report.remaining_entries == 2
+    assert rx.entry_count == 2 and rx.duplicates == 2
