@@ -262,7 +262,15 @@ def _card_handler(match: re.Match[str]) -> _Found | None:
     for first in range(len(groups)):
         start = bounds[first]
         best = 0
-        last = first + 1
+        # From inside a span, only windows that end past it can change anything.
+        inside = bool(spans) and first < spans[-1][1]
+        if inside:
+            span_end = spans[-1][1]
+            if span_end == len(groups):
+                break  # the run ends inside the span: nothing more to find
+            if bounds[span_end + 1] - start > 19:
+                continue  # too far back to reach past the span
+        last = max(first + 1, spans[-1][1] + 1) if inside else first + 1
         while last <= len(groups) and bounds[last] - start <= 19:
             end = bounds[last]
             if end - start >= 13:
@@ -272,8 +280,8 @@ def _card_handler(match: re.Match[str]) -> _Found | None:
             last += 1
         if not best:
             continue
-        if spans and first < spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], best)
+        if inside:
+            spans[-1][1] = best
         else:
             spans.append([first, best])
     if not spans:
