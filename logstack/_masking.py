@@ -139,8 +139,7 @@ class _Rule:
 # ':' or '=' ("bearer=...", "Bearer: ..."), then the credential: everything up to the next
 # whitespace, quote, bracket, comma or semicolon, so a token with '%', ':' or '$' in it is
 # masked whole (a narrower class once showed the part after the first such character).
-_BEARER = re.compile(r"[Bb](?<![A-Za-z][Bb])(?i:earer|asic)[\s:=]++[^\s\"'<>()\[\]{},;]++")
-_BEARER_SEPARATOR = re.compile(r"[\s:=]*+")
+_BEARER = re.compile(r"[Bb](?<![A-Za-z][Bb])(?i:earer|asic)[\s:=]++([^\s\"'<>()\[\]{},;]++)")
 _JWT = re.compile(r"eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]++(?:\.[A-Za-z0-9_\-]*+){2,4}")
 # A run of digit groups (3 to 19 digits each, the last may be shorter, a single space or
 # dash between them) holding at least 13 digits; the handler finds the Luhn-valid cards in
@@ -176,10 +175,8 @@ def _jwt_handler(match: re.Match[str]) -> _Found:
 
 def _bearer_handler(match: re.Match[str]) -> _Found | None:
     text = match.group()
-    scheme_len = 6 if text[1] in "eE" else 5
-    separator = _BEARER_SEPARATOR.match(text, scheme_len)
-    credential = text[separator.end() if separator else scheme_len :]
-    if scheme_len == 6:
+    credential = match.group(1)
+    if text[1] in "eE":
         looks_secret = len(credential) >= 8 or not credential.isalpha()
     else:
         looks_secret = _is_basic_credential(credential)
