@@ -137,9 +137,13 @@ async def test_dead_letters_are_listed_and_replayed(tmp_path: Path) -> None:
                 assert r.status_code == 202
                 await rx.wait_for_entries(3, timeout=20)
                 with trio.fail_after(10):
+                    # The record is in the file a moment before the forwarder counts it
+                    # in dlq_entries_total (after the append's fsync returns): wait for both.
                     while True:
                         listing = (await client.get("/v1/admin/dlq", headers=ADMIN)).json()
-                        if listing["records"]:
+                        metrics = (await client.get("/metrics")).text
+                        counted = sample(metrics, "dlq_entries_total", token="payments-api")
+                        if listing["records"] and counted:
                             break
                         await trio.sleep(0.05)
                 [summary] = listing["keys"]
@@ -147,7 +151,6 @@ async def test_dead_letters_are_listed_and_replayed(tmp_path: Path) -> None:
                 [record] = listing["records"]
                 assert record["status"] == 400 and "Max entry size" in record["reason"]
                 assert json.loads(record["sample"][0]["line"])["message"].startswith("long-0")
-                metrics = (await client.get("/metrics")).text
                 assert sample(metrics, "dlq_entries_total", token="payments-api") == 1
                 assert sample(metrics, "loki_entries_forwarded_total", token="payments-api") == 3
 
