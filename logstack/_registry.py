@@ -256,7 +256,7 @@ def resolve_pipeline(
 def builtin_stage_problems(pipeline: Sequence[StageSpec]) -> list[str]:
     """Without ``auth`` anyone could ingest, without ``mask`` secrets would reach the disk,
     and out of order a request would be answered before it is written: plugins go between
-    the built-in stages, never instead of them."""
+    the built-in stages before ``wal_append``, never instead of them."""
     types = [spec.type for spec in pipeline]
     missing = [t for t in DEFAULT_PIPELINE if t not in types]
     repeated = [t for t in DEFAULT_PIPELINE if types.count(t) > 1]
@@ -268,12 +268,24 @@ def builtin_stage_problems(pipeline: Sequence[StageSpec]) -> list[str]:
     order = [t for t in types if t in DEFAULT_PIPELINE]
     if not problems and order != list(DEFAULT_PIPELINE):
         problems.append(f"listed as {' -> '.join(order)}")
-    if not problems:
-        return []
-    return [
-        f"pipeline: the built-in stages must each be there once, in the order "
-        f"{' -> '.join(DEFAULT_PIPELINE)}, with plugins between them ({'; '.join(problems)})"
-    ]
+    out = []
+    if problems:
+        out.append(
+            f"pipeline: the built-in stages must each be there once, in the order "
+            f"{' -> '.join(DEFAULT_PIPELINE)}, with plugins between them ({'; '.join(problems)})"
+        )
+    if "wal_append" in types:
+        first_after = types.index("wal_append") + 1
+        for index, kind in enumerate(types[first_after:], first_after):
+            if kind not in DEFAULT_PIPELINE:
+                # Past the WAL the channels carry key names and pushes, not requests: such
+                # a stage crashed the service on the first request, or (after the forwarder)
+                # was never called, so what it was to mask reached Loki.
+                out.append(
+                    f"pipeline[{index}] ({kind}): a plugin stage must come before wal_append "
+                    "(after it the pipeline carries what was written to the WAL, not requests)"
+                )
+    return out
 
 
 def resolve_stages(

@@ -25,6 +25,7 @@ from logstack._errors import ConfigError, PluginError
 from logstack._pipeline import build_stages
 from logstack._registry import (
     GROUP,
+    builtin_stage_problems,
     check_stage_class,
     describe_options,
     describe_stages,
@@ -281,6 +282,23 @@ def test_the_builtin_stages_must_each_run_once_in_order(pipeline: list[Any], pro
     with pytest.raises(PluginError) as info:
         resolve_pipeline(Settings.model_validate({"pipeline": pipeline}))
     assert info.value.problems == [f"{BUILTINS_RULE} ({problem})"]
+
+
+@pytest.mark.parametrize("position", [4, 5, 6])
+def test_a_plugin_stage_after_wal_append_is_refused(position: int) -> None:
+    """A plugin after ``wal_append`` passed ``check-config``; then the first request
+    crashed the service (the channel there carries key names, after ``batch`` pushes), or,
+    after ``forward_loki``, the stage was never called and what it masks reached Loki."""
+    pipeline = [*DEFAULT_PIPELINE]
+    pipeline.insert(position, "acme_mask_pan")
+    specs = Settings.model_validate({"pipeline": pipeline}).pipeline
+    assert builtin_stage_problems(specs) == [
+        f"pipeline[{position}] (acme_mask_pan): a plugin stage must come before wal_append "
+        "(after it the pipeline carries what was written to the WAL, not requests)"
+    ]
+    pipeline.remove("acme_mask_pan")
+    pipeline.insert(3, "acme_mask_pan")  # just before wal_append: fine
+    assert builtin_stage_problems(Settings.model_validate({"pipeline": pipeline}).pipeline) == []
 
 
 def test_plugins_go_anywhere_between_the_builtins_and_a_type_alone_is_enough() -> None:
