@@ -191,8 +191,13 @@ class IngestEndpoint:
                     return 202, accepted, {}
                 error = outcome
             if not envelope.reply.resolved:
+                # The WAL's fsync, most often; or a stage holding the request (a plugin
+                # that never passes it on or answers it).
                 error = UnavailableError(
-                    "timed out waiting for the WAL", retry_after=5, reason="timeout"
+                    "timed out waiting for the request to be stored (the pipeline or the WAL "
+                    "is too slow)",
+                    retry_after=5,
+                    reason="timeout",
                 )
                 # Answered now: a stage that gets to it later skips it, and ``wal_append``
                 # neither writes it (if it has not yet) nor counts it as ingested.
@@ -200,7 +205,8 @@ class IngestEndpoint:
         metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
         if error.status >= 500:
             log.warning(
-                "ingest unavailable", extra={"token": envelope.key_name, "reason": error.reason}
+                "ingest failed" if error.status == 500 else "ingest unavailable",
+                extra={"token": envelope.key_name, "reason": error.reason},
             )
         return error.status, error.body(), error.headers()
 

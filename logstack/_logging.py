@@ -86,10 +86,34 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """The format string's line, then ``request_id`` and every ``extra`` as ``key=value``
+    (values with spaces or quotes JSON-quoted), then the exception, if any: the same facts
+    as a JSON line (the stage that failed, the token, the reason)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        parts = [self.formatMessage(record)]
         request_id = request_id_var.get()
-        return redact(f"{base} request_id={request_id}" if request_id else base)
+        if request_id:
+            parts.append(f"request_id={request_id}")
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                parts.append(f"{key}={_text_value(value)}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return redact(line)
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return _encoder.encode(text).decode("utf-8", "replace")
+    return text
 
 
 def configure_logging(level: str, fmt: str) -> None:

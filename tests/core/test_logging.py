@@ -164,3 +164,24 @@ def test_the_services_secrets_include_lokis_credentials() -> None:
     short = load_settings(env={"LOGSTACK_LOKI_USERNAME": "u", "LOGSTACK_LOKI_PASSWORD": "abc"})
     set_secrets(_secrets_of(short))
     assert redact("abc def") == "abc def"  # too short to redact without mangling every line
+
+
+def test_the_text_format_keeps_the_extras() -> None:
+    """A failed stage's name, the token and the reason were in JSON lines only: the text
+    line said just "stage failed"."""
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(
+        record("stage failed", stage="audit_boom", reason="two words", status=500)
+    )
+    assert (
+        line == 'WARNING logstack.test: stage failed stage=audit_boom reason="two words" status=500'
+    )
+
+
+def test_the_text_format_puts_the_exception_after_the_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = record("failed", exc_info=sys.exc_info(), stage="x")
+    first, *rest = TextFormatter("%(message)s").format(rec).splitlines()
+    assert first == "failed stage=x"
+    assert rest[0].startswith("Traceback") and rest[-1] == "ValueError: boom"
