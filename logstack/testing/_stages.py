@@ -15,6 +15,7 @@ outbox), and stop promptly when cancelled.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +47,9 @@ DEFAULT_TIMEOUT_S = 10.0
 
 CANCEL_TIMEOUT_S = 1.0
 """How soon after cancellation a stage must have returned, in ``check_stage_conformance``."""
+
+WATCHDOG_TICK_S = 0.01
+"""How often the conformance check's watchdog wakes to see whether the loop was held."""
 
 
 class ConformanceError(LogstackError, AssertionError):
@@ -432,6 +436,7 @@ async def check_stage_conformance(
       malformed JSON body if the stage reads the body (with ``400``, not ``500``); the
       stage still handles the next request;
     - when its inbox closes it drains what it holds, returns and closes its outbox;
+    - it never holds the event loop longer than ``cancel_timeout_s`` while handling them;
     - cancelled, idle or busy, it returns within ``cancel_timeout_s`` seconds;
     - ``reload(settings)`` with unchanged settings does not raise.
 
@@ -477,21 +482,42 @@ async def check_stage_conformance(
     def opened() -> AbstractAsyncContextManager[StageHarness]:
         return open_stage(stage_cls, options, context=new_context(), timeout_s=timeout_s)
 
-    # 1. Starts; passes on or answers every request, also of coalesced batches.
+    # 1. Starts; passes on or answers every request, also of coalesced batches; never
+    # holds the event loop (every request and /healthz would wait for it).
+    blocked_s = 0.0
     try:
-        async with opened() as harness:
-            first, second = list(make_envelopes()), list(make_envelopes())
-            await harness.send(first)
-            await harness.process(second)
-            await harness._wait_for(
-                lambda: all(harness.settled(e) for e in first), "pass on or answer a batch"
-            )
-            for envelope in harness.passed:
-                if not envelope.pending and isinstance(envelope.reply.outcome, RejectError):
-                    fail("passed on a request it had rejected")
-                    break
+        async with trio.open_nursery() as watch:
+
+            async def watchdog() -> None:
+                nonlocal blocked_s
+                while True:
+                    before = time.perf_counter()
+                    await trio.sleep(WATCHDOG_TICK_S)
+                    late = time.perf_counter() - before - WATCHDOG_TICK_S
+                    blocked_s = max(blocked_s, late)
+
+            watch.start_soon(watchdog)
+            async with opened() as harness:
+                first, second = list(make_envelopes()), list(make_envelopes())
+                await harness.send(first)
+                await harness.process(second)
+                await harness._wait_for(
+                    lambda: all(harness.settled(e) for e in first), "pass on or answer a batch"
+                )
+                for envelope in harness.passed:
+                    if not envelope.pending and isinstance(envelope.reply.outcome, RejectError):
+                        fail("passed on a request it had rejected")
+                        break
+            watch.cancel_scope.cancel()
     except Exception as exc:
         fail(f"failed on requests it should pass on or answer: {_describe(exc)}")
+    if blocked_s > cancel_timeout_s:
+        fail(
+            f"held the event loop for {blocked_s:.2f}s while handling a batch (limit "
+            f"{cancel_timeout_s:g}s): a blocking call (time.sleep, blocking I/O, long CPU "
+            "work) in process or run makes every request wait; use trio's async calls or "
+            "trio.to_thread.run_sync"
+        )
 
     # 2. Rejects cleanly: the rejected request is answered, the stage lives on.
     try:

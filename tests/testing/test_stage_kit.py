@@ -6,6 +6,7 @@ rule of the stage contract and the check names it. Timeouts run on trio's autoju
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,13 @@ class SlowToCancelStage(Stage):
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.sleep(5)
+
+
+class BlockingStage(Stage):
+    """A ``process`` that calls ``time.sleep``: every request, and /healthz, waits for it."""
+
+    def process(self, envelope: Envelope) -> None:
+        time.sleep(0.4)
 
 
 class RejectsAndForwardsStage(Stage):
@@ -456,6 +464,17 @@ async def test_class_and_options_problems_stop_the_check() -> None:
     )
     problem = one(await problems_of(BadInitStage))
     assert problem == "BadInitStage: cannot be instantiated: KeyError: 'wal'"
+
+
+async def test_a_stage_that_holds_the_event_loop_is_named() -> None:
+    """The busy-cancellation check starts its clock after the batch was handled, so a
+    ``process`` calling ``time.sleep(3)`` passed (an audit's plugin made every answer, and an
+    unrelated GET, wait 9 s in the service)."""
+    problem, *others = await problems_of(BlockingStage, cancel_timeout_s=0.2)
+    assert problem.startswith("BlockingStage: held the event loop for 0.")
+    assert "while handling a batch (limit 0.2s): a blocking call" in problem
+    # The cancellation checks may see it too, or not: they time only the cancellation.
+    assert all("to stop when cancelled" in other for other in others)
 
 
 async def test_every_option_documented_and_a_summary() -> None:
