@@ -10,8 +10,10 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 
 import trio
+import yaml
 
 from . import __version__
 from ._config import MAX_WORKERS, Settings, load_settings
@@ -90,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._workers import WorkerRole, needs_supervisor, parse_worker, run_supervisor
 
     path = config_path(args.config, os.environ)
-    settings = _settings_from_supervisor() if args.settings_stdin else load_settings(path)
+    settings = _settings_from_supervisor() if args.settings_stdin else _load_settings(path)
     if args.workers is not None:
         if not 1 <= args.workers <= MAX_WORKERS:
             raise ConfigError([f"--workers: must be between 1 and {MAX_WORKERS}"])
@@ -180,8 +182,39 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def _load_settings(path: str | None) -> Settings:
+    """``load_settings``, and when it fails, the pipeline's problems with it: stage
+    problems are found once the settings are valid, so a bad port once hid an unknown
+    stage type until the port was fixed (one message is to list every problem)."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise ConfigError([*exc.problems, *_pipeline_problems_alone(path)]) from None
+
+
+def _pipeline_problems_alone(path: str | None) -> list[str]:
+    """The problems of the file's ``pipeline:`` checked on its own (none if the file or the
+    list cannot be read: ``load_settings`` has said why)."""
+    path = config_path(path, os.environ)
+    if path is None:
+        return []
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        pipeline = loaded.get("pipeline") if isinstance(loaded, dict) else None
+        if pipeline is None:
+            return []
+        settings = Settings.model_validate({"pipeline": pipeline})
+    except Exception:  # unreadable, or the list's own shape is wrong: already reported
+        return []
+    try:
+        resolve_pipeline(settings)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def _check_config(path: str | None) -> int:
-    settings = load_settings(path)
+    settings = _load_settings(path)
     stages = resolve_pipeline(settings)
     keys = settings.security.api_keys.values()
     active = sum(1 for k in keys if k.active)

@@ -144,6 +144,31 @@ pipeline:
     assert "Traceback" not in result.stderr
 
 
+def test_a_settings_problem_does_not_hide_the_pipeline_problems(tmp_path: Path) -> None:
+    """A plugin author's bad timeout once hid the misspelt stage until the timeout was fixed."""
+    path = write(
+        tmp_path,
+        """
+loki:
+  timeout_s: -1
+pipeline:
+  - auth
+  - mask
+  - {type: acme_dorp}
+  - validate
+  - wal_append
+  - batch
+  - forward_loki
+""",
+    )
+    for command in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        result = logstack(*command, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "loki.timeout_s: Input should be greater than 0" in result.stderr
+        assert "pipeline[2] (acme_dorp): unknown stage type 'acme_dorp'" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_stages_list_shows_the_builtins(tmp_path: Path) -> None:
     result = logstack("stages", "list", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
