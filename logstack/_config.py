@@ -448,7 +448,11 @@ class StageSpec(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: str
-    name: str | None = None
+    name: str | None = Field(
+        None,
+        pattern=r"^[a-z][a-z0-9_]{0,63}$",
+        description="The stage's name in logs (default: its type); a-z, 0-9 and '_'.",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

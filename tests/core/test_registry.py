@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from logstack import _cli
 from logstack._config import DEFAULT_PIPELINE, Settings, StageSpec, load_settings
@@ -814,3 +814,11 @@ def test_describe_installed_builtins() -> None:
         assert row["summary"]
         assert "error" not in row
         assert isinstance(row["options"], dict)
+
+
+@pytest.mark.parametrize("name", ["Bad Name!", "iban-strict", "", "_x", "x" * 65])
+def test_a_stage_name_is_a_word_for_logs(name: str) -> None:
+    """``name: "Bad Name!"`` was accepted and shown as ``auth -> Bad Name! -> mask``."""
+    with pytest.raises(ValidationError):
+        Settings.model_validate({"pipeline": ["auth", {"type": "mask", "name": name}]})
+    Settings.model_validate({"pipeline": ["auth", {"type": "mask", "name": "mask_2"}]})
