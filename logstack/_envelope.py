@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -155,11 +156,7 @@ class Envelope:
                 reason="malformed_json",
             ) from None
         except msgspec.DecodeError as exc:
-            raise ValidationError(
-                "request body is not valid JSON",
-                details={"errors": [{"field": "body", "message": str(exc)}]},
-                reason="malformed_json",
-            ) from None
+            raise _decode_error(str(exc)) from None
         if not isinstance(doc, dict):
             raise _shape_error("body", "must be a JSON object with an 'entries' array")
         unknown = sorted(shown_key(k) for k in doc if k != "entries")
@@ -258,3 +255,26 @@ def _shape_error(field_name: str, message: str) -> ValidationError:
 
 Batch = list[Envelope]
 """The unit moved through ingest channels: several requests per hop, never single entries."""
+
+
+_OUT_OF_RANGE = re.compile(r"^(?:Number|Integer value) out of range - at `\$\[\.\.\.\]\[(\d+)\]")
+
+
+def _decode_error(problem: str) -> ValidationError:
+    """What msgspec could not decode. A number too large for a double or 64 bits is valid
+    JSON that the schema refuses: said so, with its entry (msgspec's path does not name
+    object keys), rather than "not valid JSON"."""
+    found = _OUT_OF_RANGE.match(problem)
+    if found is not None:
+        field = f"entries[{found[1]}]"
+        message = "holds a number out of range (integers must fit 64 bits, others a double)"
+        return ValidationError(
+            f"{field}: {message}",
+            details={"errors": [{"field": field, "message": message}]},
+            reason="schema",
+        )
+    return ValidationError(
+        "request body is not valid JSON",
+        details={"errors": [{"field": "body", "message": problem}]},
+        reason="malformed_json",
+    )

@@ -206,3 +206,24 @@ def test_an_inflated_body_holds_its_inflated_size() -> None:
         beside.json_body()
     assert beside.body == packed  # refused before it was replaced: nothing more is held
     assert budget.held == held_for(len(padded)) + len(packed)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"entries": [{"a": 1}, {"metadata": {"x": 1e400}}]}', "entries[1]"),
+        (b'{"entries": [{"metadata": {"x": ' + b"9" * 5000 + b"}}]}", "entries[0]"),
+    ],
+)
+def test_a_number_out_of_range_is_a_schema_problem_naming_its_entry(
+    body: bytes, field: str
+) -> None:
+    """Valid JSON that the schema refuses was answered "not valid JSON" with no field."""
+    with pytest.raises(ValidationError) as info:
+        Envelope(request_id="r", authorization="Bearer x", body=body).document()
+    assert info.value.reason == "schema"
+    [problem] = info.value.body()["details"]["errors"]
+    assert problem == {
+        "field": field,
+        "message": "holds a number out of range (integers must fit 64 bits, others a double)",
+    }
