@@ -421,6 +421,12 @@ class LokiForwarder:
         health = self.context.health
         now = time.monotonic()
         if kind in ("stored", "partial"):
+            if health.loki_failing_since is not None:
+                # The warnings stop; say why, so the log does not just go quiet.
+                log.info(
+                    "Loki takes pushes again",
+                    extra={"failing_for_s": round(now - health.loki_failing_since, 1)},
+                )
             health.loki_last_ok = now
             health.loki_failing_since = None
         elif kind != "refused" or status in CONFIG_REFUSALS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import time
 import uuid
@@ -783,6 +784,24 @@ async def test_lag_grows_during_an_outage_and_returns_to_zero(tmp_path: Path) ->
                         await trio.sleep(0.01)
                 assert h.metric("forwarder_lag_seconds", token="user-service") == 0
     assert received_messages(rx) == ["m0"]
+
+
+async def test_the_log_says_when_loki_takes_pushes_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the retry warnings the log went quiet: nothing said delivery had recovered."""
+    async with open_loki_receiver() as rx:
+        assert rx.url
+        rx.fail_next(503, 2)
+        async with delivering(tmp_path, [rx.url]) as h:
+            with caplog.at_level(logging.INFO, logger="logstack.forward"):
+                await h.ingest("payments-api", [entry(0)])
+                await h.wait_delivered("payments-api", timeout=10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "logstack.forward"]
+    assert messages.count("push to Loki failed; will retry") == 2
+    assert messages[-1] == "Loki takes pushes again"
+    [recovered] = [r for r in caplog.records if r.getMessage() == "Loki takes pushes again"]
+    assert recovered.failing_for_s >= 0  # type: ignore[attr-defined]
 
 
 async def test_stopping_during_backoff_leaves_the_batch_in_the_wal(tmp_path: Path) -> None:
