@@ -4,6 +4,7 @@ changes, and the behaviour of Hypercorn's kept, through real sockets on loopback
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.events import Event, RawData, Updated
 from hypercorn.trio.worker_context import WorkerContext
@@ -18,10 +20,12 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from logstack._http_server import (
+    ACCEPT_BATCH,
     DROP_BODY_LIMIT,
     LeanH11Protocol,
     LeanTaskGroup,
     LeanTCPServer,
+    _accept_backlog,
     serve,
 )
 from logstack.testing._http1 import Http1Client as Client
@@ -486,3 +490,40 @@ async def test_past_max_connections_a_connection_waits_in_the_backlog() -> None:
             assert await third.read_answer() == (202, b"c")
         for client in (second, third):
             await client.stream.aclose()
+
+
+async def test_the_backlog_is_taken_at_once_up_to_the_free_slots() -> None:
+    """One connection per pass of a busy event loop was accepted (~94/s in a reconnect
+    storm, a new connection's /healthz waiting seconds): after each accept, the rest of the
+    kernel's backlog is taken in the same step, as long as slots are free."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(128)
+    listening.setblocking(False)
+    clients = [socket.create_connection(listening.getsockname()) for _ in range(5)]
+    handled: list[Any] = []
+
+    async def handler(stream: Any) -> None:
+        handled.append(stream)
+        await trio.sleep_forever()
+
+    try:
+        slots = trio.Semaphore(3)
+        async with trio.open_nursery() as nursery:
+            _accept_backlog(listening, handler, nursery, slots)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(handled) == 3 and slots.value == 0  # no more than the free slots
+            slots.release()
+            slots.release()
+            slots.release()
+            _accept_backlog(listening, handler, nursery, slots)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(handled) == 5 and slots.value == 1  # and then what is left
+            _accept_backlog(listening, handler, nursery, slots)  # an empty backlog
+            assert slots.value == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.close()
+        listening.close()
+    assert ACCEPT_BATCH >= 16
