@@ -17,6 +17,7 @@ HTTP status.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -45,6 +46,30 @@ if TYPE_CHECKING:
     from ._service import Service
 
 log = logging.getLogger("logstack.http")
+
+REFUSAL_LOG_INTERVAL_S: Final = 1.0
+"""At most one ``ingest unavailable``/``ingest failed`` line per key, reason and interval:
+under overload every 503 wrote one (4,148 lines in 25 s in an audit), drowning the rest."""
+_last_refusal_log: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+
+def _log_refusal(message: str, token: str, reason: str) -> None:
+    """Log a 5xx refusal, or count it towards the next line (``suppressed``: how many of
+    the same were not logged since the last line)."""
+    now = time.monotonic()
+    key = (message, token, reason)
+    last, suppressed = _last_refusal_log.get(key, (-math.inf, 0))
+    if now - last < REFUSAL_LOG_INTERVAL_S:
+        _last_refusal_log[key] = (last, suppressed + 1)
+        return
+    if len(_last_refusal_log) > 10_000:  # keys and reasons are bounded; stay so anyway
+        _last_refusal_log.clear()
+    _last_refusal_log[key] = (now, 0)
+    extra: dict[str, Any] = {"token": token, "reason": reason}
+    if suppressed:
+        extra["suppressed"] = suppressed
+    log.warning(message, extra=extra)
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -204,9 +229,10 @@ class IngestEndpoint:
                 envelope.reject(error)
         metrics.logs_rejected.labels(token=envelope.key_name, reason=error.reason).inc()
         if error.status >= 500:
-            log.warning(
+            _log_refusal(
                 "ingest failed" if error.status == 500 else "ingest unavailable",
-                extra={"token": envelope.key_name, "reason": error.reason},
+                envelope.key_name,
+                error.reason,
             )
         return error.status, error.body(), error.headers()
 

@@ -5,6 +5,7 @@ read, 408 for a body that stops arriving, 500 in the error shape, header spellin
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -232,3 +233,27 @@ async def test_a_client_gone_while_its_request_is_written_breaks_nothing(
     assert answer.status_code == 202
     assert sample(service, "logs_ingested_total", token="payments-api") == 2
     assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
+
+
+def test_5xx_refusals_are_logged_once_a_second_per_key_and_reason(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under overload every 503 wrote a warning (4,148 lines in 25 s in an audit)."""
+    seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+    monkeypatch.setattr(_ingest, "_last_refusal_log", seen)
+    with caplog.at_level(logging.WARNING, logger="logstack.http"):
+        for _ in range(5):
+            _ingest._log_refusal("ingest unavailable", "payments-api", "pipeline_full")
+        _ingest._log_refusal("ingest unavailable", "user-service", "pipeline_full")
+        _ingest._log_refusal("ingest unavailable", "payments-api", "bodies_in_flight")
+        # A second later, the next one says how many were left out.
+        key = ("ingest unavailable", "payments-api", "pipeline_full")
+        seen[key] = (seen[key][0] - _ingest.REFUSAL_LOG_INTERVAL_S, seen[key][1])
+        _ingest._log_refusal("ingest unavailable", "payments-api", "pipeline_full")
+    lines = [(r.token, r.reason, getattr(r, "suppressed", 0)) for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == [
+        ("payments-api", "pipeline_full", 0),
+        ("user-service", "pipeline_full", 0),
+        ("payments-api", "bodies_in_flight", 0),
+        ("payments-api", "pipeline_full", 4),
+    ]
