@@ -10,13 +10,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 
 import trio
-import yaml
+from pydantic import ValidationError
 
 from . import __version__
-from ._config import MAX_WORKERS, Settings, load_settings
+from ._config import MAX_WORKERS, Settings, load_settings, read_config_file
 from ._errors import ConfigError
 from ._logging import configure_logging
 from ._registry import describe_stages, resolve_pipeline
@@ -199,13 +198,12 @@ def _pipeline_problems_alone(path: str | None) -> list[str]:
     if path is None:
         return []
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        pipeline = loaded.get("pipeline") if isinstance(loaded, dict) else None
+        pipeline = read_config_file(path).get("pipeline")
         if pipeline is None:
             return []
         settings = Settings.model_validate({"pipeline": pipeline})
-    except Exception:  # unreadable, or the list's own shape is wrong: already reported
-        return []
+    except (ConfigError, ValidationError):  # unreadable, or the list's shape is wrong:
+        return []  # already reported
     try:
         resolve_pipeline(settings)
     except ConfigError as exc:

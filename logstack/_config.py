@@ -690,38 +690,42 @@ def load_settings(
     env = os.environ if env is None else env
     if data is not None:
         return _validate(dict(data), env)
-    parsed: dict[str, Any] = {}
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = env[f"{ENV_PREFIX}CONFIG"]
-    if path is not None:
-        try:
-            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: no such file"]) from None
-        except UnicodeDecodeError as exc:
-            problem = f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-            raise ConfigError([problem]) from None
-        except RecursionError:
-            raise ConfigError([f"{path}: nested too deeply to be a configuration"]) from None
-        except yaml.MarkedYAMLError as exc:
-            # str(exc) quotes the offending line, which may hold a token: report position only.
-            mark = exc.problem_mark or exc.context_mark
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
-            raise ConfigError([f"{path}: cannot read YAML{at}: {what}"]) from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError([f"{path}: cannot read YAML: {exc}"]) from None
-        if loaded is None:
-            if not allow_empty:
-                # A half-written file (config management mid-copy) reads as empty: it
-                # would otherwise replace every key, the admin token and Loki's URL by
-                # the defaults.
-                raise ConfigError([f"{path}: the file is empty"])
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: top level must be a mapping"])
-        parsed = loaded
+    parsed = read_config_file(path, allow_empty=allow_empty) if path is not None else {}
     return _validate(parsed, env)
+
+
+def read_config_file(path: str | os.PathLike[str], *, allow_empty: bool = True) -> dict[str, Any]:
+    """The YAML mapping in ``path``, before any validation; ``ConfigError`` saying why if it
+    cannot be read (no file, not UTF-8, not YAML, a key given twice, not a mapping)."""
+    try:
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except UnicodeDecodeError as exc:
+        problem = f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([problem]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a configuration"]) from None
+    except yaml.MarkedYAMLError as exc:
+        # str(exc) quotes the offending line, which may hold a token: report position only.
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+        raise ConfigError([f"{path}: cannot read YAML{at}: {what}"]) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: cannot read YAML: {exc}"]) from None
+    if loaded is None:
+        if not allow_empty:
+            # A half-written file (config management mid-copy) reads as empty: it
+            # would otherwise replace every key, the admin token and Loki's URL by
+            # the defaults.
+            raise ConfigError([f"{path}: the file is empty"])
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return loaded
 
 
 def _validate(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
