@@ -118,10 +118,8 @@ CHECKPOINT_FRAME = bytes.fromhex(
 )
 
 IDEMPOTENCY = IdempotencyRecord("ab" * 32, "req-2", 7, 1_700_000_002_000_000_000)
-IDEMPOTENCY_FRAME = bytes.fromhex(
-    "54000000 8538af99"
-    # [tag 3, key_hash, request_id, entries_accepted, accepted_ns]
-    "95"
+IDEMPOTENCY_FIELDS = (
+    # tag 3, key_hash, request_id, entries_accepted, accepted_ns
     "03"
     "d940"
     "6162616261626162616261626162616261626162616261626162616261626162"
@@ -130,6 +128,7 @@ IDEMPOTENCY_FRAME = bytes.fromhex(
     "07"
     "cf17979cfead5f9400"
 )
+IDEMPOTENCY_FRAME = bytes.fromhex("54000000 8538af9995" + IDEMPOTENCY_FIELDS)
 """The shape written before ``entries_digest`` (2026-11-28): still read, as a record with
 an empty digest."""
 
@@ -138,16 +137,7 @@ IDEMPOTENCY_WITH_DIGEST = IdempotencyRecord(
 )
 IDEMPOTENCY_WITH_DIGEST_FRAME = bytes.fromhex(
     "76000000 184640af"
-    # [tag 3, key_hash, request_id, entries_accepted, accepted_ns, entries_digest]
-    "96"
-    "03"
-    "d940"
-    "6162616261626162616261626162616261626162616261626162616261626162"
-    "6162616261626162616261626162616261626162616261626162616261626162"
-    "a57265712d32"
-    "07"
-    "cf17979cfead5f9400"
-    "d920"
+    "96" + IDEMPOTENCY_FIELDS + "d920"  # one more field: the same five, then entries_digest
     "6364636463646364636463646364636463646364636463646364636463646364"
 )
 

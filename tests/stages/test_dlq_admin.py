@@ -88,33 +88,17 @@ async def test_a_refusal_seen_again_with_another_wal_range_is_not_recorded_twice
     checkpoint and may cut the batch elsewhere: the same refusal came with another range
     and was recorded twice (an audit's kill -9 did it three times in three)."""
     queue = DeadLetterQueue(tmp_path)
-    first = make_dead_letter(
-        "payments-api",
-        None,
-        400,
-        "line too long",
-        [(item(0), "", False), (item(1), "", True)],
-        wal_range=((0, 24), (1, 2682)),
-    )
-    assert await queue.append(first)
-    again = make_dead_letter(
-        "payments-api",
-        None,
-        400,
-        "line too long",
-        [(item(0), "", False), (item(1), "", True)],
-        wal_range=((1, 24), (1, 2838)),
-    )
-    assert not await queue.append(again)
+
+    def refused(items: list[tuple[int, bool]], wal_range: Any) -> Any:
+        dead = [(item(i), "", unsure) for i, unsure in items]
+        return make_dead_letter(
+            "payments-api", None, 400, "line too long", dead, wal_range=wal_range
+        )
+
+    assert await queue.append(refused([(0, False), (1, True)], ((0, 24), (1, 2682))))
+    assert not await queue.append(refused([(0, False), (1, True)], ((1, 24), (1, 2838))))
     # Overlapping, with one entry not recorded yet (and one line sent twice: once held).
-    more = make_dead_letter(
-        "payments-api",
-        None,
-        400,
-        "line too long",
-        [(item(1), "", True), (item(2), "", False), (item(0), "", False), (item(0), "", False)],
-        wal_range=((1, 100), (1, 3000)),
-    )
+    more = refused([(1, True), (2, False), (0, False), (0, False)], ((1, 100), (1, 3000)))
     assert await queue.append(more)
     assert more.entries == 2 and more.unconfirmed == 0
     records = await queue.read("payments-api")
