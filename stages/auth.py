@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from logstack._config import ApiKey, Settings
-from logstack._context import AUTHENTICATE
+from logstack._context import AUTHENTICATE, RATE_LIMIT
 from logstack._envelope import Envelope
 from logstack._errors import AuthenticationError, RateLimitedError
 from logstack._stage import Stage, StageConfig
@@ -54,8 +54,9 @@ class AuthStage(Stage):
         self._clock = time.monotonic
         self.reload(self.context.settings)
         services = getattr(context, "services", None)
-        if services is not None:  # the HTTP layer refuses a bad key before the body
+        if services is not None:  # the HTTP layer refuses a bad or busy key before the body
             services[AUTHENTICATE] = self.authenticate
+            services[RATE_LIMIT] = self.take_token
 
     def reload(self, settings: Settings) -> None:
         # Look tokens up by their SHA-256 so the dict probe leaks nothing about the token,
@@ -107,6 +108,11 @@ class AuthStage(Stage):
     def process(self, envelope: Envelope) -> None:
         key = self.authenticate(envelope.authorization)
         envelope.key = key
+        if not envelope.rate_checked:
+            self.take_token(key)
+
+    def take_token(self, key: ApiKey) -> None:
+        """Take one request's token from ``key``'s bucket, or raise ``RateLimitedError``."""
         bucket = self._buckets.get(key.name)
         now = self._clock()
         if bucket is None:

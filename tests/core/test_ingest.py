@@ -159,6 +159,70 @@ async def test_announced_oversize_body_is_413_before_it_is_sent(
     assert sample(service, "logs_rejected_total", **labels) == 1
 
 
+@pytest.fixture
+async def rate_limited(tmp_path: Path) -> AsyncIterator[Service]:
+    """A service whose keys take 2 requests at once, then 1 every 100 s."""
+    async with open_loki_receiver() as rx:
+        assert rx.url is not None
+        config = make_test_config(
+            tmp_path,
+            rx.url,
+            server={"max_body_bytes": 4096},
+            security={"rate_limit_rps": 0.01, "rate_limit_burst": 2},
+        )
+        async with open_service(Settings.model_validate(config)) as service:
+            yield service
+
+
+async def test_a_key_over_its_rate_is_429_before_its_body_is_sent(
+    rate_limited: Service,
+) -> None:
+    """Its upload, body memory and pipeline steps would be spent on a refusal: a flooding key
+    cost ~87% of an accepted request per ``429``, and starved a modest key of the rest."""
+    service = rate_limited
+    async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+        for _ in range(2):  # the burst; each request takes one token, not two
+            answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+            assert answer.status_code == 202, answer.text
+    status, headers, body = parse(await raw_exchange(service, raw_post(1000)))
+    assert status == 429
+    assert headers["retry-after"] == "100"
+    assert body["error"] == "rate_limit_exceeded"
+    assert body["details"] == {"rate_limit_rps": 0.01, "rate_limit_burst": 2}
+    assert sample(service, "rate_limit_exceeded_total", token="payments-api") == 1
+    labels = {"token": "payments-api", "reason": "rate_limit_exceeded"}
+    assert sample(service, "logs_rejected_total", **labels) == 1
+    assert sample(service, "logs_ingested_total", token="payments-api") == 2
+
+
+@pytest.mark.parametrize(
+    ("extra_headers", "status"),
+    [
+        ({"Authorization": "Bearer unknown_token_0123456789"}, 401),
+        ({"Content-Type": "text/plain"}, 415),
+        ({"Content-Length": "5000"}, 413),
+        ({"X-Idempotency-Key": "k" * 129}, 400),
+        ({}, 429),
+    ],
+)
+async def test_header_checks_come_before_the_rate_limit(
+    rate_limited: Service, extra_headers: dict[str, str], status: int
+) -> None:
+    """A request the headers already refuse costs its key no token; one the rate limit
+    refuses is not read (SPEC §3: rate-limited before validated: the body is not JSON)."""
+    service = rate_limited
+    async with httpx.AsyncClient(base_url=service.binds[0]) as client:
+        for _ in range(2):
+            answer = await client.post(INGEST, headers=AUTH, json={"entries": [ENTRY]})
+            assert answer.status_code == 202, answer.text
+        headers = {**AUTH, "Content-Type": "application/json", **extra_headers}
+        content = b"x" * int(extra_headers.get("Content-Length", "10"))
+        answer = await client.post(INGEST, headers=headers, content=content)
+        assert answer.status_code == status, answer.text
+    limited = sample(service, "rate_limit_exceeded_total", token="payments-api")
+    assert limited == (1 if status == 429 else 0)
+
+
 async def test_a_body_that_stops_arriving_is_408(
     served: tuple[Service, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -204,6 +204,22 @@ def test_burst_then_429(clock: FakeClock) -> None:
     assert error.details == {"rate_limit_rps": 2, "rate_limit_burst": 3}
 
 
+def test_a_request_rate_checked_on_its_headers_takes_no_second_token(clock: FakeClock) -> None:
+    """The ingest route takes the token before the body (``take_token``, published as the
+    ``rate_limit`` service); the stage then only authenticates."""
+    stage = make_stage(clock, settings(rps=2, burst=3))
+    for _ in range(3):
+        envelope = request(bearer(TOKEN_A))
+        stage.take_token(stage.authenticate(envelope.authorization))
+        envelope.rate_checked = True
+        stage.process(envelope)
+        assert envelope.key is not None and envelope.key.name == "alpha"
+    with pytest.raises(RateLimitedError):
+        stage.take_token(stage.authenticate(bearer(TOKEN_A)))
+    assert rate_limited_count(stage, "alpha") == 1
+    limited(stage, TOKEN_A)  # an envelope not checked on its headers is checked here
+
+
 @pytest.mark.parametrize(
     ("rps", "elapsed", "retry_after"),
     [
