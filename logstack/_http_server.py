@@ -29,6 +29,9 @@ does not need (the "Hypercorn's connection glue" row of ``docs/performance.md``)
   closed at once with the body still coming (the client's TCP stack would get a reset, and
   may drop the answer unread): it is half-closed, what still comes is dropped for up to
   ``LINGER_S``, then it closes (a "lingering close", as nginx and Apache do).
+- **A head that takes too long.** Hypercorn counts a connection idle until a whole
+  request head is in, so a head sent a byte at a time was cut only by the keep-alive
+  timeout. Here a head has ``HEADER_TIMEOUT_S`` from its first byte.
 - **A closed request's queue.** Once the request is over, body events no longer wait for
   room in the app's queue: an app that answered without reading a large body left
   Hypercorn's reader and its own last ``send`` waiting on each other, and the connection
@@ -66,7 +69,7 @@ from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup, _handle
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import (
@@ -78,7 +81,7 @@ from hypercorn.utils import (
 )
 from trio.lowlevel import checkpoint_if_cancelled
 
-__all__ = ["DROP_BODY_LIMIT", "LINGER_S", "LeanTCPServer", "serve"]
+__all__ = ["DROP_BODY_LIMIT", "HEADER_TIMEOUT_S", "LINGER_S", "LeanTCPServer", "serve"]
 
 log = logging.getLogger("logstack.http")
 
@@ -89,6 +92,12 @@ reading more (a round trip, a TLS handshake)."""
 LINGER_S: Final = 5.0
 """How long a connection closed with a request body still coming keeps reading (and
 dropping) it after its answer, so the client reads the answer before the connection ends."""
+HEADER_TIMEOUT_S: Final = 20.0
+"""Longest a request's head (request line and headers) may take to arrive, from its first
+byte. Without it a client sending its headers a byte at a time held its connection until the
+keep-alive timeout (75 s), idle as far as the server could tell: an audit held every
+``max_connections`` slot that way (slowloris) with ~4,100 connections. Apache's
+``RequestReadTimeout`` allows 20-40 s for headers; a body has its own timeout (408)."""
 SEND_TIMEOUT_S: Final = 30.0
 """Longest wait for a client to take an answer's bytes. The write is shielded from the
 request's cancellation (a half-written answer would break the connection), so without it
@@ -272,6 +281,9 @@ class LeanTCPServer(TCPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._busy = False
+        self._head_arriving = False
+        """A request's head has begun to arrive on the idle connection (``HEADER_TIMEOUT_S``
+        is running)."""
         self._ended = False
         self._became_idle: trio.Event | None = None
         self._idle_scope = trio.CancelScope(deadline=math.inf)
@@ -318,7 +330,7 @@ class LeanTCPServer(TCPServer):
                 assert task_group._nursery is not None
                 task_group._nursery.start_soon(self._watch_idle)
                 try:
-                    await self._read_data()
+                    await self._read_requests()
                 finally:
                     self._ended = True  # the connection is over: so is its watcher
                     self._idle_scope.cancel()
@@ -326,6 +338,34 @@ class LeanTCPServer(TCPServer):
             pass
         finally:
             await self._close()
+
+    async def _read_requests(self) -> None:
+        """Hypercorn's ``_read_data``, starting ``HEADER_TIMEOUT_S`` when an idle HTTP/1.1
+        connection receives part of a request's head: bytes that did not make a whole
+        request (h11 would have begun one, making the connection busy), and not a body
+        being dropped after an early answer."""
+        read_timeout = self.config.read_timeout or math.inf
+        handle = self.protocol.handle
+        while True:
+            try:
+                with trio.fail_after(read_timeout):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            await handle(RawData(bytes(data)))
+            if data == b"":
+                break
+            if not self._busy and not self._head_arriving:
+                protocol = self.protocol.protocol
+                if (
+                    type(protocol) is LeanH11Protocol
+                    and not protocol._dropping
+                    and not protocol._lingering
+                ):
+                    self._head_arriving = True
+                    head_deadline = trio.current_time() + HEADER_TIMEOUT_S
+                    self._idle_scope.deadline = min(self._idle_scope.deadline, head_deadline)
+        await handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, Closed):
@@ -361,6 +401,7 @@ class LeanTCPServer(TCPServer):
             await self._half_close()
         elif isinstance(event, Updated):
             self._busy = not event.idle
+            self._head_arriving = False
             if event.idle:
                 self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
                 if self._became_idle is not None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -19,6 +20,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
+from logstack import _http_server
 from logstack._http_server import (
     ACCEPT_BATCH,
     DROP_BODY_LIMIT,
@@ -148,6 +150,69 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> No
         assert await used.closed_by_server(within=3)
         assert 0.25 <= trio.current_time() - start < 2
         assert await fresh.closed_by_server(within=3)
+
+
+async def send_head_slowly(client: Client, every_s: float) -> None:
+    """A one-byte POST's head, four bytes at a time (a slowloris client): 18 writes."""
+    request = h11.Request(
+        method="POST",
+        target="/",
+        headers=[("host", "t"), ("content-length", "1"), ("x-padding", "0123456789")],
+    )
+    head = client.h11.send(request)
+    assert head is not None
+    for start in range(0, len(head), 4):
+        await client.stream.send_all(head[start : start + 4])
+        await trio.sleep(every_s)
+
+
+async def test_a_head_that_arrives_too_slowly_is_cut_at_the_header_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, a head sent a byte at a time held its connection for the keep-alive timeout
+    (75 s in the service), however long it took: ~4,100 such clients held every slot."""
+    monkeypatch.setattr(_http_server, "HEADER_TIMEOUT_S", 0.4)
+    async with running(keep_alive_timeout=30) as (port, _):
+        client = await Client.connect(port)
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_head_slowly, client, 0.05)  # ~0.9 s in all
+            assert await client.closed_by_server(within=5)
+            nursery.cancel_scope.cancel()
+        assert 0.35 <= trio.current_time() - start < 0.8
+
+
+async def test_the_header_timeout_runs_per_request_from_its_first_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An idle connection waits the keep-alive timeout, not the header timeout; a slow head
+    within the header timeout is served, and the next request gets the whole timeout
+    again."""
+    monkeypatch.setattr(_http_server, "HEADER_TIMEOUT_S", 0.6)
+    async with running(keep_alive_timeout=30) as (port, _):
+        client = await Client.connect(port)
+        await trio.sleep(0.7)  # idle past the header timeout: no head has begun
+        for _ in range(3):
+            await send_head_slowly(client, 0.02)  # ~0.4 s each time, ~1.2 s in all
+            await client.send_body(b"x")
+            assert await client.read_answer() == (202, b"x")
+        await client.stream.aclose()
+
+
+async def test_a_body_dropped_after_an_early_answer_is_not_cut_by_the_header_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_http_server, "HEADER_TIMEOUT_S", 0.2)
+    async with running(keep_alive_timeout=30) as (port, _):
+        client = await Client.connect(port)
+        await client.send_head("/refuse", 10)
+        assert await client.read_answer() == (403, b"refused")
+        for _ in range(5):  # 0.5 s of body, dropped as it comes
+            await client.send_body(b"xx", end=False)
+            await trio.sleep(0.1)
+        await client.send_body(b"", end=True)
+        assert await client.post("/", b"next") == (202, b"next")
+        await client.stream.aclose()
 
 
 async def test_a_connection_the_client_closes_leaves_no_task_behind() -> None:
