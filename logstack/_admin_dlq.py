@@ -1,4 +1,4 @@
-"""Admin endpoints of the dead-letter queue (SPEC §3): list and replay.
+"""Admin endpoints of the dead-letter queue (SPEC §3): list, replay and drop.
 
 * ``GET /v1/admin/dlq[?token=<key name>][&limit=50][&offset=0]`` — per key: records, entries,
   how many are unconfirmed, oldest/newest, the most frequent reasons; then one page of
@@ -12,8 +12,13 @@
   nothing remains queued, else ``502 replay_incomplete`` with the same report in
   ``details``; ``409`` while a replay of that key runs; ``503`` if the forwarder is not
   running.
+* ``POST /v1/admin/dlq/drop`` with ``{"token": "<key name>", "ids": ["<record id>", ...]}``
+  — removes those records for good (Loki will never take them: too old, or refused for a
+  reason the operator accepts). ``200`` with what was dropped and the ids not found (a
+  repeated drop is harmless); ``409`` while a replay of that key runs. Logged as a warning
+  with the ids and counts, the only trace the entries leave.
 
-Both need the admin token (``require_admin``). ``token`` always means a key's *name*.
+All need the admin token (``require_admin``). ``token`` always means a key's *name*.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import trio
 from quart import Response, request
 
 from ._admin import NotFoundError, require_admin
+from ._api_types import DlqDropRequest, DlqDropResult
 from ._config import KEY_NAME_PATTERN
 from ._dlq import (
     DeadLetter,
@@ -70,6 +76,7 @@ class _ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _replay_decoder = msgspec.json.Decoder(_ReplayRequest)
+_drop_decoder = msgspec.json.Decoder(DlqDropRequest)
 
 
 def _bad(field: str, message: str) -> ValidationError:
@@ -198,7 +205,7 @@ def _json_response(body: dict[str, Any], status: int) -> Response:
 
 
 def register_dlq_routes(app: QuartTrio, service: Service) -> None:
-    """Add ``GET /v1/admin/dlq`` and ``POST /v1/admin/dlq/replay`` to ``app``."""
+    """Add ``GET /v1/admin/dlq`` and ``POST /v1/admin/dlq/{replay,drop}`` to ``app``."""
     from ._http import error_response
 
     def queue() -> DeadLetterQueue:
@@ -232,6 +239,47 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
         keys = [token] if token is not None else dlq.keys()
         body = await trio.to_thread.run_sync(list_dead_letters, dlq, keys, offset, limit)
         return _json_response(body, 200)
+
+    @app.post("/v1/admin/dlq/drop")
+    async def admin_dlq_drop() -> Response:
+        try:
+            require_admin(service)
+            raw = await request.get_data(cache=False)
+            assert isinstance(raw, bytes)
+            try:
+                asked = _drop_decoder.decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                raise _bad(
+                    "body", f'expected {{"token": "<key name>", "ids": ["<id>", ...]}}: {exc}'
+                ) from None
+            token = known(asked.token)
+            forwarder = service.context.services.get("forwarder")
+            if forwarder is not None and forwarder.replaying(token):
+                raise ReplayConflictError(
+                    f"a replay of {token}'s dead letters is running; drop after it ends",
+                    details={"token": token},
+                )
+        except RejectError as error:
+            return error_response(error)
+        dropped = await queue().drop(token, asked.ids)
+        found = {header.id for header in dropped}
+        result = DlqDropResult(
+            token,
+            len(dropped),
+            sum(header.entries for header in dropped),
+            [i for i in dict.fromkeys(asked.ids) if i not in found],
+        )
+        if dropped:
+            log.warning(
+                "dead letters dropped by an admin; their entries will not reach Loki",
+                extra={
+                    "token": token,
+                    "records": result.dropped_records,
+                    "entries": result.dropped_entries,
+                    "ids": [header.id for header in dropped],
+                },
+            )
+        return _json_response(msgspec.to_builtins(result), 200)
 
     @app.post("/v1/admin/dlq/replay")
     async def admin_dlq_replay() -> Response:

@@ -47,6 +47,8 @@ __all__ = [
     "AdminStatus",
     "ApiTypes",
     "ConfigStatus",
+    "DlqDropRequest",
+    "DlqDropResult",
     "DlqKeySummary",
     "DlqListing",
     "DlqReason",
@@ -648,6 +650,35 @@ class DlqReplayReport(msgspec.Struct):
     error: str | None
 
 
+MAX_DROP_IDS: Final = 500
+"""The most record ids one ``POST /v1/admin/dlq/drop`` takes (a listing's page at most)."""
+
+
+class DlqDropRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /v1/admin/dlq/drop`."""
+
+    token: Annotated[str, Meta(pattern=KEY_NAME_PATTERN, description="The key (by name).")]
+    ids: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=64)]],
+        Meta(
+            min_length=1,
+            max_length=MAX_DROP_IDS,
+            description="Ids of the key's records to drop, as `GET /v1/admin/dlq` lists them.",
+        ),
+    ]
+
+
+class DlqDropResult(msgspec.Struct):
+    """What a drop did."""
+
+    token: KeyName
+    dropped_records: Annotated[int, Meta(ge=0)]
+    dropped_entries: Annotated[int, Meta(ge=0)]
+    not_found: Annotated[
+        list[str], Meta(description="Ids asked for that the key's queue does not hold.")
+    ]
+
+
 ANSWER_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     IngestAccepted,
     ErrorBody,
@@ -661,4 +692,6 @@ ANSWER_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     DlqListing,
     DlqReplayRequest,
     DlqReplayReport,
+    DlqDropRequest,
+    DlqDropResult,
 )

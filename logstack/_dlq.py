@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -283,6 +283,21 @@ class DeadLetterQueue:
             await trio.to_thread.run_sync(self._rewrite_sync, key, change)
             self._ranges.pop(key, None)
 
+    async def drop(self, key: str, ids: Collection[str]) -> list[DeadLetterHeader]:
+        """Remove ``key``'s records with these ids (an operator gave up on them: Loki will
+        never take them); returns what was removed, in file order."""
+        wanted = set(ids)
+        dropped: list[DeadLetterHeader] = []
+
+        def change(record: DeadLetter) -> DeadLetter | None:
+            if record.id not in wanted:
+                return record
+            dropped.append(_header_of(record))
+            return None
+
+        await self.rewrite(key, change)
+        return dropped
+
     def _rewrite_sync(self, key: str, change: Callable[[DeadLetter], DeadLetter | None]) -> None:
         path = self.path(key)
         if not path.exists():
@@ -370,6 +385,12 @@ class DeadLetterQueue:
 
     def __repr__(self) -> str:
         return f"<DeadLetterQueue {self.root} keys={self.keys()}>"
+
+
+def _header_of(record: DeadLetter) -> DeadLetterHeader:
+    return DeadLetterHeader(
+        **{name: getattr(record, name) for name in DeadLetterHeader.__struct_fields__}
+    )
 
 
 def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:

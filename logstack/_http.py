@@ -70,6 +70,7 @@ KNOWN_ENDPOINTS = frozenset(
         "/v1/admin/status",
         "/v1/admin/dlq",
         "/v1/admin/dlq/replay",
+        "/v1/admin/dlq/drop",
     }
 )
 """The ``endpoint`` label values; any other path counts as ``other`` (bounded cardinality)."""

@@ -21,6 +21,8 @@ from ._api_types import (
     ANSWER_TYPES,
     CONTENT_ENCODING_PATTERN,
     AdminStatus,
+    DlqDropRequest,
+    DlqDropResult,
     DlqListing,
     DlqReplayReport,
     DlqReplayRequest,
@@ -324,6 +326,28 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                 "(`DlqReplayReport`).",
             ),
             Answer(503, "The forwarder is not running.", headers=("Retry-After",)),
+        ),
+    ),
+    Operation(
+        "post",
+        "/v1/admin/dlq/drop",
+        "adminDropDeadLetters",
+        "Remove dead-letter records for good",
+        "Removes the key's records with the given ids (Loki will never take them: too old, "
+        "or refused for a reason accepted). Their entries will not reach Loki; the drop is "
+        "logged with the ids and counts. Ids the queue does not hold are listed in "
+        "`not_found`, so a repeated drop is harmless.",
+        "admin",
+        "admin",
+        request=DlqDropRequest,
+        answers=(
+            Answer(200, "What was dropped.", DlqDropResult),
+            Answer(400, 'The body is not `{"token": "<key name>", "ids": ["<id>", ...]}`.'),
+            _E401,
+            _E403,
+            Answer(404, "No API key, WAL or dead-letter queue has that name."),
+            Answer(409, "A replay of that key is running (`conflict`)."),
+            _E500,
         ),
     ),
 )

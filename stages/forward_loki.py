@@ -557,6 +557,10 @@ class LokiForwarder:
 
     # ---------------------------------------------------------------- replay
 
+    def replaying(self, key: str) -> bool:
+        """Whether a replay of ``key``'s dead letters is running."""
+        return key in self._replaying
+
     async def replay(self, key: str) -> ReplayReport:
         """Push ``key``'s dead letters to Loki again (with the key's current tenant).
 

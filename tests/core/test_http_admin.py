@@ -42,13 +42,17 @@ ADMIN_ROUTES = sorted(
     for method in item
     if path.startswith("/v1/admin/")
 )
-VALID_BODY = {"/v1/admin/dlq/replay": {"token": "payments-api"}}
+VALID_BODY = {
+    "/v1/admin/dlq/replay": {"token": "payments-api"},
+    "/v1/admin/dlq/drop": {"token": "payments-api", "ids": ["0123abcd"]},
+}
 
 
 def test_every_admin_route_is_in_the_matrix() -> None:
     assert ADMIN_ROUTES == [
         ("GET", "/v1/admin/dlq"),
         ("GET", "/v1/admin/status"),
+        ("POST", "/v1/admin/dlq/drop"),
         ("POST", "/v1/admin/dlq/replay"),
         ("POST", "/v1/admin/flush"),
     ]

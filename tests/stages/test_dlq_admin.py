@@ -1,4 +1,5 @@
-"""The dead-letter queue: its file, and ``GET /v1/admin/dlq`` / ``POST /v1/admin/dlq/replay``.
+"""The dead-letter queue: its file, and ``GET /v1/admin/dlq`` / ``POST /v1/admin/dlq/replay``
+/ ``POST /v1/admin/dlq/drop``.
 
 Routes are tested on a Quart-Trio app built here with ``register_dlq_routes`` (the service
 wires the same function into its app), around a real ``Service`` and WAL directory; replay
@@ -336,6 +337,88 @@ async def test_concurrent_replay_of_one_key_is_409(tmp_path: Path) -> None:
             await trio.sleep(0.1)
             nursery.start_soon(replay)
         assert sorted(results) == [200, 409]
+
+
+async def test_drop_removes_records_for_good_and_says_what_it_did(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record Loki will never take (too old) could only be edited out of the file by hand;
+    replaying it failed forever and kept it listed."""
+    async with admin_app(tmp_path) as (client, service):
+        queue = queue_of(service)
+        records = [record("payments-api", n) for n in (1, 2, 3)]
+        for each in records:
+            await queue.append(each)
+        ids = [records[0].id, records[2].id, "no-such-id", records[0].id]
+        with caplog.at_level("WARNING", logger="logstack.admin"):
+            status, body = await client.post(
+                "/v1/admin/dlq/drop", {"token": "payments-api", "ids": ids}
+            )
+        assert status == 200, body
+        assert body == {
+            "token": "payments-api",
+            "dropped_records": 2,
+            "dropped_entries": 4,
+            "not_found": ["no-such-id"],
+        }
+        assert [r.id for r in await queue.read("payments-api")] == [records[1].id]
+        [logged] = [r for r in caplog.records if "dropped" in r.getMessage()]
+        assert logged.ids == [records[0].id, records[2].id]  # type: ignore[attr-defined]
+        assert (logged.records, logged.entries) == (2, 4)  # type: ignore[attr-defined]
+        # Again: nothing left to drop, no harm done.
+        status, body = await client.post(
+            "/v1/admin/dlq/drop", {"token": "payments-api", "ids": ids[:2]}
+        )
+        assert status == 200 and body["dropped_records"] == 0
+        assert body["not_found"] == ids[:2]
+        status, body = await client.get("/v1/admin/dlq?token=payments-api")
+        assert body["total_records"] == 1 and body["keys"][0]["entries"] == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"{",
+        {"token": "payments-api"},
+        {"token": "payments-api", "ids": []},
+        {"token": "payments-api", "ids": [""]},
+        {"token": "payments-api", "ids": ["x" * 65]},
+        {"token": "payments-api", "ids": ["x"] * 501},
+        {"token": "payments-api", "ids": "abc"},
+        {"token": "../x", "ids": ["abc"]},
+        {"token": "payments-api", "ids": ["abc"], "all": True},
+    ],
+)
+async def test_drop_refuses_a_bad_body(tmp_path: Path, bad: Any) -> None:
+    async with admin_app(tmp_path) as (client, service):
+        await queue_of(service).append(record("payments-api", 1))
+        status, body = await client.post("/v1/admin/dlq/drop", bad)
+        assert status == 400 and body["error"] == "validation_error", body
+        assert len(await queue_of(service).read("payments-api")) == 1
+
+
+async def test_drop_needs_a_known_key_the_admin_token_and_no_replay_running(
+    tmp_path: Path,
+) -> None:
+    rx = LokiReceiver()
+    rx.delay_s = 0.5
+    transport = ReceiverTransport({"http://loki": rx})
+    async with admin_app(tmp_path) as (client, service):
+        kept = record("payments-api", 1)
+        await queue_of(service).append(kept)
+        asked = {"token": "payments-api", "ids": [kept.id]}
+        assert (await client.post("/v1/admin/dlq/drop", asked, token=None))[0] == 401
+        assert (await client.post("/v1/admin/dlq/drop", asked, token=API_TOKEN))[0] == 403
+        status, body = await client.post("/v1/admin/dlq/drop", {**asked, "token": "nobody"})
+        assert status == 404 and body["details"] == {"token": "nobody"}
+        forwarder = LokiForwarder(service.context, transport, EndpointPool(["http://loki"]))
+        service.context.services["forwarder"] = forwarder
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.post, "/v1/admin/dlq/replay", {"token": "payments-api"})
+            await trio.sleep(0.1)
+            status, body = await client.post("/v1/admin/dlq/drop", asked)
+            assert status == 409 and body["error"] == "conflict"
+        assert await queue_of(service).read("payments-api") == []  # the replay delivered it
 
 
 async def test_a_replay_cancelled_half_way_keeps_what_it_replayed(tmp_path: Path) -> None:
