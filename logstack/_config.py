@@ -24,7 +24,14 @@ from typing import Any, Final, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
 from ._errors import ConfigError
@@ -45,10 +52,33 @@ DEFAULT_BASELINE_KEYS = (
 )
 
 
+def _field_types(annotation: Any) -> set[Any]:
+    """The types a field's annotation allows (``int | None``: ``{int, NoneType}``)."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set(get_args(annotation))
+    return {annotation}
+
+
+def _is_number(annotation: Any) -> bool:
+    """``int``, ``float`` or either of them optional."""
+    non_null = _field_types(annotation) - {type(None)}
+    return bool(non_null) and non_null <= {int, float}
+
+
 class _Strict(BaseModel):
     # No ``.inf``: an infinite rate, wait or timeout is a typo, and some break arithmetic
     # later (a Retry-After of ``ceil(inf)``).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic takes ``true`` for 1: ``LOGSTACK_WAL_QUOTA_BYTES=on`` (a flag set in the
+        wrong variable) gave a quota of one byte and every request a 429."""
+        name = info.field_name
+        if isinstance(value, bool) and name and _is_number(cls.model_fields[name].annotation):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 class ServerSettings(_Strict):
@@ -156,18 +186,23 @@ class SecuritySettings(_Strict):
 
     @model_validator(mode="after")
     def _check_keys(self) -> SecuritySettings:
-        seen: dict[str, str] = {}
+        # Every key's problem at once (it took one run per bad key), in one message:
+        # pydantic reports one error per validator.
+        problems: list[str] = []
+        seen: set[str] = set()
         for token, key in self.api_keys.items():
             if len(token) < 16:
-                raise ValueError(f"api key {key.name!r}: token must be at least 16 characters")
-            if not _HEADER_WORD.fullmatch(token):
-                raise ValueError(
+                problems.append(f"api key {key.name!r}: token must be at least 16 characters")
+            elif not _HEADER_WORD.fullmatch(token):
+                problems.append(
                     f"api key {key.name!r}: a token is sent as 'Bearer <token>': no spaces or "
                     "control characters"
                 )
             if key.name in seen:
-                raise ValueError(f"api key name {key.name!r} is used by two tokens")
-            seen[key.name] = token
+                problems.append(f"api key name {key.name!r} is used by two tokens")
+            seen.add(key.name)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -276,7 +311,10 @@ class SchemaSettings(_Strict):
 
 
 class WalSettings(_Strict):
-    root_path: Path = Field(Path("./wal"), description="Directory holding one folder per key.")
+    root_path: Path = Field(
+        Path("./wal"),
+        description="Directory holding one folder per key (relative: to the working directory).",
+    )
     segment_max_bytes: int = Field(
         128 * 1024 * 1024, ge=4096, description="Rotate the active segment at this size."
     )
@@ -302,6 +340,16 @@ class WalSettings(_Strict):
         "always", description="always: 202 after fsync. interval: fsync every fsync_interval_ms."
     )
     fsync_interval_ms: int = Field(100, gt=0, description="Period of fsync: interval.")
+
+    @field_validator("root_path", mode="before")
+    @classmethod
+    def _root_path_given(cls, value: Any) -> Any:
+        # An empty value (``LOGSTACK_WAL_ROOT_PATH=`` from an unfilled template) was read
+        # as ``.``: a WAL in whatever the working directory is, the real one's acknowledged
+        # backlog left undelivered.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
 
 
 class LokiSettings(_Strict):
@@ -524,7 +572,7 @@ _API_KEY_VAR = re.compile(
 def _parse_env_value(raw: str) -> Any:
     """Environment values are YAML scalars: ``true``, ``10``, ``[a, b]``, JSON objects."""
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        return yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else raw
     except yaml.YAMLError:
         return raw
 
@@ -538,9 +586,7 @@ def _parse_env_for_field(model: type[BaseModel], key: str, raw: str) -> Any:
     Otherwise a token or path such as ``12345``, ``yes`` or ``#abc`` would become an int,
     a bool or (silently) ``None``. Optional text fields still accept ``null``.
     """
-    annotation = model.model_fields[key].annotation
-    is_union = get_origin(annotation) in (Union, UnionType)
-    args = set(get_args(annotation)) if is_union else {annotation}
+    args = _field_types(model.model_fields[key].annotation)
     non_null = args - {type(None)}
     if non_null and non_null <= {str, Path}:
         if type(None) in args and raw.strip() in _NULL_SPELLINGS:
@@ -603,6 +649,14 @@ def _env_api_keys(env: Mapping[str, str], problems: list[str]) -> dict[str, dict
         if len(token) < 16:
             problems.append(
                 f"LOGSTACK_API_KEY_{key_id}_TOKEN: token must be at least 16 characters"
+            )
+            continue
+        if token in keys:
+            # Not one silently replacing the other (its name, its ``active: false``).
+            other = keys[token]["_id"]
+            problems.append(
+                f"LOGSTACK_API_KEY_{key_id}_TOKEN: the same token as "
+                f"LOGSTACK_API_KEY_{other}_TOKEN; a token is one key"
             )
             continue
         entry: dict[str, Any] = dict(fields)
@@ -671,6 +725,50 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_BOOL_TAG: Final = "tag:yaml.org,2002:bool"
+_INT_TAG: Final = "tag:yaml.org,2002:int"
+_FLOAT_TAG: Final = "tag:yaml.org,2002:float"
+
+
+class _ConfigLoader(_UniqueKeyLoader):
+    """Scalars read as YAML 1.2's core schema does, not as YAML 1.1 (PyYAML's): ``0700`` is
+    700, not octal 448 (``port: 0700`` listened on 448); ``5:00`` is text, not sexagesimal
+    300; ``on``/``yes``/``off``/``no`` are text (still read as booleans where a setting is
+    one, refused where it is a number); dates are text."""
+
+    yaml_implicit_resolvers = {
+        first: [
+            (tag, pattern)
+            for tag, pattern in resolvers
+            if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG, "tag:yaml.org,2002:timestamp")
+        ]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text)
+
+
+_ConfigLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_ConfigLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+_ConfigLoader.add_constructor(_INT_TAG, _ConfigLoader.construct_yaml_int)
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -700,7 +798,7 @@ def read_config_file(path: str | os.PathLike[str], *, allow_empty: bool = True) 
     """The YAML mapping in ``path``, before any validation; ``ConfigError`` saying why if it
     cannot be read (no file, not UTF-8, not YAML, a key given twice, not a mapping)."""
     try:
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_ConfigLoader)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except UnicodeDecodeError as exc:

@@ -277,6 +277,61 @@ def test_numeric_overrides_keep_their_types() -> None:
     assert settings.security.rate_limit_rps == 2000.0
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0700", 700), ("010", 10), ("0o17", 15), ("0x1F", 31), ("1e3", 1000)]
+)
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path: Path, raw: str, expected: int) -> None:
+    """YAML 1.1 (PyYAML's) read ``0700`` as octal: ``LOGSTACK_PORT=0700`` listened on 448."""
+    assert load_settings(None, env={"LOGSTACK_PORT": raw}).server.port == expected
+    path = write(tmp_path, f"wal:\n  fsync_interval_ms: {raw}\n")
+    assert load_settings(path, env={}).wal.fsync_interval_ms == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("LOGSTACK_WAL_QUOTA_BYTES", "on"),
+        ("LOGSTACK_WAL_QUOTA_BYTES", "true"),
+        ("LOGSTACK_SERVER_WORKERS", "yes"),
+        ("LOGSTACK_PORT", "on"),
+        ("LOGSTACK_WAL_SEGMENT_MAX_AGE_S", "5:00"),
+        ("LOGSTACK_SECURITY_RATE_LIMIT_RPS", "True"),
+        ("LOGSTACK_LOKI_TIMEOUT_S", "false"),
+    ],
+)
+def test_a_boolean_or_a_sexagesimal_is_not_a_number(variable: str, raw: str) -> None:
+    """They were taken: ``LOGSTACK_WAL_QUOTA_BYTES=on`` passed check-config as a one-byte
+    quota (every request then got a 429), ``5:00`` was 300 s."""
+    problem = problem_for(fails(env={variable: raw}), variable)
+    assert "number" in problem or "integer" in problem, problem
+
+
+def test_a_boolean_number_in_the_file_names_its_key(tmp_path: Path) -> None:
+    err = fails(write(tmp_path, "wal:\n  quota_bytes: yes\n  segment_max_bytes: true\n"))
+    assert "wal.quota_bytes" in problem_for(err, "quota_bytes")
+    assert "must be a number, not true" in problem_for(err, "segment_max_bytes")
+
+
+def test_dates_in_text_settings_stay_text(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"security:\n  api_keys:\n    {TOKEN_FILE}:\n      name: a\n"
+        "      description: 2025-01-01\n",
+    )
+    [key] = load_settings(path, env={}).security.api_keys.values()
+    assert key.description == "2025-01-01"
+
+
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_an_empty_wal_root_path_is_refused(tmp_path: Path, raw: str) -> None:
+    """It was read as ``.``: a WAL in the working directory (``/`` under systemd), and the
+    real WAL's acknowledged backlog left behind."""
+    problem = problem_for(fails(env={"LOGSTACK_WAL_ROOT_PATH": raw}), "root_path")
+    assert "must not be empty" in problem and "LOGSTACK_WAL_ROOT_PATH" in problem
+    problem = problem_for(fails(write(tmp_path, "wal:\n  root_path: ''\n")), "root_path")
+    assert "must not be empty" in problem
+
+
 def test_mapping_override_is_parsed_as_json() -> None:
     raw = json.dumps({"email": {"mask_email": True}, "phone": {"keep_suffix": 4}})
     settings = load_settings(None, env={"LOGSTACK_MASKING_PARTIAL_RULES": raw})
@@ -588,6 +643,34 @@ def test_several_individual_keys() -> None:
     assert named["payments-api"][1].active is True
     assert named["user-service"][0] == "logstack_user_987654321"
     assert named["user-service"][1].active is False
+
+
+def test_two_individual_keys_with_one_token_are_refused() -> None:
+    """The second group silently replaced the first (its name gone, its ``ACTIVE=false``
+    applied to both), and check-config said "config OK"."""
+    env = {
+        "LOGSTACK_API_KEY_A_TOKEN": TOKEN_ENV,
+        "LOGSTACK_API_KEY_A_NAME": "alpha",
+        "LOGSTACK_API_KEY_B_TOKEN": TOKEN_ENV,
+        "LOGSTACK_API_KEY_B_NAME": "beta",
+        "LOGSTACK_API_KEY_B_ACTIVE": "false",
+    }
+    problem = problem_for(fails(env=env), "same token")
+    assert "LOGSTACK_API_KEY_B_TOKEN" in problem and "LOGSTACK_API_KEY_A_TOKEN" in problem
+    assert TOKEN_ENV not in problem
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    """Two short tokens and a name used twice took three runs of check-config to find."""
+    path = write(
+        tmp_path,
+        "security:\n  api_keys:\n    short_a: {name: a}\n    short_b: {name: b}\n"
+        f"    {TOKEN_FILE}: {{name: dup}}\n    {TOKEN_SHARED}: {{name: dup}}\n",
+    )
+    problem = problem_for(fails(path), "api key")
+    assert "api key 'a': token must be at least 16" in problem
+    assert "api key 'b': token must be at least 16" in problem
+    assert "api key name 'dup' is used by two tokens" in problem
 
 
 def test_description_variable_stays_text() -> None:
