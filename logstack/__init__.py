@@ -7,6 +7,19 @@ modules is private.
 
 from __future__ import annotations
 
+import signal as _signal
+import sys as _sys
+
+if _sys.argv[1:2] == ["serve"] and (
+    _sys.argv[0] == "-m" or _sys.argv[0].rsplit("/", 1)[-1] == "logstack"
+):
+    # ``logstack serve`` or ``python -m logstack serve`` (``-m`` while the package loads),
+    # before the imports below (~0.5 s): until the service's signal loop takes over,
+    # SIGHUP's default action killed a starting process without a word (a
+    # ``systemctl reload`` right after a restart). A starting process reads its settings
+    # anyway. Nothing else that imports ``logstack`` is touched.
+    _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)
+
 __version__ = "0.1.0"
 
 from ._config import Settings, load_settings

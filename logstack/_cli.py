@@ -70,10 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (``logstack wal inspect DIR --records | head``): stop
+        # quietly, as ``cat`` does, not with a traceback. Python's own recipe: point stdout
+        # at /dev/null so that the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "check-config":
-            return _check_config(args.path or args.config)
+            if args.path and args.config and args.path != args.config:
+                raise ConfigError(
+                    [f"check-config: two files given ({args.config} and {args.path}); give one"]
+                )
+            return _check_config(config_path(args.path or args.config, os.environ))
         if args.command == "wal":
             from ._wal_inspect import inspect_wal
 

@@ -188,13 +188,14 @@ class LeanH11Protocol(H11Protocol):
         return False  # chunked: dropped until it ends or passes the limit
 
     async def _send_h11_event(self, event: Any) -> None:
-        if (
-            type(event) is h11.Response
-            and self.connection.their_state is h11.SEND_BODY
-            and self._body_too_long_to_drop()
+        if type(event) is h11.Response and (
+            self.context.terminated.is_set()
+            or (self.connection.their_state is h11.SEND_BODY and self._body_too_long_to_drop())
         ):
-            # Answered before a body too long to drop has arrived: say the connection
-            # closes after this answer (h11 then ends it; see ``_maybe_recycle``).
+            # The server is stopping (the connection ends after this answer: a client that
+            # reused it got its next request dropped unanswered), or the answer came before
+            # a body too long to drop: say the connection closes after this answer (h11
+            # then ends it; see ``_maybe_recycle``).
             headers = [*event.headers.raw_items(), (b"connection", b"close")]
             event = h11.Response(status_code=event.status_code, headers=headers)
         try:

@@ -477,6 +477,12 @@ class Supervisor:
             )
             return False
         self.settings, kept = keep_restart_only(self.settings, new)
+        if kept:  # ``server.workers`` above all: only the supervisor would act on it
+            log.warning(
+                "config reload: these settings take effect only when the service restarts; "
+                "restarted workers get the running values",
+                extra={"settings": kept},
+            )
         log.info("config reloaded for restarted workers", extra={"kept_running": kept})
         return True
 

@@ -73,6 +73,33 @@ def test_config_option_and_environment_variable(tmp_path: Path) -> None:
     by_env = logstack("check-config", cwd=tmp_path, LOGSTACK_CONFIG=str(SHIPPED_CONFIG))
     assert by_env.returncode == 0, by_env.stderr
     assert "api keys: 2 (2 active)" in by_env.stdout
+    # It names the file it read (it said "(defaults)" for one from $LOGSTACK_CONFIG).
+    assert f"config OK: {SHIPPED_CONFIG}" in by_env.stdout
+
+
+def test_two_files_at_once_are_refused(tmp_path: Path) -> None:
+    """``check-config --config A B`` checked B and said nothing of A."""
+    other = write(tmp_path, "server: {port: 8001}\n")
+    both = logstack("check-config", "--config", str(SHIPPED_CONFIG), str(other), cwd=tmp_path)
+    assert both.returncode == 2
+    assert "two files given" in both.stderr and str(other) in both.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
+    """``logstack stages list | head -1`` ended with a ``BrokenPipeError`` traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOGSTACK_")}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "logstack", "stages", "list", "--json"],
+        cwd=tmp_path,
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # before it writes: its first write finds no reader
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 1
+    assert "Traceback" not in stderr, stderr
 
 
 def test_defaults_without_a_file(tmp_path: Path) -> None:

@@ -240,7 +240,10 @@ async def test_stopping_closes_idle_connections_and_answers_the_request_in_progr
         start = trio.current_time()
         stop.set()
         assert await idle.closed_by_server(within=2)
-        assert await busy.read_answer() == (202, b"in progress")
+        status, body, headers = await busy.read_answer_with_head()
+        assert (status, body) == (202, b"in progress")
+        # It says so: a client that reused the connection had its next request dropped.
+        assert headers[b"connection"] == b"close"
         assert await busy.closed_by_server(within=2)
         assert trio.current_time() - start < 2  # not the graceful timeout
 

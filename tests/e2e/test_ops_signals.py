@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -302,3 +304,56 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         assert any(d["msg"] == "second stop request: cancelling the drain" for d in docs)
         [stopped] = [d for d in docs if d["msg"] == "stopped"]
         assert stopped["clean"] is False
+
+
+class ConsoleScriptProcess(LogstackProcess):
+    """``logstack serve`` through the installed console script, not ``python -m``."""
+
+    def command(self) -> list[str]:
+        script = Path(sys.executable).with_name("logstack")
+        assert script.exists(), f"the console script is installed beside {sys.executable}"
+        return [str(script), "serve", "--config", str(self.config_path)]
+
+
+@pytest.mark.parametrize("kind", [ConsoleScriptProcess, LogstackProcess])
+def test_sighups_while_the_process_starts_do_not_kill_it(
+    tmp_path: Path, kind: type[LogstackProcess]
+) -> None:
+    """SIGHUP's default action killed ``logstack serve`` during its ~0.5 s of imports (the
+    console script before any guard; ``python -m`` once the package had loaded): a
+    ``systemctl reload`` right after a restart stopped the service without a log line."""
+    config = make_test_config(tmp_path, "http://127.0.0.1:9")  # no Loki: not needed here
+    server = kind(tmp_path / "server", config)
+    stop = threading.Event()
+
+    def importing(pid: int) -> bool:
+        """The process is loading LogStack's dependencies (past the interpreter's own start,
+        which no Python code can guard)."""
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return False
+        return "msgspec" in maps or "pydantic_core" in maps
+
+    def hang_up_repeatedly() -> None:
+        while not stop.wait(0.005):
+            if server.proc is not None and importing(server.proc.pid):
+                break
+        while not stop.wait(0.02):
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGHUP)
+
+    sender = threading.Thread(target=hang_up_repeatedly)
+    sender.start()
+    try:
+        url = server.start()
+        time.sleep(0.3)  # SIGHUPs now reach the running service: reloads
+    finally:
+        stop.set()
+        sender.join()
+    try:
+        answer = httpx.post(url + INGEST, headers=bearer(TEST_TOKEN), json=batch("alive"))
+        assert answer.status_code == 202, answer.text
+        assert server.running
+    finally:
+        assert server.stop() == 0, server.log_tail()

@@ -309,6 +309,9 @@ async def test_a_restarted_worker_runs_what_the_others_run(tmp_path: Path) -> No
             server.signal(signal.SIGHUP)
             # The supervisor reloads before it passes SIGHUP on: the workers' lines come after.
             await wait_until(lambda: log_count(server, "need a restart; keeping") == 2)
+            # The supervisor warns too (it logged INFO only: ``server.workers`` changed by a
+            # reload went unnoticed).
+            assert log_count(server, "take effect only when the service restarts") == 1
             await kill_and_wait_for_restart(server, "1/2")
             acked = await post_batches(server.url, "moved", 40)
             server.config_path.write_text("security: [")
