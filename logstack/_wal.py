@@ -666,16 +666,20 @@ def _quarantine_segment(directory: Path, path: Path) -> None:
 
 
 def _repair_header(directory: Path, path: Path, seq: int) -> tuple[int, int] | None:
-    """Rewrite a segment header whose magic is damaged, if intact records follow it: each
+    """Rewrite a damaged segment header, if intact records follow it: each
     record carries its own length and CRC, so they do not need the header to be read, and
     quarantining the file would lose them. The damaged header goes to ``quarantine/``; the
     file's modification time stands in for its creation time (an age, used for rotation
     and the age quota, that errs on the young side).
 
+    A header with the right magic naming another format version is repaired only if the
+    frame right after it is one of ours (intact, and decoding as a record of this
+    format): one flipped byte in the version field made the whole segment, every record
+    intact, quarantined (an audit: 50 acknowledged entries never delivered). A WAL
+    written by a release with another format is not read as ours.
+
     Returns the creation time and size, or ``None`` when there is nothing to keep: a file
-    too short for a record, or none intact in it, or a header with the right magic that
-    names another format version (a WAL written by another release is not damage, and
-    its records are not read as ours).
+    too short for a record, or none intact in it, or another format's segment.
     """
     try:
         if not path.is_file():
@@ -683,9 +687,10 @@ def _repair_header(directory: Path, path: Path, seq: int) -> tuple[int, int] | N
         with open(path, "r+b") as handle:
             size = os.fstat(handle.fileno()).st_size
             header = handle.read(HEADER_SIZE)
-            if size <= HEADER_SIZE + FRAME_OVERHEAD or header.startswith(MAGIC):
+            if size <= HEADER_SIZE + FRAME_OVERHEAD:
                 return None
-            if find_next_frame(handle.read(), 0) is None:  # one pass; rare, so a copy
+            first = find_next_frame(handle.read(), 0)  # one pass; rare, so a copy
+            if first is None or (header.startswith(MAGIC) and first != 0):
                 return None
             created_ns = os.fstat(handle.fileno()).st_mtime_ns
             _quarantine_bytes(directory, seq, 0, header)
