@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -29,6 +30,28 @@ class HealthState:
     loki_last_error: str | None = None
     wal_writable: bool = True
     wal_last_error: str | None = None
+    wal_failing: dict[str, str] = field(default_factory=dict)
+    """Keys (by name) whose WAL refused a write, with the error. ``wal_writable`` stays
+    false until each of them takes a write again: a probe of the WAL root, or another
+    key's fsync, cleared it while one key's directory still refused every write."""
+
+    def wal_failed(self, key: str, error: str) -> None:
+        """``key``'s WAL refused a write."""
+        self.wal_failing[key] = error
+        self.wal_writable = False
+        self.wal_last_error = error
+
+    def wal_recovered(self, keys: Iterable[str]) -> bool:
+        """``keys`` took writes again; returns whether the whole WAL is writable now."""
+        for key in keys:
+            self.wal_failing.pop(key, None)
+        if self.wal_failing:
+            self.wal_last_error = next(iter(self.wal_failing.values()))
+            return False
+        recovered = not self.wal_writable
+        self.wal_writable = True
+        self.wal_last_error = None
+        return recovered
 
 
 AUTHENTICATE: Final = "authenticate"

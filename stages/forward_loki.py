@@ -550,8 +550,7 @@ class LokiForwarder:
                 )
                 self.context.health.loki_last_error = f"local delivery error: {exc}"
                 if isinstance(exc, WalError):  # a checkpoint the WAL cannot take: say so
-                    self.context.health.wal_writable = False
-                    self.context.health.wal_last_error = str(exc)
+                    self.context.health.wal_failed(batch.key_name, str(exc))
                 if not await self._wait_retry(delay, wake_on_recovery=False):
                     return
 

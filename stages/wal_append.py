@@ -274,24 +274,31 @@ class WalAppendStage(Stage):
                 await self._probe_writable()
 
     def _unwritable(self, name: str, exc: Exception, message: str) -> None:
-        health = self.context.health
-        health.wal_writable = False
-        health.wal_last_error = str(exc)
+        self.context.health.wal_failed(name, str(exc))
         log.error(message, extra={"token": name, "error": str(exc)})
 
     async def _probe_writable(self) -> None:
         """After a failed write, readiness said "not writable" until an ingest succeeded,
         which a load balancer following ``/readyz`` never sends: check by itself whether
-        the WAL takes writes again (a small file written, fsynced and removed)."""
+        the WAL takes writes again (a small file written, fsynced and removed), in the
+        root and in the directory of each key that failed."""
+        health = self.context.health
         root = self.store.root
         try:
             await trio.to_thread.run_sync(_write_probe, root)
         except OSError:
             return
-        health = self.context.health
-        health.wal_writable = True
-        health.wal_last_error = None
-        log.info("the WAL takes writes again", extra={"root": str(root)})
+        writable = []
+        for name in list(health.wal_failing):
+            keylog = self.store.logs.get(name)
+            directory = keylog.directory if keylog is not None else root
+            try:
+                await trio.to_thread.run_sync(_write_probe, directory)
+            except OSError:
+                continue
+            writable.append(name)
+        if health.wal_recovered(writable):
+            log.info("the WAL takes writes again", extra={"root": str(root)})
 
     async def _sync_all(self, logs: Any) -> set[str]:
         """fsync every touched log concurrently; return the names whose fsync failed."""
@@ -317,9 +324,8 @@ class WalAppendStage(Stage):
         async with trio.open_nursery() as nursery:
             for keylog in logs:
                 nursery.start_soon(sync_one, keylog)
-        if synced and not failed:
-            health.wal_writable = True
-            health.wal_last_error = None
+        if synced and health.wal_recovered(synced):
+            log.info("the WAL takes writes again", extra={"root": str(self.store.root)})
         return failed
 
 

@@ -340,6 +340,37 @@ async def test_a_rotation_that_fails_on_the_clock_does_not_stop_the_stage(
         assert h.context.health.wal_writable
 
 
+async def test_one_key_that_cannot_write_keeps_the_wal_unready_until_it_can(
+    tmp_path: Path,
+) -> None:
+    """The probe wrote in the WAL root, which still took writes, and another key's fsync
+    cleared the failure too: ``/readyz`` flapped between 200 and 503 while every request
+    of the broken key got a 503 (an audit, with the key's directory made read-only).
+    Real time: the probe runs in a thread, which the autojump clock would race past."""
+    async with running(tmp_path, segment_idle_s=0.5) as h:
+        await h.post()
+        keylog = h.store.logs["alpha"]
+        directory = keylog.directory
+        away = directory.with_name("alpha.away")
+        directory.rename(away)
+        directory.write_bytes(b"")  # its path is a file now: nothing can be created in it
+        health = h.context.health
+        with trio.fail_after(10):  # the idle rotation fails
+            while "alpha" not in health.wal_failing:
+                await trio.sleep(0.05)
+        for _ in range(3):  # probes (one a second), and another key's writes and fsyncs
+            assert isinstance(await h.post(key="bravo"), Accepted)
+            await trio.sleep(0.7)
+            assert not health.wal_writable, "cleared while alpha still cannot write"
+        directory.unlink()
+        away.rename(directory)
+        with trio.fail_after(10):  # the next probe finds alpha's directory writable again
+            while not health.wal_writable:
+                await trio.sleep(0.05)
+        assert health.wal_failing == {}
+        assert isinstance(await h.post(), Accepted)
+
+
 async def test_size_rotation(tmp_path: Path) -> None:
     async with running(tmp_path, segment_max_bytes=4096) as h:
         for _ in range(60):
