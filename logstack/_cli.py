@@ -113,15 +113,19 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError([f"--workers: must be between 1 and {MAX_WORKERS}"])
         server = settings.server.model_copy(update={"workers": args.workers})
         settings = settings.model_copy(update={"server": server})
+    fields: dict[str, str] = {}
+    if args.worker is not None:
+        index, count = parse_worker(args.worker)
+        fields["worker"] = f"{index}-drain" if args.drain else str(index)
     configure_logging(
         settings.server.log_level if not settings.server.debug else "DEBUG",
         settings.server.log_format,
+        fields,
     )
     if args.worker is None and needs_supervisor(settings):
         return run_supervisor(settings, path)
     role = WorkerRole()
     if args.worker is not None:
-        index, count = parse_worker(args.worker)
         role = WorkerRole(
             index,
             count,

@@ -31,6 +31,8 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "ta
 _encoder = msgspec.json.Encoder(enc_hook=repr)
 _BEARER = re.compile(r"(?i)(bearer)(\s+|%20|\\u0020)(?!<redacted>|realm=)[^\s\"'\\,;]+")
 _secrets: re.Pattern[str] | None = None
+_process_fields: dict[str, str] = {}
+"""Fields on every line of this process (a worker's ``worker``), set by ``configure_logging``."""
 
 
 def set_secrets(secrets: Iterable[str | None]) -> None:
@@ -66,6 +68,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        doc.update(_process_fields)
         request_id = request_id_var.get()
         if request_id is not None:
             doc["request_id"] = request_id
@@ -95,6 +98,7 @@ class TextFormatter(logging.Formatter):
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
         parts = [self.formatMessage(record)]
+        parts += [f"{key}={value}" for key, value in _process_fields.items()]
         request_id = request_id_var.get()
         if request_id:
             parts.append(f"request_id={request_id}")
@@ -116,7 +120,12 @@ def _text_value(value: Any) -> str:
     return text
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, fields: dict[str, str] | None = None) -> None:
+    """Log to stderr at ``level`` in ``fmt`` (``json`` or ``text``); ``fields`` go on every
+    line (a worker's ``worker``: with several workers, which one's WAL shard a line is
+    about was otherwise unknown)."""
+    _process_fields.clear()
+    _process_fields.update(fields or {})
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

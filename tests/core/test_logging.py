@@ -143,7 +143,15 @@ def test_configure_logging_installs_one_handler(capsys: pytest.CaptureFixture[st
         assert json.loads(err.strip().splitlines()[-1])["msg"] == f"hello {REDACTED}"
         configure_logging("WARNING", "text")
         assert isinstance(root.handlers[0].formatter, TextFormatter)
+        configure_logging("INFO", "json", {"worker": "1"})  # a worker's lines say whose
+        logging.getLogger("logstack.x").info("from a worker", extra={"token": "alpha"})
+        doc = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert (doc["worker"], doc["token"]) == ("1", "alpha")
+        configure_logging("INFO", "text", {"worker": "1"})
+        logging.getLogger("logstack.x").info("from a worker")
+        assert capsys.readouterr().err.rstrip().endswith("from a worker worker=1")
     finally:
+        configure_logging("INFO", "json")  # no fields left behind for other tests
         root.handlers[:], level = saved
         root.setLevel(level)
 

@@ -205,6 +205,13 @@ async def test_fewer_workers_still_deliver_the_shards_left_behind(tmp_path: Path
             assert response.status_code == 202
         log = single.log_file.read_text()
         assert "WAL shard drained" in log
+        # Each worker's lines say whose they are (a damaged shard's line read the same as
+        # another's); the supervisor's say nothing.
+        this_run = log.rpartition("--- start #")[2]  # the file has the first run's too
+        docs = [json.loads(line) for line in this_run.splitlines() if line.startswith("{")]
+        assert {doc.get("worker", "supervisor") for doc in docs} == {"0", "1-drain", "supervisor"}
+        [drained] = [doc for doc in docs if doc["msg"] == "WAL shard drained"]
+        assert "worker" not in drained and drained["shard"] == 1  # the supervisor's line
 
 
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
