@@ -365,6 +365,26 @@ async def _stop_when_drained(service: Service, poll_s: float = 0.5) -> None:
             await shutdown.wait()
 
 
+async def _serve_drain(
+    service: Service,
+    app: ASGIApp,
+    settings: Settings,
+    role: WorkerRole,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """Drain role: no public HTTP; the private socket only, for the workers' /metrics."""
+    private = role.peer_socket(role.index)
+    async with trio.open_nursery() as nursery:
+        if private is not None:
+            await nursery.start(
+                partial(serve_http, service, app, settings, private_socket=private, public=False)
+            )
+        task_status.started([])
+        await _stop_when_drained(service)
+    if private is not None:  # a finished drain is not a worker down
+        await trio.Path(private).unlink(missing_ok=True)
+
+
 def build_asgi_app(service: Service) -> ASGIApp:
     """The Quart app wrapped in request ids, HTTP metrics and slash normalisation."""
     return normalise_slashes(instrument(create_app(service), service))
@@ -374,12 +394,16 @@ def hypercorn_config(
     settings: Settings,
     listen_socket: socket.socket | None = None,
     private_socket: str | None = None,
+    *,
+    public: bool = True,
 ) -> HypercornConfig:
     """Hypercorn's settings; ``listen_socket`` (bound, not listening) is handed over as
     ``fd://`` and owned by Hypercorn from then on; ``private_socket`` is a Unix socket path
-    also listened on (a worker's, for its peers)."""
+    also listened on (a worker's, for its peers); ``public=False``: that socket only."""
     config = HypercornConfig()
-    if listen_socket is None:
+    if not public:
+        config.bind = []
+    elif listen_socket is None:
         config.bind = [f"{settings.server.host}:{settings.server.port}"]
     else:
         config.bind = [f"fd://{listen_socket.detach()}"]
@@ -401,6 +425,7 @@ async def serve_http(
     *,
     listen_socket: socket.socket | None = None,
     private_socket: str | None = None,
+    public: bool = True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hypercorn until the shutdown event, then until every in-flight request is answered.
@@ -419,7 +444,7 @@ async def serve_http(
             async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_asgi(
                     app,
-                    hypercorn_config(settings, listen_socket, private_socket),
+                    hypercorn_config(settings, listen_socket, private_socket, public=public),
                     shutdown_trigger=shutdown.wait,
                     max_connections=settings.server.max_connections,
                     task_status=task_status,
@@ -508,8 +533,7 @@ async def serve(
                     async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
                         try:
                             if role.drain:
-                                task_status.started([])
-                                await _stop_when_drained(service)
+                                await _serve_drain(service, app, settings, role, task_status)
                             else:
                                 await serve_http(
                                     service,

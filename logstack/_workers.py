@@ -320,7 +320,11 @@ class Supervisor:
             for index in range(self.count)
         ]
         for index in self.orphans:
-            role = WorkerRole(index, self.count, drain=True, supervisor=supervisor)
+            # Its private socket answers the workers' /metrics fan-out: the shard's lag and
+            # disk use stay visible while it drains.
+            role = WorkerRole(
+                index, self.count, drain=True, peers_dir=str(workdir), supervisor=supervisor
+            )
             workers.append(_Worker(role))
             log.warning(
                 "WAL shard left by an earlier run with more workers: draining it",
@@ -543,11 +547,23 @@ async def gather_metrics(role: WorkerRole, own: bytes, timeout_s: float = 2.0) -
     The others are asked over their private sockets (``/metrics?scope=worker``); one that
     does not answer in time (being restarted, say) is left out and reported as
     ``logstack_worker_up{worker="<i>"} 0``.
-    """
-    texts: dict[int, bytes] = {role.index: own}
 
-    async def fetch(index: int) -> None:
-        path = role.peer_socket(index)
+    Drain workers (shards of an earlier run with more workers) are found by their sockets
+    and labelled ``worker="<i>-drain"``: the lag and disk use of a shard still being
+    delivered were missing from every scrape.
+    """
+    texts: dict[str, bytes] = {str(role.index): own}
+    workers = [str(index) for index in range(role.count)]
+    sockets = {str(index): role.peer_socket(index) for index in range(role.count)}
+    if role.peers_dir is not None:
+        for path in await trio.Path(role.peers_dir).glob("worker-*.sock"):
+            index = path.stem.removeprefix("worker-")
+            if index.isdigit() and int(index) >= role.count:
+                workers.append(f"{index}-drain")
+                sockets[f"{index}-drain"] = str(path)
+
+    async def fetch(worker: str) -> None:
+        path = sockets[worker]
         if path is None:
             return
         transport = httpx.AsyncHTTPTransport(uds=path)
@@ -557,19 +573,19 @@ async def gather_metrics(role: WorkerRole, own: bytes, timeout_s: float = 2.0) -
                 answer.raise_for_status()
         except (httpx.HTTPError, OSError):
             return
-        texts[index] = answer.content
+        texts[worker] = answer.content
 
     async with trio.open_nursery() as nursery:
-        for index in range(role.count):
-            if index != role.index:
-                nursery.start_soon(fetch, index)
-    merged = merge_expositions({str(i): texts[i] for i in sorted(texts)})
+        for worker in workers:
+            if worker not in texts:
+                nursery.start_soon(fetch, worker)
+    merged = merge_expositions({worker: texts[worker] for worker in workers if worker in texts})
     up = [
         b"# HELP logstack_worker_up Whether the worker answered this scrape.",
         b"# TYPE logstack_worker_up gauge",
         *(
-            b'logstack_worker_up{worker="%d"} %d' % (i, 1 if i in texts else 0)
-            for i in range(role.count)
+            b'logstack_worker_up{worker="%s"} %d' % (worker.encode(), worker in texts)
+            for worker in workers
         ),
     ]
     return merged + b"\n".join(up) + b"\n"

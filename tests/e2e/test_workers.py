@@ -214,6 +214,38 @@ async def test_fewer_workers_still_deliver_the_shards_left_behind(tmp_path: Path
         assert "worker" not in drained and drained["shard"] == 1  # the supervisor's line
 
 
+async def test_a_shard_being_drained_is_in_the_metrics(tmp_path: Path) -> None:
+    """The drain worker served no HTTP, so no scrape showed its shard: its undelivered
+    bytes and lag were missing while Loki was down, and what it forwarded was never
+    counted (an audit). Its private socket now answers the fan-out, as ``<i>-drain``."""
+    async with open_loki_receiver() as rx:
+        port = rx.port
+        rx.stop()  # Loki down: both shards fill up and stay
+    server = server_for(tmp_path, port, workers=2)
+    async with running(server):
+        assert len(await post_batches(server.url, "left", 20)) == 20 * 5
+    single = server_for(tmp_path, port, workers=1)
+    async with running(single), httpx.AsyncClient(base_url=single.url, timeout=30) as client:
+
+        async def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            return parse_metrics((await client.get("/metrics")).text)
+
+        drain = (("worker", "1-drain"),)
+        with trio.fail_after(30):
+            while ("logstack_worker_up", drain) not in (found := await samples()):
+                await trio.sleep(0.1)
+        assert found["logstack_worker_up", drain] == 1
+        shard_bytes = found["wal_disk_usage_bytes", (("token", "payments-api"), *drain)]
+        assert shard_bytes > 0
+        assert found["forwarder_lag_seconds", (("token", "payments-api"), *drain)] > 0
+        assert found["logstack_worker_up", (("worker", "0"),)] == 1
+
+        async with open_loki_receiver(port=port):
+            with trio.fail_after(60):  # the drain delivers, exits, and leaves the scrape
+                while ("logstack_worker_up", drain) in await samples():
+                    await trio.sleep(0.2)
+
+
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     server = server_for(tmp_path, 9, workers=2)
     await trio.to_thread.run_sync(server.start)
