@@ -107,6 +107,13 @@ def parse_flush_request(body: bytes) -> FlushRequest:
     )
 
 
+def _flush_failed(service: Service, name: str, exc: WalError, message: str) -> None:
+    """Said in the log (the admin's 503 was the only trace) and in readiness, as a failed
+    write of the pipeline is."""
+    service.context.health.wal_failed(name, str(exc))
+    log.error(message, extra={"token": name, "error": str(exc)})
+
+
 async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
     """Seal active segments and ask delivery to push now; report what was done per key.
 
@@ -138,6 +145,7 @@ async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
             try:
                 rotated = keylog.rotate("manual")
             except WalError as exc:  # a full disk, say: the WAL's 503, not a 500
+                _flush_failed(service, name, exc, "admin flush: could not start a new segment")
                 raise UnavailableError(
                     f"could not start a new segment of {name!r}: {exc}", retry_after=5
                 ) from None
@@ -146,6 +154,7 @@ async def flush(service: Service, flush_request: FlushRequest) -> FlushResult:
                 try:
                     await keylog.sync()  # the sealed segment is durable before we say so
                 except WalError as exc:
+                    _flush_failed(service, name, exc, "admin flush: could not fsync a segment")
                     raise UnavailableError(
                         f"sealed a segment of {name!r} but could not fsync it: {exc}",
                         retry_after=5,

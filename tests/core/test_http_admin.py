@@ -191,8 +191,12 @@ async def test_flush_seals_and_forwards_now(tmp_path: Path) -> None:
         assert forced.keys[0].action in ("sealed", "nothing_to_flush")
 
 
-async def test_a_flush_that_cannot_start_a_segment_is_a_503(tmp_path: Path) -> None:
-    """The WAL's own error escaped as a 500 (an "internal error" alert for a full disk)."""
+async def test_a_flush_that_cannot_start_a_segment_is_a_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The WAL's own error escaped as a 500 (an "internal error" alert for a full disk).
+    Then the 503 was its only trace: the log said "admin flush" at INFO, readiness
+    nothing."""
     async with open_loki_receiver() as rx:
         rx.stop()  # Loki down: the entry stays undelivered, so a flush seals
         async with running(tmp_path, rx) as (service, client):
@@ -204,6 +208,9 @@ async def test_a_flush_that_cannot_start_a_segment_is_a_503(tmp_path: Path) -> N
             assert response.status_code == 503, response.text
             assert conforms(response, ErrorBody).error == "unavailable"
             assert "Retry-After" in response.headers
+            [logged] = [r for r in caplog.records if "admin flush: could not" in r.message]
+            assert logged.levelname == "ERROR"
+            assert "payments-api" in service.context.health.wal_failing
             blocker.rmdir()
             assert (await flush(client)).keys[0].action in ("sealed", "pushed")
 
