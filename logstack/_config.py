@@ -616,7 +616,16 @@ def _env_overrides(
         else:
             rest = var[len(ENV_PREFIX) :].lower()
             section, _, key = rest.partition("_")
-            if section not in SECTIONS or not key:
+            if section in SECTIONS and not key:
+                problems.append(
+                    f"{var}: unknown setting; a section is set one key at a time "
+                    f"({ENV_PREFIX}{section.upper()}_<KEY>)"
+                )
+                continue
+            if section == "pipeline":
+                problems.append(f"{var}: unknown setting; the pipeline is set in the file only")
+                continue
+            if section not in SECTIONS:
                 problems.append(f"{var}: unknown setting (no config section {section!r})")
                 continue
             if key not in SECTIONS[section].model_fields:

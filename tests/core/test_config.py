@@ -332,6 +332,22 @@ def test_an_empty_wal_root_path_is_refused(tmp_path: Path, raw: str) -> None:
     assert "must not be empty" in problem
 
 
+@pytest.mark.parametrize(
+    ("variable", "said"),
+    [
+        (
+            "LOGSTACK_WAL",
+            "unknown setting; a section is set one key at a time (LOGSTACK_WAL_<KEY>)",
+        ),
+        ("LOGSTACK_PIPELINE", "unknown setting; the pipeline is set in the file only"),
+        ("LOGSTACK_COLOUR_X", "unknown setting (no config section 'colour')"),
+    ],
+)
+def test_a_variable_that_is_no_setting_says_why(variable: str, said: str) -> None:
+    """``LOGSTACK_WAL='{}'`` was "no config section 'wal'", though ``wal`` is one."""
+    assert problem_for(fails(env={variable: "{}"}), variable) == f"{variable}: {said}"
+
+
 def test_mapping_override_is_parsed_as_json() -> None:
     raw = json.dumps({"email": {"mask_email": True}, "phone": {"keep_suffix": 4}})
     settings = load_settings(None, env={"LOGSTACK_MASKING_PARTIAL_RULES": raw})
