@@ -62,10 +62,11 @@ headers before it reads a body."""
 RATE_LIMIT: Final = "rate_limit"
 """``services[RATE_LIMIT]``: the ``auth`` stage's rate limit (takes a token from the key's
 bucket or raises ``RateLimitedError``), which the ingest route applies once the headers
-passed, before it reads the body: a key over its rate costs no upload, no body memory and
-no pipeline step (it cost ~87% of an accepted request when ``auth`` refused it), so a
-flooding key cannot take the service from the others. The envelope then says
-``rate_checked``, and ``auth`` does not take a second token."""
+passed, before it reads the body: a key over its rate holds no body memory and takes no
+pipeline step, so a flooding key's bodies no longer fill the budget other keys' requests
+need (beside such a flood a modest key had a quarter to half of its requests refused 503;
+``benchmarks/rate_limit_flood.py``). The envelope then says ``rate_checked``, and ``auth``
+does not take a second token."""
 
 
 @dataclass(eq=False)
