@@ -160,6 +160,7 @@ class IngestEndpoint:
         budget.limit = server.max_body_bytes_in_flight  # a reload applies to the next request
         headers = _request_headers(scope)
         key: ApiKey | None = None
+        give_back: Callable[[], None] | None = None  # the rate-limit token, if taken here
         try:
             # A request without a valid key, or over its key's rate, is answered before its
             # body is read (the connection drops the body as it comes): it holds no memory
@@ -172,25 +173,35 @@ class IngestEndpoint:
             encoding, idempotency_key = _check_headers(headers, server.max_body_bytes)
             rate_limit = services.get(RATE_LIMIT)
             if key is not None and rate_limit is not None:
-                rate_limit(key)
+                give_back = rate_limit(key)
             body = await _read_body(receive, server.max_body_bytes, budget)
             envelope = _envelope(
                 headers, body, encoding, idempotency_key, request_id, server, budget, key
             )
-            envelope.rate_checked = key is not None and rate_limit is not None
+            envelope.rate_checked = give_back is not None
         except RejectError as transport_error:
+            # Refused before the pipeline (413, 408, 503 for bodies in flight): not a
+            # request the key's rate counts.
+            if give_back is not None:
+                give_back()
             # A refusal after the key was known is that key's (the metric's ``token``).
             token = key.name if key is not None else "unauthenticated"
             metrics.logs_rejected.labels(token=token, reason=transport_error.reason).inc()
             return transport_error.status, transport_error.body(), transport_error.headers()
+        except _Gone:
+            if give_back is not None:
+                give_back()
+            raise
         try:
-            return await self._through_pipeline(envelope)
+            return await self._through_pipeline(envelope, give_back)
         finally:
             envelope.release()  # the request is answered: what it held goes back
 
     async def _through_pipeline(
-        self, envelope: Envelope
+        self, envelope: Envelope, give_back: Callable[[], None] | None
     ) -> tuple[int, dict[str, Any] | msgspec.Struct, dict[str, str]]:
+        """Hand ``envelope`` to the pipeline head and wait for its answer; a head that
+        cannot take it gives its rate-limit token back (``give_back``)."""
         service = self.service
         metrics = service.context.metrics
         server = service.context.settings.server
@@ -207,10 +218,14 @@ class IngestEndpoint:
             error = UnavailableError(
                 "ingest pipeline is full; retry later", retry_after=1, reason="pipeline_full"
             )
+            if give_back is not None:
+                give_back()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             error = UnavailableError(
                 "service is shutting down", retry_after=5, reason="shutting_down"
             )
+            if give_back is not None:
+                give_back()
         else:
             with trio.move_on_after(server.request_timeout_s):
                 outcome = await envelope.reply.wait()

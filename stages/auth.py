@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from logstack._config import ApiKey, Settings
@@ -39,6 +40,10 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+    def give_back(self) -> None:
+        """Return a token taken for a request the service then refused on its own account."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
 
 
 class AuthStage(Stage):
@@ -111,8 +116,9 @@ class AuthStage(Stage):
         if not envelope.rate_checked:
             self.take_token(key)
 
-    def take_token(self, key: ApiKey) -> None:
-        """Take one request's token from ``key``'s bucket, or raise ``RateLimitedError``."""
+    def take_token(self, key: ApiKey) -> Callable[[], None]:
+        """Take one request's token from ``key``'s bucket, or raise ``RateLimitedError``;
+        returns what gives the token back."""
         bucket = self._buckets.get(key.name)
         now = self._clock()
         if bucket is None:
@@ -127,3 +133,4 @@ class AuthStage(Stage):
                 retry_after=max(1, math.ceil(min(wait, MAX_RETRY_AFTER_S))),
                 details={"rate_limit_rps": bucket.rate, "rate_limit_burst": bucket.burst},
             )
+        return bucket.give_back

@@ -220,6 +220,23 @@ def test_a_request_rate_checked_on_its_headers_takes_no_second_token(clock: Fake
     limited(stage, TOKEN_A)  # an envelope not checked on its headers is checked here
 
 
+def test_a_token_given_back_is_taken_again_never_past_the_burst(clock: FakeClock) -> None:
+    stage = make_stage(clock, settings(rps=2, burst=3))
+    key = stage.authenticate(bearer(TOKEN_A))
+    give_back = [stage.take_token(key) for _ in range(3)]
+    with pytest.raises(RateLimitedError):
+        stage.take_token(key)
+    give_back[0]()  # that request was refused by the service itself (a 503)
+    stage.take_token(key)
+    for each in give_back:
+        each()
+        each()
+    for _ in range(3):
+        stage.take_token(key)
+    with pytest.raises(RateLimitedError):  # given back, but the bucket held only 3
+        stage.take_token(key)
+
+
 @pytest.mark.parametrize(
     ("rps", "elapsed", "retry_after"),
     [
