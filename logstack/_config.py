@@ -201,6 +201,11 @@ class SecuritySettings(_Strict):
             if key.name in seen:
                 problems.append(f"api key name {key.name!r} is used by two tokens")
             seen.add(key.name)
+        admin = self.admin_token
+        if admin is not None and not _HEADER_WORD.fullmatch(admin):
+            problems.append(
+                "admin_token: a token is sent as 'Bearer <token>': no spaces or control characters"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -545,6 +550,14 @@ class Settings(_Strict):
         ]
         if not any(key.active for key in self.security.api_keys.values()):
             said.append("security.api_keys: no active API key, so every ingest request gets 401")
+        loki = self.loki
+        if loki.authorization() is not None:
+            plain = [url for url in loki.endpoints() if _plain_http_beyond_this_host(url)]
+            if plain:
+                said.append(
+                    f"loki: credentials are sent in the clear to {', '.join(plain)} "
+                    "(http://, not https://, to another host)"
+                )
         return said
 
     def key_by_name(self, name: str) -> ApiKey | None:
@@ -552,6 +565,12 @@ class Settings(_Strict):
             if key.name == name:
                 return key
         return None
+
+
+def _plain_http_beyond_this_host(url: str) -> bool:
+    parts = urlsplit(url)
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    return parts.scheme == "http" and not local
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -725,10 +744,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader reports it
                 continue
             if duplicate:
+                text = str(key)
+                shown = (
+                    f"of {len(text)} characters (not shown: it may be a token)"
+                    if _may_be_a_token(text)
+                    else repr(text[:40])
+                )
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
                     node.start_mark,
-                    f"found the key {str(key)[:40]!r} twice",
+                    f"found the key {shown} twice",
                     key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
@@ -895,11 +920,32 @@ def _validate(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
             msg = error["msg"]
             if error["type"] == "extra_forbidden":
                 msg = "unknown key"
+                where = _shown_unknown_key(where)
             problems.append(f"{where}: {msg}{suffix}")
     else:
         if not problems:
             return settings
     raise ConfigError(problems)
+
+
+_LIKE_A_SETTING = re.compile(r"[a-z][a-z_]{0,39}")
+"""What a setting's name looks like (every one is lowercase words joined by ``_``)."""
+
+
+def _may_be_a_token(key: str) -> bool:
+    """Long enough to be a token (16+ characters) and not shaped like a setting's name."""
+    return len(key) >= 16 and not _LIKE_A_SETTING.fullmatch(key)
+
+
+def _shown_unknown_key(where: str) -> str:
+    """``where`` with its last part, an unknown key, hidden if it may be a token: a token
+    indented one level too far or too little became an unknown key, and its message
+    printed the token in the clear (check-config, the reload log, the admin status)."""
+    parent, _, key = where.rpartition(".")
+    if not _may_be_a_token(key):
+        return where
+    hidden = f"<a key of {len(key)} characters, not shown: it may be a token>"
+    return f"{parent}.{hidden}" if parent else hidden
 
 
 def _source_of(where: str, origin: Mapping[str, str]) -> str | None:

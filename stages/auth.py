@@ -15,6 +15,7 @@ from logstack._envelope import Envelope
 from logstack._errors import AuthenticationError, RateLimitedError
 from logstack._stage import Stage, StageConfig
 
+UNKNOWN_OR_INACTIVE = "unknown or inactive API key"
 MAX_RETRY_AFTER_S = 3600
 """The longest ``Retry-After`` a rate-limited request is told (an hour)."""
 
@@ -105,9 +106,12 @@ class AuthStage(Stage):
         raw = token.encode()
         found = self._keys.get(hashlib.sha256(raw).digest())
         if found is None or not hmac.compare_digest(found[0], raw):
-            raise AuthenticationError("unknown API key", reason="unknown_key")
+            raise AuthenticationError(UNKNOWN_OR_INACTIVE, reason="unknown_key")
         if not found[1].active:
-            raise AuthenticationError("API key is inactive", reason="inactive_key")
+            # The same answer as for an unknown key (an inactive key's own message told
+            # whoever held a revoked token that it was once real); the metric's reason
+            # still tells the operator which.
+            raise AuthenticationError(UNKNOWN_OR_INACTIVE, reason="inactive_key")
         return found[1]
 
     def process(self, envelope: Envelope) -> None:

@@ -689,6 +689,61 @@ def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
     assert "api key name 'dup' is used by two tokens" in problem
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # indented one level too little: an unknown key of ``security``
+        f'security:\n  api_keys:\n    "{TOKEN_FILE}": {{name: a}}\n'
+        f'  "{TOKEN_SHARED}": {{name: b}}\n',
+        # at the top level
+        f'"{TOKEN_SHARED}": {{name: b}}\n',
+        # given twice
+        f'security:\n  api_keys:\n    "{TOKEN_SHARED}": {{name: a}}\n    "{TOKEN_SHARED}": {{}}\n',
+    ],
+    ids=["misindented", "top-level", "duplicated"],
+)
+def test_a_token_in_the_wrong_place_is_not_printed(tmp_path: Path, text: str) -> None:
+    """check-config, the reload log and the admin status printed it: "security.<the token>:
+    unknown key" (a secrets audit)."""
+    err = fails(write(tmp_path, text))
+    assert all(TOKEN_SHARED not in problem for problem in err.problems), err.problems
+    assert any("not shown: it may be a token" in problem for problem in err.problems)
+
+
+def test_an_unknown_key_that_looks_like_a_setting_is_still_named(tmp_path: Path) -> None:
+    err = fails(write(tmp_path, "security:\n  rate_limit_brust: 5\nwal:\n  maxBytes: 1\n"))
+    assert problem_for(err, "rate_limit_brust") == "security.rate_limit_brust: unknown key"
+    assert problem_for(err, "maxBytes") == "wal.maxBytes: unknown key"
+
+
+@pytest.mark.parametrize("token", ["ADMIN SECRET with space", "admin_token_\x01_0123456789"])
+def test_an_admin_token_that_cannot_be_sent_is_refused(token: str) -> None:
+    """API keys had this check; the admin token took spaces and control characters."""
+    problem = problem_for(fails(env={"LOGSTACK_SECURITY_ADMIN_TOKEN": token}), "admin_token")
+    assert "no spaces or control characters" in problem
+    assert token not in problem
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("http://loki.example.com:3100", True),
+        ("https://loki.example.com:3100", False),
+        ("http://127.0.0.1:3100", False),
+        ("http://localhost:3100", False),
+    ],
+)
+def test_loki_credentials_over_plain_http_to_another_host_are_warned(
+    url: str, warned: bool
+) -> None:
+    env = {"LOGSTACK_LOKI_BASE_URL": url, "LOGSTACK_LOKI_BEARER_TOKEN": "loki_bearer_0123456789"}
+    said = [w for w in load_settings(None, env=env).warnings() if w.startswith("loki:")]
+    assert bool(said) == warned, said
+    assert all("loki_bearer" not in w for w in said)
+    no_credentials = load_settings(None, env={"LOGSTACK_LOKI_BASE_URL": url})
+    assert not [w for w in no_credentials.warnings() if w.startswith("loki:")]
+
+
 def test_description_variable_stays_text() -> None:
     env = {
         "LOGSTACK_API_KEY_SVC_TOKEN": TOKEN_ENV,

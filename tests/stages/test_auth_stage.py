@@ -166,6 +166,10 @@ def test_inactive_key(clock: FakeClock) -> None:
     error = refused(make_stage(clock), bearer(TOKEN_OFF))
     assert_401(error, "inactive_key")
     assert "inactive" in error.message
+    # The same answer as for an unknown token: "API key is inactive" told whoever held a
+    # revoked token that it was once real (a secrets audit); the reason tells operators.
+    unknown = refused(make_stage(clock), bearer("logstack_never_0123456789abcdef"))
+    assert error.body() == unknown.body()
 
 
 def test_valid_token_sets_the_key(clock: FakeClock) -> None:
