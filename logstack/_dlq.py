@@ -29,8 +29,9 @@ import trio
 
 from ._delivery import Item, Labels
 from ._errors import LogstackError
+from ._logging import redact
 from ._loki_proto import PushEntry, PushStream
-from ._wal import Position
+from ._wal import PRIVATE_DIR_MODE, Position
 
 DLQ_FILE = "dead-letters.jsonl"
 MAX_REASON_CHARS = 16 * 1024
@@ -129,10 +130,16 @@ def make_dead_letter(
     *,
     wal_range: tuple[Position, Position] | None = None,
 ) -> DeadLetter:
-    """A record for ``dead``: (item, the message that refused it, unconfirmed?) triples."""
+    """A record for ``dead``: (item, the message that refused it, unconfirmed?) triples.
+
+    Loki's messages go through the logs' redaction (``redact``): a Loki, or a proxy before
+    it, that echoed the request's ``Authorization`` put the Loki credentials into the file
+    and the admin listing, where the log line had them redacted (a secrets audit)."""
     streams: dict[Labels, list[DeadEntry]] = {}
     unconfirmed = 0
+    reason = redact(reason)
     for (labels, entry), why, unsure in dead:
+        why = redact(why) if why else why
         unconfirmed += unsure
         streams.setdefault(labels, []).append(
             DeadEntry(
@@ -260,7 +267,7 @@ class DeadLetterQueue:
 
     def _append_sync(self, record: DeadLetter) -> None:
         path = self.path(record.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -313,7 +320,9 @@ class DeadLetterQueue:
             if new is not None:
                 kept.append(line if new is record else _encoder.encode(new))
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
+        tmp.unlink(missing_ok=True)  # a crash's leftover: created anew, 0600 like the file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
             for line in kept:
                 handle.write(line + b"\n")
             handle.flush()

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -48,6 +49,10 @@ from ._wal_format import (
 )
 
 log = logging.getLogger("logstack.wal")
+
+PRIVATE_DIR_MODE: Final = 0o700
+"""Directories the WAL creates (its root, key directories, ``quarantine/``): they hold the
+masked log lines, in files created 0600; other local users could list keys and sizes."""
 
 SEGMENT_SUFFIX = ".seg"
 IDEMPOTENCY_WINDOW_NS = 15 * 60 * 10**9
@@ -639,8 +644,12 @@ def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> No
     directory is logged, never a reason to refuse to start or to stop delivering."""
     try:
         quarantine = directory / "quarantine"
-        quarantine.mkdir(exist_ok=True)
-        (quarantine / f"{seq:016d}-{offset}.bin").write_bytes(data)
+        quarantine.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        fd = os.open(
+            quarantine / f"{seq:016d}-{offset}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+        )
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
     except OSError as exc:
         log.error(
             "cannot quarantine damaged WAL bytes",
@@ -653,7 +662,7 @@ def _quarantine_segment(directory: Path, path: Path) -> None:
     skipped again at the next start)."""
     try:
         quarantine = directory / "quarantine"
-        quarantine.mkdir(exist_ok=True)
+        quarantine.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         target = quarantine / path.name
         if target.exists():
             target = quarantine / f"{path.name}.{time.time_ns()}"
@@ -919,7 +928,7 @@ class WalStore:
 
     def open(self) -> None:
         """Recover every key directory under the root (blocking: run it in a thread)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         # ``_shard-<i>`` directories belong to other workers (never a key: see _workers).
         keys = (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("_"))
         for directory in sorted(keys):
@@ -933,7 +942,7 @@ class WalStore:
         keylog = self.logs.get(name)
         if keylog is None:
             directory = self.root / name
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             _fsync_dir(self.root)
             keylog = KeyLog(
                 name,

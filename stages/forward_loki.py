@@ -56,6 +56,7 @@ from logstack._dlq import (
     make_dead_letter,
 )
 from logstack._errors import WalError
+from logstack._logging import redact
 from logstack._loki_http import Http11Transport
 from logstack._loki_proto import is_valid_label_name, sanitize_label_name
 from logstack._stage import Stage, StageConfig
@@ -718,7 +719,7 @@ def _updated(
     new.dead_lettered_at = record.dead_lettered_at
     new.wal_start, new.wal_end = record.wal_start, record.wal_end
     new.replay_attempts = record.replay_attempts + 1
-    new.last_replay_error = answer[:2000] or None
+    new.last_replay_error = redact(answer)[:2000] or None
     return new
 
 

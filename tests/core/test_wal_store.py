@@ -617,6 +617,27 @@ async def test_corrupt_middle_record_is_skipped_and_later_records_survive(
     keylog.close()
 
 
+async def test_what_the_wal_writes_is_private_to_the_service(tmp_path: Path) -> None:
+    """Quarantined bytes (masked log lines) were 0644 and every directory 0755 under the
+    usual umask: other local users could read them and list keys (a secrets audit)."""
+    directory, ends = await _write_then_crash(tmp_path, deliver=0)
+    (segment,) = segment_files(directory)
+    data = bytearray(segment.read_bytes())
+    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04
+    segment.write_bytes(bytes(data))
+    keylog = recover_key_log("alpha", directory, 4096, Metrics())
+    keylog.close()
+    [kept] = (directory / "quarantine").iterdir()
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert (directory / "quarantine").stat().st_mode & 0o777 == 0o700
+    store = WalStore(tmp_path / "root", 4096, Metrics())
+    store.open()
+    store.log_for("beta")
+    assert (tmp_path / "root").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "root" / "beta").stat().st_mode & 0o777 == 0o700
+    store.close()
+
+
 @pytest.mark.parametrize(
     "content", [b"", b"LOGST", b"NOTAWAL!" + b"\x00" * 40], ids=["empty", "short", "bad-magic"]
 )

@@ -421,6 +421,25 @@ async def test_drop_needs_a_known_key_the_admin_token_and_no_replay_running(
         assert await queue_of(service).read("payments-api") == []  # the replay delivered it
 
 
+async def test_the_file_stays_private_and_keeps_no_credential(tmp_path: Path) -> None:
+    """A rewrite (after a drop or a replay) made the file 0644 under the usual umask, and a
+    Loki (or proxy) that echoed the push's ``Authorization`` left the Loki credentials in
+    the file and the admin listing (a secrets audit)."""
+    queue = DeadLetterQueue(tmp_path)
+    echoed = "HTTP 400: bad request; you sent Authorization: Bearer loki-secret-0123456789"
+    first = record("payments-api", 1, reason=echoed)
+    await queue.append(first)
+    await queue.append(record("payments-api", 2))
+    path = tmp_path / "payments-api" / DLQ_FILE
+    assert "loki-secret" not in path.read_text()
+    assert "Bearer <redacted>" in (await queue.read("payments-api"))[0].reason
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    await queue.drop("payments-api", [first.id])
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(await queue.read("payments-api")) == 1
+
+
 async def test_a_replay_cancelled_half_way_keeps_what_it_replayed(tmp_path: Path) -> None:
     """An admin client that gives up (the request is cancelled with it) once stopped the
     replay with nothing written: every record stayed and the next replay pushed them all
