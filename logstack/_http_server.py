@@ -342,9 +342,8 @@ class LeanTCPServer(TCPServer):
 
     async def _read_requests(self) -> None:
         """Hypercorn's ``_read_data``, starting ``HEADER_TIMEOUT_S`` when an idle HTTP/1.1
-        connection receives part of a request's head: bytes that did not make a whole
-        request (h11 would have begun one, making the connection busy), and not a body
-        being dropped after an early answer."""
+        connection holds part of a request's head: bytes that did not make a whole request
+        (h11 would have begun one, making the connection busy) and wait in h11's buffer."""
         read_timeout = self.config.read_timeout or math.inf
         handle = self.protocol.handle
         while True:
@@ -360,9 +359,13 @@ class LeanTCPServer(TCPServer):
                 protocol = self.protocol.protocol
                 if (
                     type(protocol) is LeanH11Protocol
-                    and not protocol._dropping
                     and not protocol._lingering
+                    and protocol.connection.their_state is h11.IDLE
+                    and protocol.connection.trailing_data[0]
                 ):
+                    # h11 holds part of the next request: its head has begun. (Bytes that
+                    # ended a body dropped after an early answer leave nothing: the
+                    # connection is idle and keeps its keep-alive timeout.)
                     self._head_arriving = True
                     head_deadline = trio.current_time() + HEADER_TIMEOUT_S
                     self._idle_scope.deadline = min(self._idle_scope.deadline, head_deadline)
