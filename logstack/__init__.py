@@ -7,14 +7,18 @@ modules is private.
 
 from __future__ import annotations
 
+import itertools as _itertools
 import signal as _signal
 import sys as _sys
 
 if _sys.argv[1:2] == ["serve"] and (
-    _sys.argv[0] == "-m" or _sys.argv[0].rsplit("/", 1)[-1] == "logstack"
+    # ``python -m logstack serve``: while ``-m`` loads the package, ``argv[0]`` is ``-m``;
+    # ``orig_argv`` says which module (``python -m myapp serve`` is not ours).
+    ("-m", "logstack") in _itertools.pairwise(getattr(_sys, "orig_argv", []))
+    if _sys.argv[0] == "-m"
+    else _sys.argv[0].rsplit("/", 1)[-1] == "logstack"  # the console script
 ):
-    # ``logstack serve`` or ``python -m logstack serve`` (``-m`` while the package loads),
-    # before the imports below (~0.5 s): until the service's signal loop takes over,
+    # Before the imports below (~0.5 s): until the service's signal loop takes over,
     # SIGHUP's default action killed a starting process without a word (a
     # ``systemctl reload`` right after a restart). A starting process reads its settings
     # anyway. Nothing else that imports ``logstack`` is touched.

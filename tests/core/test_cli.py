@@ -85,6 +85,31 @@ def test_two_files_at_once_are_refused(tmp_path: Path) -> None:
     assert "two files given" in both.stderr and str(other) in both.stderr
 
 
+def test_importing_logstack_leaves_other_programs_signals_alone(tmp_path: Path) -> None:
+    """``logstack serve`` ignores SIGHUP from the package's first lines while it starts;
+    ``python -m myapp serve``, whose package imports ``logstack``, was taken for it (its
+    ``argv[0]`` is ``-m`` too) and lost SIGHUP, it and every program it started."""
+    app = tmp_path / "myapp"
+    app.mkdir()
+    (app / "__init__.py").write_text("import logstack\n")
+    (app / "__main__.py").write_text(
+        "import signal\nprint(signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOGSTACK_")}
+    clean["PYTHONPATH"] = os.pathsep.join([str(tmp_path), clean.get("PYTHONPATH", "")])
+    for args in (["-m", "myapp", "serve"], ["-m", "myapp", "run"]):
+        result = subprocess.run(
+            [sys.executable, *args],
+            cwd=tmp_path,
+            env=clean,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.stdout.strip() == "True", (args, result.stdout, result.stderr)
+
+
 def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
     """``logstack stages list | head -1`` ended with a ``BrokenPipeError`` traceback."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LOGSTACK_")}
