@@ -65,10 +65,9 @@ def _is_number(annotation: Any) -> bool:
     return bool(non_null) and non_null <= {int, float}
 
 
-class _Strict(BaseModel):
-    # No ``.inf``: an infinite rate, wait or timeout is a typo, and some break arithmetic
-    # later (a Retry-After of ``ceil(inf)``).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class NumbersNotBooleans(BaseModel):
+    """A model whose number fields refuse ``true``/``false`` (the settings, and every
+    stage's options: ``keep_last: true`` passed check-config as 1)."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -79,6 +78,12 @@ class _Strict(BaseModel):
         if isinstance(value, bool) and name and _is_number(cls.model_fields[name].annotation):
             raise ValueError(f"must be a number, not {str(value).lower()}")
         return value
+
+
+class _Strict(NumbersNotBooleans):
+    # No ``.inf``: an infinite rate, wait or timeout is a typo, and some break arithmetic
+    # later (a Retry-After of ``ceil(inf)``).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServerSettings(_Strict):
@@ -765,10 +770,11 @@ _FLOAT_TAG: Final = "tag:yaml.org,2002:float"
 
 
 class _ConfigLoader(_UniqueKeyLoader):
-    """Scalars read as YAML 1.2's core schema does, not as YAML 1.1 (PyYAML's): ``0700`` is
-    700, not octal 448 (``port: 0700`` listened on 448); ``5:00`` is text, not sexagesimal
-    300; ``on``/``yes``/``off``/``no`` are text (still read as booleans where a setting is
-    one, refused where it is a number); dates are text."""
+    """Scalars read as YAML 1.1 (PyYAML's) reads them, except where that surprised, as
+    YAML 1.2's core schema reads them: ``0700`` is 700, not octal 448 (``port: 0700``
+    listened on 448); ``5:00`` is text, not sexagesimal 300; ``on``/``yes``/``off``/``no``
+    are text (still read as booleans where a setting is one, refused where it is a
+    number); dates are text. Floats keep YAML 1.1's shape (``1e5`` stays text)."""
 
     yaml_implicit_resolvers = {
         first: [
@@ -780,7 +786,7 @@ class _ConfigLoader(_UniqueKeyLoader):
     }
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = str(self.construct_scalar(node))
+        text = str(self.construct_scalar(node)).replace("_", "")
         if text.startswith(("0o", "0x")):
             return int(text[2:], 8 if text[1] == "o" else 16)
         return int(text)
@@ -790,12 +796,17 @@ _ConfigLoader.add_implicit_resolver(
     _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _ConfigLoader.add_implicit_resolver(
-    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"),
 )
+# PyYAML's YAML 1.1 float, without its sexagesimal form: ``1e5`` and ``12345678e1234567``
+# (a token, unquoted) stay text, as they were, where YAML 1.2's rule reads them as numbers.
 _ConfigLoader.add_implicit_resolver(
     _FLOAT_TAG,
     re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
     ),
     list("-+0123456789."),

@@ -12,8 +12,9 @@ import logging
 from typing import Any, ClassVar, TypeVar
 
 import trio
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from ._config import NumbersNotBooleans
 from ._envelope import Batch, Envelope
 from ._errors import InternalError, RejectError
 from ._logging import request_id_var
@@ -26,7 +27,7 @@ COALESCE_MAX = 256
 """Most batches merged into one when a stage finds several waiting in its inbox."""
 
 
-class StageConfig(BaseModel):
+class StageConfig(NumbersNotBooleans):
     """Options of a stage, from the ``options:`` of its ``pipeline:`` entry.
 
     Subclass it and declare fields with ``Field(description=...)``: the same declaration

@@ -278,7 +278,7 @@ def test_numeric_overrides_keep_their_types() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"), [("0700", 700), ("010", 10), ("0o17", 15), ("0x1F", 31), ("1e3", 1000)]
+    ("raw", "expected"), [("0700", 700), ("010", 10), ("0o17", 15), ("0x1F", 31), ("1_000", 1000)]
 )
 def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path: Path, raw: str, expected: int) -> None:
     """YAML 1.1 (PyYAML's) read ``0700`` as octal: ``LOGSTACK_PORT=0700`` listened on 448."""
@@ -310,6 +310,20 @@ def test_a_boolean_number_in_the_file_names_its_key(tmp_path: Path) -> None:
     err = fails(write(tmp_path, "wal:\n  quota_bytes: yes\n  segment_max_bytes: true\n"))
     assert "wal.quota_bytes" in problem_for(err, "quota_bytes")
     assert "must be a number, not true" in problem_for(err, "segment_max_bytes")
+
+
+def test_text_shaped_like_an_exponent_stays_text(tmp_path: Path) -> None:
+    """As under YAML 1.1: a YAML 1.2 reader made ``12345678e1234567`` (a token, unquoted)
+    and ``1e5`` numbers, and refused configs that loaded before (an audit)."""
+    token = "12345678e1234567"
+    path = write(
+        tmp_path,
+        f"security:\n  api_keys:\n    {token}: {{name: 1e5}}\n"
+        "schema:\n  label_allowlist: [region, 1e3]\n",
+    )
+    settings = load_settings(path, env={})
+    assert settings.security.api_keys[token].name == "1e5"
+    assert settings.schema_.label_allowlist[-1] == "1e3"
 
 
 def test_dates_in_text_settings_stay_text(tmp_path: Path) -> None:

@@ -624,6 +624,15 @@ def test_option_of_the_wrong_type(modules: Modules) -> None:
     assert "integer" in problem
 
 
+def test_a_boolean_is_not_a_number_option(modules: Modules) -> None:
+    """``keep_last: true`` passed check-config as 1, as booleans did for the settings."""
+    eps = [ep("acme_x", f"{modules.plugin}:GoodStage")]
+    settings = settings_with({"type": "acme_x", "options": {"max_hits": True}})
+    problem = only(problems_of(settings, eps))
+    assert problem.startswith("pipeline[0] (acme_x): max_hits: ")
+    assert "must be a number, not true" in problem
+
+
 def test_options_on_a_stage_without_options(modules: Modules) -> None:
     eps = [ep("acme_x", f"{modules.plugin}:OtherGoodStage")]
     settings = settings_with({"type": "acme_x", "options": {"anything": 1}})
