@@ -48,16 +48,27 @@ class BodyBudget:
         (and would otherwise never be served when that exceeds the budget).
         """
         if self.held + n > self.limit and self.held > own:
-            raise UnavailableError(
-                "too many request bodies are in flight at once; retry later",
-                retry_after=1,
-                details={"max_body_bytes_in_flight": self.limit},
-                reason="bodies_in_flight",
-            )
+            raise _no_room(self.limit)
         self.held += n
+
+    def check_room(self, n: int) -> None:
+        """Raise the ``503`` that ``take`` would, now, for a body announcing ``n`` JSON bytes
+        (what it will hold once whole), without taking anything: under overload a body
+        that cannot fit was read before it was refused, on CPU the accepted ones needed."""
+        if self.held + held_for(n) > self.limit and self.held > 0:
+            raise _no_room(self.limit)
 
     def give_back(self, n: int) -> None:
         self.held -= n
 
     def __repr__(self) -> str:
         return f"<BodyBudget {self.held}/{self.limit}>"
+
+
+def _no_room(limit: int) -> UnavailableError:
+    return UnavailableError(
+        "too many request bodies are in flight at once; retry later",
+        retry_after=1,
+        details={"max_body_bytes_in_flight": limit},
+        reason="bodies_in_flight",
+    )
