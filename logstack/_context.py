@@ -63,9 +63,10 @@ RATE_LIMIT: Final = "rate_limit"
 """``services[RATE_LIMIT]``: the ``auth`` stage's rate limit (takes a token from the key's
 bucket and returns what gives it back, or raises ``RateLimitedError``), which the ingest
 route applies once the headers passed, before it reads the body, and undoes for a request
-that then never reaches the pipeline (its body too large or too slow, the client gone, the
-service full: under overload those 503s burned the tokens, and the key got 429s for
+the service itself then refuses before the pipeline (503: the body budget or the pipeline
+full, shutting down: under overload those 503s burned the tokens, and the key got 429s for
 requests the pipeline could have taken; the overload scenario accepted a third as much).
+A refusal for the client's own fault (413, 408, gone) keeps the token.
 A key over its rate holds no body memory and takes no
 pipeline step, so a flooding key's bodies no longer fill the budget other keys' requests
 need (beside such a flood a modest key had a quarter to half of its requests refused 503;

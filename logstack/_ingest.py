@@ -186,18 +186,16 @@ class IngestEndpoint:
             )
             envelope.rate_checked = give_back is not None
         except RejectError as transport_error:
-            # Refused before the pipeline (413, 408, 503 for bodies in flight): not a
-            # request the key's rate counts.
-            if give_back is not None:
+            # Refused by the service itself before the pipeline (503: no room for its
+            # body): not a request the key's rate counts. A refusal for the client's own
+            # fault (413, 408) keeps the token: given back, a key could hold the body
+            # budget with stalled bodies again and again, unbounded by its rate (an audit).
+            if give_back is not None and transport_error.status == 503:
                 give_back()
             # A refusal after the key was known is that key's (the metric's ``token``).
             token = key.name if key is not None else "unauthenticated"
             metrics.logs_rejected.labels(token=token, reason=transport_error.reason).inc()
             return transport_error.status, transport_error.body(), transport_error.headers()
-        except _Gone:
-            if give_back is not None:
-                give_back()
-            raise
         try:
             return await self._through_pipeline(envelope, give_back)
         finally:
