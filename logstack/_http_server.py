@@ -30,8 +30,9 @@ does not need (the "Hypercorn's connection glue" row of ``docs/performance.md``)
   may drop the answer unread): it is half-closed, what still comes is dropped for up to
   ``LINGER_S``, then it closes (a "lingering close", as nginx and Apache do).
 - **A head that takes too long.** Hypercorn counts a connection idle until a whole
-  request head is in, so a head sent a byte at a time was cut only by the keep-alive
-  timeout. Here a head has ``HEADER_TIMEOUT_S`` from its first byte.
+  request head is in, so a head sent a byte at a time, or a new connection that sends
+  nothing, was cut only by the keep-alive timeout. Here a head has ``HEADER_TIMEOUT_S``
+  from its first byte, and a new connection's first one from the accept.
 - **A closed request's queue.** Once the request is over, body events no longer wait for
   room in the app's queue: an app that answered without reading a large body left
   Hypercorn's reader and its own last ``send`` waiting on each other, and the connection
@@ -327,7 +328,13 @@ class LeanTCPServer(TCPServer):
                 if type(self.protocol.protocol) is H11Protocol:
                     self.protocol.protocol = LeanH11Protocol(*parts)
                 await self.protocol.initiate()
-                self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
+                # A new connection's first request has HEADER_TIMEOUT_S too, from the accept
+                # (nginx's client_header_timeout): silent connections held their slots for the
+                # whole keep-alive timeout, and ~55 new ones a second filled max_connections.
+                self._head_arriving = True
+                self._idle_scope.deadline = trio.current_time() + min(
+                    HEADER_TIMEOUT_S, self.config.keep_alive_timeout
+                )
                 assert task_group._nursery is not None
                 task_group._nursery.start_soon(self._watch_idle)
                 try:

@@ -191,12 +191,29 @@ async def test_the_header_timeout_runs_per_request_from_its_first_byte(
     monkeypatch.setattr(_http_server, "HEADER_TIMEOUT_S", 0.6)
     async with running(keep_alive_timeout=30) as (port, _):
         client = await Client.connect(port)
+        assert await client.post("/", b"first") == (202, b"first")
         await trio.sleep(0.7)  # idle past the header timeout: no head has begun
         for _ in range(3):
             await send_head_slowly(client, 0.02)  # ~0.4 s each time, ~1.2 s in all
             await client.send_body(b"x")
             assert await client.read_answer() == (202, b"x")
         await client.stream.aclose()
+
+
+async def test_a_new_connection_that_sends_nothing_gets_the_header_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Silent connections counted as idle and were closed at the keep-alive timeout only:
+    ~55 new ones a second per worker held every ``max_connections`` slot (an audit)."""
+    monkeypatch.setattr(_http_server, "HEADER_TIMEOUT_S", 0.4)
+    async with running(keep_alive_timeout=30) as (port, _):
+        silent = await Client.connect(port)
+        start = trio.current_time()
+        assert await silent.closed_by_server(within=5)
+        assert 0.35 <= trio.current_time() - start < 1.5
+        prompt = await Client.connect(port)  # one that sends in time is served as before
+        assert await prompt.post("/", b"x") == (202, b"x")
+        await prompt.stream.aclose()
 
 
 async def test_a_body_dropped_after_an_early_answer_is_not_cut_by_the_header_timeout(
