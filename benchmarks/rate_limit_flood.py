@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -78,6 +79,13 @@ async def flood(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="logstack-flood-"))
+    try:
+        return await measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # WALs and logs: tens of MB a run
+
+
+async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     flood_bodies = bodies(args.lines)
     modest_bodies = bodies(100)
     with LokiReceiverProcess(workdir / "loki") as loki:
