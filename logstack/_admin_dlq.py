@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import trio
@@ -75,6 +75,7 @@ class _ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
     token: str
 
 
+_Body = TypeVar("_Body")
 _replay_decoder = msgspec.json.Decoder(_ReplayRequest)
 _drop_decoder = msgspec.json.Decoder(DlqDropRequest)
 
@@ -85,6 +86,17 @@ def _bad(field: str, message: str) -> ValidationError:
         details={"errors": [{"field": field, "message": message}]},
         reason="bad_admin_request",
     )
+
+
+async def _body(decoder: msgspec.json.Decoder[_Body], expected: str) -> _Body:
+    """The admin request's JSON body as ``decoder`` reads it, or a 400 saying what was
+    expected."""
+    raw = await request.get_data(cache=False)
+    assert isinstance(raw, bytes)
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _bad("body", f"expected {expected}: {exc}") from None
 
 
 def _key_name(value: str, field: str) -> str:
@@ -244,14 +256,7 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
     async def admin_dlq_drop() -> Response:
         try:
             require_admin(service)
-            raw = await request.get_data(cache=False)
-            assert isinstance(raw, bytes)
-            try:
-                asked = _drop_decoder.decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                raise _bad(
-                    "body", f'expected {{"token": "<key name>", "ids": ["<id>", ...]}}: {exc}'
-                ) from None
+            asked = await _body(_drop_decoder, '{"token": "<key name>", "ids": ["<id>", ...]}')
             token = known(asked.token)
             forwarder = service.context.services.get("forwarder")
             if forwarder is not None and forwarder.replaying(token):
@@ -285,13 +290,8 @@ def register_dlq_routes(app: QuartTrio, service: Service) -> None:
     async def admin_dlq_replay() -> Response:
         try:
             require_admin(service)
-            raw = await request.get_data(cache=False)
-            assert isinstance(raw, bytes)
-            try:
-                token = _key_name(_replay_decoder.decode(raw).token, "token")
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                raise _bad("body", f'expected {{"token": "<key name>"}}: {exc}') from None
-            known(token)
+            asked = await _body(_replay_decoder, '{"token": "<key name>"}')
+            token = known(_key_name(asked.token, "token"))
             forwarder = service.context.services.get("forwarder")
             if forwarder is None:
                 raise UnavailableError(
