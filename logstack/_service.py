@@ -15,10 +15,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final
 
 import trio
@@ -512,84 +513,85 @@ async def serve(
     grace = settings.server.shutdown_grace_s
     clean = False
     stop_started: float | None = None
-    try:
-        async with trio.open_nursery() as outer:
-            if handle_signals:
-                outer.start_soon(_signal_loop, service)
-            if not role.single:
-                supervisor = role.supervisor if role.supervisor is not None else os.getppid()
-                outer.start_soon(_stop_with_supervisor, service, supervisor)
-            try:
-                async with trio.open_nursery() as root:
-                    service._stop_scope = root.cancel_scope
-                    service.head = await root.start(
-                        partial(
-                            serve_pipeline,
-                            service.stages,
-                            head_capacity=settings.server.pipeline_capacity,
+    with _late_stop_signals(service) if handle_signals else nullcontext():
+        try:
+            async with trio.open_nursery() as outer:
+                if handle_signals:
+                    outer.start_soon(_signal_loop, service)
+                if not role.single:
+                    supervisor = role.supervisor if role.supervisor is not None else os.getppid()
+                    outer.start_soon(_stop_with_supervisor, service, supervisor)
+                try:
+                    async with trio.open_nursery() as root:
+                        service._stop_scope = root.cancel_scope
+                        service.head = await root.start(
+                            partial(
+                                serve_pipeline,
+                                service.stages,
+                                head_capacity=settings.server.pipeline_capacity,
+                            )
                         )
-                    )
 
-                    async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
-                        try:
-                            if role.drain:
-                                await _serve_drain(service, app, settings, role, task_status)
-                            else:
-                                await serve_http(
-                                    service,
-                                    app,
-                                    settings,
-                                    listen_socket=listen_socket,
-                                    private_socket=role.peer_socket(role.index),
-                                    task_status=task_status,
-                                )
-                        finally:
-                            # In-flight requests are answered; closing the head drains
-                            # every stage in order.
-                            service.stopping = True
-                            if service.head is not None:
-                                await service.head.aclose()
-                            log.info("HTTP closed; draining the pipeline")
+                        async def http_then_close_head(task_status: trio.TaskStatus[Any]) -> None:
+                            try:
+                                if role.drain:
+                                    await _serve_drain(service, app, settings, role, task_status)
+                                else:
+                                    await serve_http(
+                                        service,
+                                        app,
+                                        settings,
+                                        listen_socket=listen_socket,
+                                        private_socket=role.peer_socket(role.index),
+                                        task_status=task_status,
+                                    )
+                            finally:
+                                # In-flight requests are answered; closing the head drains
+                                # every stage in order.
+                                service.stopping = True
+                                if service.head is not None:
+                                    await service.head.aclose()
+                                log.info("HTTP closed; draining the pipeline")
 
-                    service.binds = await root.start(http_then_close_head)
-                    if settings.server.bound_ports_file:
-                        await trio.Path(settings.server.bound_ports_file).write_text(
-                            "\n".join(service.binds) + "\n"
+                        service.binds = await root.start(http_then_close_head)
+                        if settings.server.bound_ports_file:
+                            await trio.Path(settings.server.bound_ports_file).write_text(
+                                "\n".join(service.binds) + "\n"
+                            )
+                        log.info(
+                            "serving",
+                            extra={
+                                "binds": service.binds,
+                                "version": __version__,
+                                "pipeline": [s.name for s in service.stages],
+                            },
                         )
-                    log.info(
-                        "serving",
-                        extra={
-                            "binds": service.binds,
-                            "version": __version__,
-                            "pipeline": [s.name for s in service.stages],
-                        },
-                    )
-                    task_status.started(service)
-                    await shutdown.wait()
-                    stop_started = time.perf_counter()
-                    service.stopping = True
-                    root.cancel_scope.deadline = min(
-                        root.cancel_scope.deadline, trio.current_time() + grace
-                    )
-                clean = not root.cancel_scope.cancelled_caught
-            finally:
-                outer.cancel_scope.cancel()
-    finally:
-        service.stopping = True
-        if listen_socket is not None and listen_socket.fileno() != -1:
-            listen_socket.close()  # never handed to Hypercorn (it failed before)
-        store.close()
-        if role.drain and clean and service.drained:
-            retire_shard(store.root)
-        log.info(
-            "stopped",
-            extra={
-                "clean": clean,
-                "stop_s": None
-                if stop_started is None
-                else round(time.perf_counter() - stop_started, 3),
-            },
-        )
+                        task_status.started(service)
+                        await shutdown.wait()
+                        stop_started = time.perf_counter()
+                        service.stopping = True
+                        root.cancel_scope.deadline = min(
+                            root.cancel_scope.deadline, trio.current_time() + grace
+                        )
+                    clean = not root.cancel_scope.cancelled_caught
+                finally:
+                    outer.cancel_scope.cancel()
+        finally:
+            service.stopping = True
+            if listen_socket is not None and listen_socket.fileno() != -1:
+                listen_socket.close()  # never handed to Hypercorn (it failed before)
+            store.close()
+            if role.drain and clean and service.drained:
+                retire_shard(store.root)
+            log.info(
+                "stopped",
+                extra={
+                    "clean": clean,
+                    "stop_s": None
+                    if stop_started is None
+                    else round(time.perf_counter() - stop_started, 3),
+                },
+            )
 
 
 @asynccontextmanager
@@ -612,6 +614,39 @@ async def open_service(
             yield service
         finally:
             service.request_stop("open_service exit")
+
+
+@contextmanager
+def _late_stop_signals(service: Service) -> Iterator[None]:
+    """What SIGTERM and SIGINT do after the signal loop ended, until ``serve`` returns.
+
+    When trio's receiver closes it puts back the handlers it found and raises again the
+    signals still queued. Found the defaults there, a worker's second copy of a stop sent
+    to the process group (straight, and again through the supervisor) killed it if it came
+    late, after the drain, before the worker said it stopped clean. A copy inside
+    ``REPEATED_STOP_WINDOW_S`` is ignored here as in ``Service.request_stop``; any other
+    signal does what it did before ``serve`` (by default, ends the process).
+    """
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if service._repeats_the_stop_request():
+            return
+        before = previous[signal.Signals(signum)]
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for signum in signals:
+        signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 async def _signal_loop(service: Service) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from logstack._config import Settings, load_settings
 from logstack._entry import LogEntry
 from logstack._errors import ConfigError
 from logstack._metrics import Metrics
-from logstack._service import Service, open_service
+from logstack._service import Service, _late_stop_signals, open_service
 from logstack._wal import WalStore
 from logstack._wal_format import EntryBatch
 from logstack._wal_inspect import inspect_wal
@@ -325,6 +326,28 @@ async def test_a_second_stop_request_at_once_is_the_same_request(tmp_path: Path)
     single.request_stop("SIGTERM")
     single.request_stop("SIGTERM")
     assert single._stop_scope.cancel_called
+
+
+async def test_a_late_copy_of_the_stop_signal_does_not_end_a_worker(tmp_path: Path) -> None:
+    """Once the signal loop has ended, trio puts back the handlers it found and raises the
+    signals still queued: a worker's copy of a process-group stop arriving then must not
+    kill it before it says it stopped clean. A later signal does what it did before."""
+    before: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: before.append(signum))
+    try:
+        worker = Service(settings(tmp_path), role=WorkerRole(1, 2))
+        with _late_stop_signals(worker):
+            worker.request_stop("SIGTERM")
+            signal.raise_signal(signal.SIGTERM)  # the copy through the supervisor
+            assert before == []
+            assert worker._stop_requested_at is not None
+            worker._stop_requested_at -= 2  # a second later
+            signal.raise_signal(signal.SIGTERM)
+            assert before == [signal.SIGTERM]
+        signal.raise_signal(signal.SIGTERM)
+        assert before == [signal.SIGTERM] * 2  # the handler found is back
+    finally:
+        signal.signal(signal.SIGTERM, original)
 
 
 PROBE = textwrap.dedent(
