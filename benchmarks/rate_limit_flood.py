@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from logstack.bench._load import _Connection, build_request, run_load
+from logstack.bench._load import build_request, parse_response_head, run_load
 from logstack.bench._procstat import tree_cpu_seconds
 from logstack.testing import make_entry
 from logstack.testing._process import (
@@ -48,6 +48,30 @@ def bodies(lines: int) -> list[bytes]:
         ).encode()
         for n in range(BODIES)
     ]
+
+
+class _Connection:
+    """A keep-alive connection that reads whole answers (status and keep-alive only)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def read_response(self) -> tuple[int, bool]:
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            await self._fill()
+        status, length, keep = parse_response_head(bytes(self.buffer[:end]))
+        del self.buffer[: end + 4]
+        while len(self.buffer) < length:
+            await self._fill()
+        del self.buffer[:length]
+        return status, keep
+
+    async def _fill(self) -> None:
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buffer += chunk
 
 
 async def flood(

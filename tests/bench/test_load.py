@@ -120,3 +120,114 @@ async def test_the_query_string_is_kept() -> None:
     async with serving(record) as url:
         await load(url + "?tenant=a", connections=1, duration_s=0.05)
     assert seen and seen[0].startswith(b"POST /v1/logs:ingest?tenant=a HTTP/1.1\r\n")
+
+
+async def test_an_answer_before_the_whole_body_counts_as_that_answer() -> None:
+    """A refusal on the headers (a 413 and a close, the rest of the body unread) is the
+    server's answer, not a broken connection."""
+    refusal = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(1024)
+            await stream.send_all(refusal)
+
+    async with serving(refuse) as url:
+        result = await run_load(
+            url,
+            lambda n: b"x" * (8 << 20),  # far more than the socket buffers hold
+            lines_per_request=1,
+            headers={},
+            connections=1,
+            duration_s=0.3,
+        )
+    assert result.statuses[413] >= 1
+    assert result.requests == result.statuses[413]
+    assert result.connections_opened == result.requests + result.transport_errors
+
+
+async def test_a_large_body_is_written_whole_to_a_slow_reader() -> None:
+    size = 4 << 20
+    received: list[int] = []
+
+    async def slow(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = bytearray()
+            while True:
+                while (end := buffer.find(b"\r\n\r\n")) < 0:
+                    buffer += await stream.receive_some(65536)
+                while len(buffer) < end + 4 + size:
+                    await trio.sleep(0.001)
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                received.append(len(buffer) - end - 4)
+                del buffer[: end + 4 + size]
+                await stream.send_all(OK)
+
+    async with serving(slow) as url:
+        result = await run_load(
+            url,
+            lambda n: b"y" * size,
+            lines_per_request=1,
+            headers={},
+            connections=1,
+            duration_s=0.2,
+        )
+    assert result.accepted_requests >= 1 and result.transport_errors == 0
+    assert received[: result.accepted_requests] == [size] * result.accepted_requests
+
+
+async def test_the_closed_loop_backs_off_after_429_and_503() -> None:
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                if data.endswith(b"x"):
+                    await stream.send_all(busy)
+
+    async with serving(refuse) as url:
+        result = await load(url, connections=1, duration_s=0.5)
+    # One connection pausing BACKOFF_S (50 ms) after each: about ten, not thousands.
+    assert 5 <= result.statuses[503] <= 11
+    assert result.accepted_requests == 0 and result.transport_errors == 0
+
+
+async def test_an_idle_connection_closed_by_the_server_is_no_error() -> None:
+    """A keep-alive connection the server closes between requests loses nothing."""
+
+    async def one_then_close(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(OK)
+            # and close at once, idle: the next request goes on a new connection
+
+    async with serving(one_then_close) as url:
+        result = await load(url, rate_per_s=20.0, duration_s=0.5, connections=1)
+    assert result.scheduled == 10 and result.accepted_requests == 10
+    assert result.transport_errors == 0 and result.unsent == 0
+
+
+async def test_a_cancelled_run_stops_and_closes_its_connections() -> None:
+    opened: list[trio.Event] = []
+
+    async def answer_until_closed(stream: trio.SocketStream) -> None:
+        closed = trio.Event()
+        opened.append(closed)
+        async with stream:
+            while data := await stream.receive_some(65536):
+                if data.endswith(b"x"):
+                    await trio.sleep(0.01)
+                    await stream.send_all(OK)
+        closed.set()
+
+    async with serving(answer_until_closed) as url:
+        with trio.move_on_after(0.3):
+            await load(url, duration_s=30.0, connections=3)
+        # The thread sees its stop within MAX_WAIT_S and closes every connection.
+        with trio.fail_after(2):
+            for closed in opened:
+                await closed.wait()
+    assert len(opened) == 3
