@@ -3,10 +3,10 @@
 On a 2-core machine the load generator shares the cores with the server it measures, so
 what it costs per request is taken from the server. httpx costs a few hundred microseconds
 per request, as much as the server under test; trio streams (one task per connection, a
-scheduler pass and a cancel scope per request) cost ~230 µs of CPU per 100-line request
-here. This loop (non-blocking sockets, one ``select.epoll`` in a thread of its own, the
-request bytes pre-encoded, only the status line and ``Content-Length`` of an answer read)
-costs ~50 µs, wrk's way.
+scheduler pass and a cancel scope per request) cost ~200-230 µs of CPU per request here.
+This loop (non-blocking sockets, one ``select.epoll`` in a thread of its own, the request
+bytes pre-encoded, only the status line and ``Content-Length`` of an answer read) costs
+~55-80 µs, wrk's way (docs/performance.md, the change table).
 
 Two ways to drive load:
 
