@@ -67,7 +67,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.events import Body, EndBody
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -114,8 +115,12 @@ class Linger(Event):
 class LeanTaskGroup(TaskGroup):
     """Hypercorn's per-connection task group; the app's queue without needless checkpoints."""
 
+    on_first_receive: Callable[[], Awaitable[None]] | None = None
+    """Called (once) when the next app spawned first asks for the request's body."""
+
     async def spawn_app(self, app: Any, config: Config, scope: Any, send: Any) -> Any:
         put_channel, get_channel = trio.open_memory_channel[Any](config.max_app_queue_size)
+        first_receive, self.on_first_receive = self.on_first_receive, None
         put_nowait = put_channel.send_nowait
         put_waiting = put_channel.send
         get_nowait = get_channel.receive_nowait
@@ -138,6 +143,10 @@ class LeanTaskGroup(TaskGroup):
                 pass  # the request ended meanwhile
 
         async def receive() -> Any:
+            nonlocal first_receive
+            if first_receive is not None:
+                hook, first_receive = first_receive, None
+                await hook()
             await checkpoint_if_cancelled()
             try:
                 try:
@@ -163,7 +172,14 @@ class LeanTaskGroup(TaskGroup):
 
 class LeanH11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol; a final answer's head leaves with its first bytes, and
-    the rest of a body the answer came before is dropped rather than closing on it."""
+    the rest of a body the answer came before is dropped rather than closing on it.
+
+    ``Expect: 100-continue`` is answered ``100 Continue`` when the app first asks for the
+    body, not as soon as the head is in (Hypercorn's way): a request refused on its headers
+    (a bad token, the rate limit, a body too large or that cannot fit) gets its final
+    answer instead, with ``Connection: close``, and the client never sends the body it
+    held back (RFC 9110, section 10.1.1).
+    """
 
     _held_head = b""
     _request_headers: Sequence[tuple[bytes, bytes]] = ()
@@ -180,7 +196,19 @@ class LeanH11Protocol(H11Protocol):
 
     async def _create_stream(self, request: h11.Request) -> None:
         self._request_headers = request.headers  # read only if the answer beats the body
+        if self.connection.they_are_waiting_for_100_continue and isinstance(
+            self.task_group, LeanTaskGroup
+        ):
+            self.task_group.on_first_receive = self._send_continue
         await super()._create_stream(request)
+
+    async def _send_continue(self) -> None:
+        if self.connection.they_are_waiting_for_100_continue:  # no answer, no body yet
+            await self._send_h11_event(
+                h11.InformationalResponse(
+                    status_code=100, headers=self.config.response_headers("h11")
+                )
+            )
 
     def _body_too_long_to_drop(self) -> bool:
         for name, value in self._request_headers:
@@ -191,12 +219,14 @@ class LeanH11Protocol(H11Protocol):
     async def _send_h11_event(self, event: Any) -> None:
         if type(event) is h11.Response and (
             self.context.terminated.is_set()
+            or self.connection.they_are_waiting_for_100_continue
             or (self.connection.their_state is h11.SEND_BODY and self._body_too_long_to_drop())
         ):
             # The server is stopping (the connection ends after this answer: a client that
-            # reused it got its next request dropped unanswered), or the answer came before
-            # a body too long to drop: say the connection closes after this answer (h11
-            # then ends it; see ``_maybe_recycle``).
+            # reused it got its next request dropped unanswered), the client holds its body
+            # back for a 100 it will not get (it may send it or not: the stream cannot be
+            # read on), or the answer came before a body too long to drop: say the
+            # connection closes after this answer (h11 then ends it; ``_maybe_recycle``).
             headers = [*event.headers.raw_items(), (b"connection", b"close")]
             event = h11.Response(status_code=event.status_code, headers=headers)
         try:
@@ -217,9 +247,34 @@ class LeanH11Protocol(H11Protocol):
             await checkpoint_if_cancelled()  # as the empty write's lock and send did
 
     async def _handle_events(self) -> None:
+        """Hypercorn 0.18's loop, less its ``100 Continue`` sent before each event."""
         if self._dropping and not await self._drop_body():
             return
-        await super()._handle_events()
+        while True:
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError as error:
+                if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+                    await self._send_error_response(error.error_status_hint)
+                await self.send(Closed())
+                break
+            if isinstance(event, h11.Request):
+                await self.send(Updated(idle=False))
+                await self._check_protocol(event)
+                await self._create_stream(event)
+            elif event is h11.PAUSED:
+                await self.can_read.clear()
+                await self.can_read.wait()
+            elif (
+                isinstance(event, h11.ConnectionClosed)
+                or event is h11.NEED_DATA
+                or self.stream is None
+            ):
+                break
+            elif isinstance(event, h11.Data):
+                await self.stream.handle(Body(stream_id=STREAM_ID, data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self.stream.handle(EndBody(stream_id=STREAM_ID))
 
     async def _maybe_recycle(self) -> None:
         connection = self.connection

@@ -446,3 +446,60 @@ async def test_requests_pipelined_by_a_client_that_is_gone_are_not_served(
     # already read (its reads are 64 KiB) may still be served, nothing more (before: every
     # one of the 900, 429 of them after the reset in the run that found it).
     assert now - at_reset <= 2 * 65536 // len(request), (at_reset, now, len(request))
+
+
+async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes:
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        data = await stream.receive_some(65536)
+        assert data, f"closed before an answer; got {bytes(buffer)!r}"
+        buffer += data
+    head = bytes(buffer[:end])
+    del buffer[: end + 4]
+    return head
+
+
+@pytest.mark.parametrize(
+    ("token", "length", "status"),
+    [("wrong-token-0123456789", 100, 401), (TEST_TOKEN, 5000, 413)],  # max_body_bytes 4096
+)
+async def test_a_request_refused_on_its_headers_gets_no_100_continue(
+    served: tuple[Service, httpx.AsyncClient, Path], token: str, length: int, status: int
+) -> None:
+    """A client that asks ``Expect: 100-continue`` holds its body back: a refusal is its
+    answer (no upload of a body that would be dropped), and the connection then ends."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port_of(served[0]))
+    head = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {length}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    buffer = bytearray()
+    async with stream:
+        await stream.send_all(head)
+        with trio.fail_after(10):
+            answer = await _read_head(stream, buffer)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+            assert b"connection: close" in answer.lower()
+            while await stream.receive_some(65536):  # the server ends the connection
+                pass
+
+
+async def test_an_accepted_request_gets_100_continue_then_its_answer(
+    served: tuple[Service, httpx.AsyncClient, Path],
+) -> None:
+    body = json.dumps({"entries": [ENTRY]}).encode()
+    head = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TEST_TOKEN}\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", port_of(served[0]))
+    buffer = bytearray()
+    async with stream:
+        await stream.send_all(head)
+        with trio.fail_after(10):
+            assert (await _read_head(stream, buffer)).startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            answer = await _read_head(stream, buffer)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer
+    assert b"connection: close" not in answer.lower()

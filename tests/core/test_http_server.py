@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config
-from hypercorn.events import Event, RawData, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
@@ -27,6 +27,7 @@ from logstack._http_server import (
     LeanH11Protocol,
     LeanTaskGroup,
     LeanTCPServer,
+    Linger,
     _accept_backlog,
     serve,
 )
@@ -437,8 +438,9 @@ async def test_a_streamed_answer_sends_its_head_with_the_first_part() -> None:
     assert (second, end) == (b"5\r\npart2\r\n", b"0\r\n\r\n")
 
 
-async def test_100_continue_is_not_held_back() -> None:
-    """An interim answer is sent at once: the client waits for it before sending the body."""
+async def test_100_continue_is_sent_when_the_app_reads_the_body() -> None:
+    """The client waits for the interim answer before it sends the body; it comes when the
+    app first asks for the body (here at once), not before."""
     head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
     sent: list[Event] = []
 
@@ -457,6 +459,41 @@ async def test_100_continue_is_not_held_back() -> None:
             while len(writes(sent)) < 2:
                 await trio.sleep(0.01)
     assert writes(sent)[1].endswith(b"\r\n\r\nok")
+    assert len(writes(sent)) == 2
+
+
+async def test_a_refusal_on_the_headers_is_the_answer_to_100_continue() -> None:
+    """An app that answers without reading the body: no 100, the final answer says the
+    connection closes (the client may or may not send the body it held back), and it
+    ends without waiting for a body that is not coming."""
+    head = (
+        b"POST /refuse HTTP/1.1\r\nhost: t\r\ncontent-length: 5000000\r\n"
+        b"expect: 100-continue\r\n\r\n"
+    )
+    sent: list[Event] = []
+
+    async def record(event: Event) -> None:
+        sent.append(event)
+
+    async with LeanTaskGroup() as task_group:
+        protocol = echo_protocol(task_group, record)
+        await protocol.handle(RawData(data=head))
+        with trio.fail_after(5):
+            while not any(isinstance(e, Linger | Closed) for e in sent):
+                await trio.sleep(0.01)
+    [answer] = writes(sent)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"connection: close\r\n" in answer.lower()
+    assert b" 100 " not in answer
+
+
+async def test_a_client_that_sends_its_body_without_waiting_gets_no_100() -> None:
+    """curl stops waiting after a second; a body already arriving needs no 100."""
+    request = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\nok"
+    [answer] = writes(await run_protocol(request))
+    assert answer.startswith(b"HTTP/1.1 202 ")
+    assert b"connection: close" not in answer.lower()
+    assert answer.endswith(b"\r\n\r\nok")
 
 
 async def test_a_full_app_queue_holds_the_connection_back() -> None:
