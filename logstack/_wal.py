@@ -46,6 +46,7 @@ from ._wal_format import (
     encode_frame,
     encode_header,
     find_next_frame,
+    header_torn_at_creation,
 )
 
 log = logging.getLogger("logstack.wal")
@@ -674,6 +675,15 @@ def _quarantine_segment(directory: Path, path: Path) -> None:
         )
 
 
+def _torn_at_creation(path: Path) -> bool:
+    """Whether a segment is one the process stopped creating (``header_torn_at_creation``)."""
+    try:
+        with open(path, "rb") as handle:
+            return header_torn_at_creation(handle.read(HEADER_SIZE + 1))
+    except OSError:
+        return False
+
+
 def _repair_header(directory: Path, path: Path, seq: int) -> tuple[int, int] | None:
     """Rewrite a damaged segment header, if intact records follow it: each
     record carries its own length and CRC, so they do not need the header to be read, and
@@ -854,6 +864,18 @@ def recover_key_log(
                 created = decode_header(handle.read(HEADER_SIZE))
             size = path.stat().st_size
         except (WalCorruptionError, OSError) as exc:
+            if path is paths[-1] and _torn_at_creation(path):
+                # A crash's tear, like a record cut short at the tail, not a damaged disk.
+                metrics.wal_corrupt_records.labels(token=name, kind="torn_tail").inc()
+                _quarantine_segment(directory, path)
+                if path.exists():
+                    keylog.next_seq_floor = max(keylog.next_seq_floor, seq + 1)
+                log.warning(
+                    "the newest WAL segment's header never reached the disk (the process"
+                    " stopped as it was created); it held no records, moved to quarantine",
+                    extra={"token": name, "segment": seq},
+                )
+                continue
             metrics.wal_corrupt_records.labels(token=name, kind="bad_header").inc()
             repaired = _repair_header(directory, path, seq)
             if repaired is None:

@@ -16,6 +16,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 import msgspec
 
@@ -97,6 +98,26 @@ _decoder = msgspec.msgpack.Decoder(Record)
 
 def encode_header(created_ns: int) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, created_ns)
+
+
+HEADER_PREFIX: Final = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0)[: _HEADER.size - 8]
+"""What every header of this format begins with (all but the creation time)."""
+
+
+def header_torn_at_creation(data: bytes) -> bool:
+    """Whether a segment's bytes (``data``, at least its first ``HEADER_SIZE + 1``) are
+    those of one the process stopped creating, rather than a damaged one.
+
+    A segment's header is written, not synced, when the file is created (the directory
+    entry is); the first group commit syncs it with the first records. A crash in between
+    leaves the file empty, its header cut short, or (on a filesystem that extends files
+    before their data lands) zeros: no records, so nothing acknowledged; a crash's tear
+    (``torn_tail``) rather than damage (``bad_header``). Only the newest segment can be so.
+    """
+    if len(data) > HEADER_SIZE:
+        return False
+    cut_short = len(data) < HEADER_SIZE and HEADER_PREFIX.startswith(data[: len(HEADER_PREFIX)])
+    return cut_short or not any(data)
 
 
 def decode_header(data: bytes) -> int:

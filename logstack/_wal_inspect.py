@@ -16,6 +16,7 @@ from ._wal_format import (
     decode_header,
     decode_record,
     find_next_frame,
+    header_torn_at_creation,
 )
 from ._workers import SHARD_PREFIX
 
@@ -65,7 +66,14 @@ def inspect_wal(directory: str, *, show_records: bool, out: TextIO) -> int:
             try:
                 created = decode_header(data)
             except Exception as exc:
-                print(f"  {path.name}: {len(data)} bytes, BAD HEADER: {exc}", file=out)
+                if path == segments[-1] and header_torn_at_creation(data):
+                    print(
+                        f"  {path.name}: {len(data)} bytes, TORN: its header never reached the"
+                        " disk (the process stopped as it was created); no records",
+                        file=out,
+                    )
+                else:
+                    print(f"  {path.name}: {len(data)} bytes, BAD HEADER: {exc}", file=out)
                 damaged = True
                 continue
             counts = {"entry_batches": 0, "entries": 0, "checkpoints": 0, "idempotency": 0}

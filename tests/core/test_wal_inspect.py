@@ -178,6 +178,16 @@ def test_bad_header_and_quarantine(wal_root: Path) -> None:
     assert "quarantine: 1 file(s)" in report
 
 
+def test_a_newest_segment_torn_at_creation_is_named_so(wal_root: Path) -> None:
+    """Its header never reached the disk (a crash as it was created): not a bad header."""
+    torn = wal_root / "beta" / segment_name(2)
+    torn.write_bytes(b"")
+    status, report = inspect(wal_root / "beta")
+    assert status == 1
+    assert f"{segment_name(2)}: 0 bytes, TORN: its header never reached the disk" in report
+    assert "BAD HEADER" not in report
+
+
 def test_odd_names_are_reported_as_the_server_reads_them(wal_root: Path) -> None:
     """A directory with a segment's name was a traceback (IsADirectoryError); a junk
     ``*.seg`` the server never reads was called damage."""

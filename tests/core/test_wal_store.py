@@ -39,6 +39,7 @@ from logstack._wal_format import (
     IdempotencyRecord,
     Record,
     decode_record,
+    encode_header,
     frame_bytes,
 )
 from logstack.testing._faults import file_size_limit
@@ -639,9 +640,21 @@ async def test_what_the_wal_writes_is_private_to_the_service(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"LOGST", b"NOTAWAL!" + b"\x00" * 40], ids=["empty", "short", "bad-magic"]
+    ("content", "kind"),
+    [
+        # The newest segment's header not on disk yet: the process stopped as it was
+        # created (its header is synced with its first records), a tear, not damage.
+        (b"", "torn_tail"),
+        (b"LOGST", "torn_tail"),
+        (b"\x00" * HEADER_SIZE, "torn_tail"),
+        (b"NOTAWAL!" + b"\x00" * 40, "bad_header"),
+        (b"LOGSTWAL\x07", "bad_header"),  # cut short, but not a prefix of our header
+    ],
+    ids=["empty", "short", "zeros", "bad-magic", "short-damaged"],
 )
-async def test_segment_with_bad_header_is_quarantined(tmp_path: Path, content: bytes) -> None:
+async def test_segment_with_bad_header_is_quarantined(
+    tmp_path: Path, content: bytes, kind: str
+) -> None:
     directory, ends = await _write_then_crash(tmp_path, deliver=1)
     files = segment_files(directory)
     bad = directory / segment_name(int(files[-1].stem) + 1)
@@ -649,7 +662,9 @@ async def test_segment_with_bad_header_is_quarantined(tmp_path: Path, content: b
 
     metrics = Metrics()
     keylog = recover_key_log("alpha", directory, 4096, metrics)
-    assert corrupt_count(metrics, "alpha", "bad_header") == 1
+    assert corrupt_count(metrics, "alpha", kind) == 1
+    other = "bad_header" if kind == "torn_tail" else "torn_tail"
+    assert corrupt_count(metrics, "alpha", other) == 0
     assert not bad.exists()
     assert (directory / "quarantine" / bad.name).read_bytes() == content
     assert segment_files(directory) == files
@@ -749,6 +764,22 @@ async def test_a_damaged_version_over_our_records_is_repaired(tmp_path: Path, ve
     assert read_all(keylog, keylog.delivered)[0] == [batch(i, pad=300) for i in range(1, 6)]
     [kept] = (directory / "quarantine").iterdir()
     assert kept.read_bytes() == bytes(data[:HEADER_SIZE])
+    keylog.close()
+
+
+async def test_an_empty_segment_that_is_not_the_newest_is_damage(tmp_path: Path) -> None:
+    """Only the newest segment can be one the process stopped creating: an older one was
+    followed by a newer, so its header had reached the disk."""
+    directory, _ = await _write_then_crash(tmp_path, deliver=1)
+    files = segment_files(directory)
+    newer = directory / segment_name(int(files[-1].stem) + 1)
+    newer.write_bytes(encode_header(time.time_ns()))
+    files[0].write_bytes(b"")
+    metrics = Metrics()
+    keylog = recover_key_log("alpha", directory, 4096, metrics)
+    assert corrupt_count(metrics, "alpha", "bad_header") == 1
+    assert corrupt_count(metrics, "alpha", "torn_tail") == 0
+    assert (directory / "quarantine" / files[0].name).read_bytes() == b""
     keylog.close()
 
 
