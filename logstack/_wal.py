@@ -567,13 +567,13 @@ class KeyLog:
         if (segment.seq, start) in self._damage_seen:
             return
         self._damage_seen.add((segment.seq, start))
-        self.metrics.wal_corrupt_records.labels(token=self.name, kind=kind).inc()
         try:
             data = os.pread(self._read_fd(segment), max(0, end - start), start)
         except OSError:
             data = b""  # nothing left to keep aside
-        if data:
-            _quarantine_bytes(self.directory, segment.seq, start, data)
+        if data and not _quarantine_bytes(self.directory, segment.seq, start, data):
+            return  # found and counted at an earlier start
+        self.metrics.wal_corrupt_records.labels(token=self.name, kind=kind).inc()
         log.error(
             "skipped damaged WAL bytes",
             extra={
@@ -640,15 +640,23 @@ class KeyLog:
         )
 
 
-def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> None:
+def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> bool:
     """Keep damaged bytes aside, best effort: a full disk or a ``quarantine`` that is not a
-    directory is logged, never a reason to refuse to start or to stop delivering."""
+    directory is logged, never a reason to refuse to start or to stop delivering.
+
+    ``False`` if the same bytes from the same place are there already: damage in the
+    middle of a segment stays there until the segment is delivered and deleted, and every
+    start steps over it again; it was counted and logged as an error when first found.
+    """
+    target = directory / "quarantine" / f"{seq:016d}-{offset}.bin"
     try:
-        quarantine = directory / "quarantine"
-        quarantine.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
-        fd = os.open(
-            quarantine / f"{seq:016d}-{offset}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-        )
+        if target.read_bytes() == data:
+            return False
+    except OSError:
+        pass  # not there (or unreadable): keep it
+    try:
+        target.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
     except OSError as exc:
@@ -656,6 +664,7 @@ def _quarantine_bytes(directory: Path, seq: int, offset: int, data: bytes) -> No
             "cannot quarantine damaged WAL bytes",
             extra={"directory": str(directory), "segment": seq, "error": str(exc)},
         )
+    return True
 
 
 def _quarantine_segment(directory: Path, path: Path) -> None:
@@ -773,12 +782,12 @@ def _scan_frames(
             break  # damage runs to the end: a torn or corrupt tail
         resume = scan.stop + found
         damage.add((seq, scan.stop))  # so delivery steps over it without counting it again
-        _quarantine_bytes(directory, seq, scan.stop, bytes(view[scan.stop : resume]))
-        metrics.wal_corrupt_records.labels(token=name, kind="corrupt_record").inc()
-        log.error(
-            "skipped a damaged WAL record; later records are intact",
-            extra={"token": name, "segment": seq, "offset": scan.stop, "bytes": resume - scan.stop},
-        )
+        where = {"token": name, "segment": seq, "offset": scan.stop, "bytes": resume - scan.stop}
+        if _quarantine_bytes(directory, seq, scan.stop, bytes(view[scan.stop : resume])):
+            metrics.wal_corrupt_records.labels(token=name, kind="corrupt_record").inc()
+            log.error("skipped a damaged WAL record; later records are intact", extra=where)
+        else:
+            log.info("stepped over a damaged WAL record already in quarantine", extra=where)
         offset = resume
     return result
 

@@ -3,6 +3,7 @@ delivery checkpoints and segment deletion, crash recovery, gauges."""
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -616,6 +617,40 @@ async def test_corrupt_middle_record_is_skipped_and_later_records_survive(
     assert sum(corrupt_count(metrics, "alpha", k) for k in ("corrupt_tail", "corrupt_record")) == 1
     assert any((directory / "quarantine").iterdir())
     keylog.close()
+
+
+async def test_damage_in_the_middle_is_counted_once_not_at_every_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It stays in its segment until that is delivered and deleted, and every start steps
+    over it again: counted each time, the WAL damage alert fired again after every
+    restart for damage already found, reported and kept aside."""
+    directory, ends = await _write_then_crash(tmp_path, deliver=0)
+    (segment,) = segment_files(directory)
+    data = bytearray(segment.read_bytes())
+    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04  # inside the payload of batch 2
+    segment.write_bytes(bytes(data))
+    first = Metrics()
+    recover_key_log("alpha", directory, 4096, first).close()
+    assert corrupt_count(first, "alpha", "corrupt_record") == 1
+
+    again = Metrics()
+    with caplog.at_level(logging.INFO, logger="logstack.wal"):
+        keylog = recover_key_log("alpha", directory, 4096, again)
+    assert corrupt_count(again, "alpha", "corrupt_record") == 0
+    assert "already in quarantine" in caplog.text
+    assert len(list((directory / "quarantine").iterdir())) == 1
+    batches, _ = read_all(keylog, keylog.delivered)
+    assert batches == [batch(i, pad=300) for i in range(6) if i != 2]
+    keylog.close()
+
+    # Other damage at the same place is new damage.
+    (directory / "quarantine" / next((directory / "quarantine").iterdir()).name).write_bytes(
+        b"something else"
+    )
+    fresh = Metrics()
+    recover_key_log("alpha", directory, 4096, fresh).close()
+    assert corrupt_count(fresh, "alpha", "corrupt_record") == 1
 
 
 async def test_what_the_wal_writes_is_private_to_the_service(tmp_path: Path) -> None:
