@@ -15,6 +15,7 @@ it came from), and unknown keys are errors, never ignored.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -555,6 +556,14 @@ class Settings(_Strict):
         ]
         if not any(key.active for key in self.security.api_keys.values()):
             said.append("security.api_keys: no active API key, so every ingest request gets 401")
+        published = self._published_tokens_in_use()
+        if published and not _loopback(self.server.host):
+            said.append(
+                f"security: {' and '.join(published)} "
+                f"{'uses' if len(published) == 1 else 'use'} a token published in config.yaml "
+                f"and the docs, and server.host {self.server.host!r} takes connections from "
+                "other hosts: anyone who read them can use it; replace it"
+            )
         loki = self.loki
         if loki.authorization() is not None:
             plain = [url for url in loki.endpoints() if _plain_http_beyond_this_host(url)]
@@ -565,11 +574,41 @@ class Settings(_Strict):
                 )
         return said
 
+    def _published_tokens_in_use(self) -> list[str]:
+        """Which keys (by name, never by token) use one of ``PUBLISHED_TOKENS``."""
+        security = self.security
+        users = [
+            f"API key {key.name!r}"
+            for token, key in security.api_keys.items()
+            if token in PUBLISHED_TOKENS
+        ]
+        if security.admin_token in PUBLISHED_TOKENS:
+            users.append("the admin token")
+        return users
+
     def key_by_name(self, name: str) -> ApiKey | None:
         for key in self.security.api_keys.values():
             if key.name == name:
                 return key
         return None
+
+
+PUBLISHED_TOKENS: Final = frozenset(
+    {
+        "logstack_1a2b3c4d5e6f7890abcdef12",
+        "logstack_9f8e7d6c5b4a3210fedcba98",
+        "logstack_admin123456789abcdef0123",
+    }
+)
+"""The example tokens of the shipped ``config.yaml`` (and the README's tour): public."""
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``server.host`` takes connections from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _plain_http_beyond_this_host(url: str) -> bool:

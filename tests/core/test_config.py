@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from logstack._config import (
     DEFAULT_BASELINE_KEYS,
     DEFAULT_PIPELINE,
+    PUBLISHED_TOKENS,
     SECTIONS,
     ApiKey,
     Settings,
@@ -1341,3 +1342,36 @@ def test_a_setting_given_by_two_variables_is_refused() -> None:
     with pytest.raises(ConfigError, match="LOGSTACK_PORT and LOGSTACK_SERVER_PORT both set"):
         load_settings(env={"LOGSTACK_PORT": "8001", "LOGSTACK_SERVER_PORT": "8002"})
     assert load_settings(env={"LOGSTACK_PORT": "8001"}).server.port == 8001
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [("0.0.0.0", True), ("10.1.2.3", True), ("::", True), ("127.0.0.1", False), ("::1", False)],
+)
+def test_the_published_example_tokens_on_a_reachable_address_are_warned(
+    host: str, warned: bool
+) -> None:
+    """config.yaml's demo keys and admin token are in the README for anyone to read."""
+    settings = load_settings(SHIPPED_CONFIG, env={"LOGSTACK_SERVER_HOST": host})
+    said = [w for w in settings.warnings() if w.startswith("security:")]
+    assert bool(said) == warned, said
+    if warned:
+        [warning] = said
+        assert "'payments-api'" in warning and "'user-service'" in warning
+        assert "the admin token" in warning
+        assert not any(token in warning for token in PUBLISHED_TOKENS)
+
+
+def test_the_published_tokens_are_those_of_the_shipped_config() -> None:
+    settings = load_settings(SHIPPED_CONFIG, env={})
+    shipped = {*settings.security.api_keys, settings.security.admin_token}
+    assert shipped == PUBLISHED_TOKENS
+
+
+def test_own_tokens_on_a_reachable_address_are_not_warned() -> None:
+    env = {
+        "LOGSTACK_SERVER_HOST": "0.0.0.0",
+        "LOGSTACK_SECURITY_API_KEYS": '{"own_token_0123456789abcdef": {"name": "a"}}',
+        "LOGSTACK_SECURITY_ADMIN_TOKEN": "own_admin_token_0123456789",
+    }
+    assert not [w for w in load_settings(None, env=env).warnings() if w.startswith("security:")]
