@@ -503,7 +503,9 @@ async def serve(
     log.info(
         "WAL opened",
         extra={
-            "root": str(settings.wal.root_path),
+            # Absolute: a relative root_path is the working directory's, which differs
+            # between a shell, a unit file and a container.
+            "root": str(settings.wal.root_path.absolute()),
             "keys": len(store.logs),
             "recovery_s": round(time.perf_counter() - started, 3),
         },

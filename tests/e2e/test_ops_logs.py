@@ -91,3 +91,16 @@ async def test_json_lines_with_request_ids_and_no_tokens(tmp_path: Path) -> None
         if doc["logger"] in ("logstack.http", "logstack.admin"):
             assert doc.get("request_id") in request_ids, doc
     assert any(d["msg"] == "config reload failed; keeping the running config" for d in docs)
+
+
+async def test_the_wal_directory_is_logged_as_an_absolute_path(tmp_path: Path) -> None:
+    """A relative ``wal.root_path`` is the working directory's: the start-up line says
+    where that put the WAL (it differs between a shell, a unit file and a container)."""
+    config = make_test_config(tmp_path, "http://127.0.0.1:9", wal={"root_path": "./rel-wal"})
+    server = LogstackProcess(tmp_path, config)  # its working directory is tmp_path
+    await trio.to_thread.run_sync(server.start)
+    assert await trio.to_thread.run_sync(server.stop) == 0
+    [opened] = [
+        json.loads(line) for line in server.log_text().splitlines() if '"WAL opened"' in line
+    ]
+    assert opened["root"] == str(tmp_path / "rel-wal")
