@@ -24,7 +24,10 @@ def build_stages(resolved: Sequence[ResolvedStage], context: StageContext) -> li
     the culprit (``PluginError`` listing every stage that failed)."""
     stages: list[Stage] = []
     problems: list[str] = []
-    for item in resolved:
+    masked_from = next(
+        (i for i, item in enumerate(resolved) if item.spec.type == "mask"), len(resolved)
+    )
+    for position, item in enumerate(resolved):
         try:
             stage = item.stage_cls(item.config, context)
         except Exception as exc:
@@ -33,6 +36,7 @@ def build_stages(resolved: Sequence[ResolvedStage], context: StageContext) -> li
             )
             continue
         stage.name = item.spec.instance_name
+        stage.sees_unmasked = position <= masked_from  # mask itself reads them unmasked
         stages.append(stage)
     if problems:
         raise PluginError(problems)

@@ -9,6 +9,7 @@ pay a channel hop per entry. Stages with timers or I/O override ``run(inbox, out
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any, ClassVar, TypeVar
 
 import trio
@@ -41,6 +42,11 @@ class Stage:
     """Base class of every pipeline stage (built-in or plugin)."""
 
     Config: ClassVar[type[StageConfig]] = StageConfig
+
+    sees_unmasked: bool = False
+    """Set by the pipeline for a stage placed before ``mask``: the entries it sees are not
+    masked yet, so a failure of its ``process`` is logged without the exception's text,
+    which may quote them (the log is on disk; secrets must not reach it)."""
 
     def __init__(self, config: StageConfig, context: Any) -> None:
         # ``context`` is a ``logstack.StageContext``; typed loosely here to avoid a cycle.
@@ -79,11 +85,8 @@ class Stage:
                     except RejectError as error:
                         envelope.reject(error)
                         continue
-                    except Exception:
-                        log.exception(
-                            "stage failed",
-                            extra={"stage": self.name, "request_id": envelope.request_id},
-                        )
+                    except Exception as exc:
+                        self._log_failure(exc, envelope.request_id)
                         envelope.reject(
                             InternalError("internal error while processing the request")
                         )
@@ -93,6 +96,18 @@ class Stage:
                 request_id_var.set(None)  # later lines (stopping, say) are no request's
                 if passed:
                     await pass_on(outbox, passed)
+
+    def _log_failure(self, exc: Exception, request_id: str) -> None:
+        where = {"stage": self.name, "request_id": request_id}
+        if not self.sees_unmasked:
+            log.exception("stage failed", extra=where)
+            return
+        # Where it failed, not what it said: the frames are code, the text may be entries.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error(
+            "stage failed (before mask: the exception's text is not logged)",
+            extra={**where, "error_type": type(exc).__qualname__, "traceback": frames},
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -375,3 +376,33 @@ def partial_serve(stages: list[Stage], head_capacity: int = 16) -> Any:
         await serve_pipeline(stages, head_capacity=head_capacity, task_status=task_status)
 
     return run
+
+
+class Leaky(Stage):
+    """Fails with the request's text in its exception, as careless plugin code might."""
+
+    def process(self, envelope: Envelope) -> None:
+        raise ValueError(f"cannot parse {envelope.body!r}")
+
+
+@pytest.mark.parametrize("unmasked", [True, False])
+async def test_a_failure_before_mask_is_logged_without_its_text(
+    context: StageContext, caplog: pytest.LogCaptureFixture, unmasked: bool
+) -> None:
+    leaky, tail = make(Leaky, context, name="leaky"), make(Recorder, context)
+    leaky.sees_unmasked = unmasked
+    request = Envelope(request_id="r-1", authorization=None, body=b'{"password": "hunter2-secret"}')
+    with trio.fail_after(TIMEOUT_S), caplog.at_level(logging.ERROR, logger="logstack"):
+        async with trio.open_nursery() as nursery:
+            head = await nursery.start(partial_serve([leaky, tail]))
+            async with head:
+                await head.send([request])
+                assert isinstance(await request.reply.wait(), InternalError)
+    [failure] = [r for r in caplog.records if r.getMessage().startswith("stage failed")]
+    assert failure.stage == "leaky" and failure.request_id == "r-1"  # type: ignore[attr-defined]
+    if unmasked:
+        assert "hunter2" not in caplog.text and failure.exc_info is None
+        assert failure.error_type == "ValueError"  # type: ignore[attr-defined]
+        assert "in process" in failure.traceback  # type: ignore[attr-defined]
+    else:
+        assert failure.exc_info is not None and "hunter2" in caplog.text

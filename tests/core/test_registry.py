@@ -254,6 +254,20 @@ def test_default_pipeline_resolves_from_installed_metadata() -> None:
         assert check_stage_class(item.stage_cls) == []
 
 
+def test_stages_up_to_mask_are_told_their_entries_are_unmasked() -> None:
+    """Their failures are logged without the exception's text (it may quote entries)."""
+    settings = load_settings(env={})
+    stages = build_stages(resolve_pipeline(settings), StageContext(settings=settings))
+    assert {stage.name: stage.sees_unmasked for stage in stages} == {
+        "auth": True,
+        "mask": True,
+        "validate": False,
+        "wal_append": False,
+        "batch": False,
+        "forward_loki": False,
+    }
+
+
 BUILTINS_RULE = (
     "pipeline: the built-in stages must each be there once, in the order auth -> mask -> "
     "validate -> wal_append -> batch -> forward_loki, with plugins between them"
