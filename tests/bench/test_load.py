@@ -131,6 +131,13 @@ async def test_an_answer_before_the_whole_body_counts_as_that_answer() -> None:
         async with stream:
             await stream.receive_some(1024)
             await stream.send_all(refusal)
+            # A lingering close, as LogStack's: closed with the body unread, the socket
+            # would answer the client's data with a reset, which can discard the 413
+            # before the client reads it.
+            await stream.send_eof()
+            with trio.move_on_after(5):
+                while await stream.receive_some(65536):
+                    pass
 
     async with serving(refuse) as url:
         result = await run_load(
@@ -143,7 +150,10 @@ async def test_an_answer_before_the_whole_body_counts_as_that_answer() -> None:
         )
     assert result.statuses[413] >= 1
     assert result.requests == result.statuses[413]
-    assert result.connections_opened == result.requests + result.transport_errors
+    # One connection each (the answer closes it); the last one may have been opened as
+    # the run ended, when no request starts any more.
+    answered = result.requests + result.transport_errors
+    assert answered <= result.connections_opened <= answered + 1
 
 
 async def test_a_large_body_is_written_whole_to_a_slow_reader() -> None:
@@ -216,11 +226,14 @@ async def test_a_cancelled_run_stops_and_closes_its_connections() -> None:
     async def answer_until_closed(stream: trio.SocketStream) -> None:
         closed = trio.Event()
         opened.append(closed)
-        async with stream:
-            while data := await stream.receive_some(65536):
-                if data.endswith(b"x"):
-                    await trio.sleep(0.01)
-                    await stream.send_all(OK)
+        try:
+            async with stream:
+                while data := await stream.receive_some(65536):
+                    if data.endswith(b"x"):
+                        await trio.sleep(0.01)
+                        await stream.send_all(OK)
+        except trio.BrokenResourceError:
+            pass  # closed with an answer unread: a reset, which is a close too
         closed.set()
 
     async with serving(answer_until_closed) as url:
