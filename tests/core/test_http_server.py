@@ -438,26 +438,34 @@ async def test_a_streamed_answer_sends_its_head_with_the_first_part() -> None:
     assert (second, end) == (b"5\r\npart2\r\n", b"0\r\n\r\n")
 
 
-async def test_100_continue_is_sent_when_the_app_reads_the_body() -> None:
-    """The client waits for the interim answer before it sends the body; it comes when the
-    app first asks for the body (here at once), not before."""
-    head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+@asynccontextmanager
+async def echo_connection() -> AsyncIterator[tuple[LeanH11Protocol, list[Event]]]:
+    """A ``LeanH11Protocol`` serving ``echo_app``, and the list of what it has sent."""
     sent: list[Event] = []
 
     async def record(event: Event) -> None:
         sent.append(event)
 
     async with LeanTaskGroup() as task_group:
-        protocol = echo_protocol(task_group, record)
+        yield echo_protocol(task_group, record), sent
+
+
+async def until(condition: Any) -> None:
+    with trio.fail_after(5):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_100_continue_is_sent_when_the_app_reads_the_body() -> None:
+    """The client waits for the interim answer before it sends the body; it comes when the
+    app first asks for the body (here at once), not before."""
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+    async with echo_connection() as (protocol, sent):
         await protocol.handle(RawData(data=head))
-        with trio.fail_after(5):
-            while not writes(sent):
-                await trio.sleep(0.01)
+        await until(lambda: writes(sent))
         assert writes(sent)[0].startswith(b"HTTP/1.1 100 ")
         await protocol.handle(RawData(data=b"ok"))
-        with trio.fail_after(5):
-            while len(writes(sent)) < 2:
-                await trio.sleep(0.01)
+        await until(lambda: len(writes(sent)) >= 2)
     assert writes(sent)[1].endswith(b"\r\n\r\nok")
     assert len(writes(sent)) == 2
 
@@ -470,17 +478,9 @@ async def test_a_refusal_on_the_headers_is_the_answer_to_100_continue() -> None:
         b"POST /refuse HTTP/1.1\r\nhost: t\r\ncontent-length: 5000000\r\n"
         b"expect: 100-continue\r\n\r\n"
     )
-    sent: list[Event] = []
-
-    async def record(event: Event) -> None:
-        sent.append(event)
-
-    async with LeanTaskGroup() as task_group:
-        protocol = echo_protocol(task_group, record)
+    async with echo_connection() as (protocol, sent):
         await protocol.handle(RawData(data=head))
-        with trio.fail_after(5):
-            while not any(isinstance(e, Linger | Closed) for e in sent):
-                await trio.sleep(0.01)
+        await until(lambda: any(isinstance(e, Linger | Closed) for e in sent))
     [answer] = writes(sent)
     assert answer.startswith(b"HTTP/1.1 403 ")
     assert b"connection: close\r\n" in answer.lower()

@@ -600,14 +600,21 @@ async def test_crc_valid_but_undecodable_record_is_skipped_not_fatal(tmp_path: P
     recovered.close()
 
 
-async def test_corrupt_middle_record_is_skipped_and_later_records_survive(
-    tmp_path: Path,
-) -> None:
+async def _crash_with_batch_2_damaged(tmp_path: Path) -> Path:
+    """``_write_then_crash`` (nothing delivered), then one bit flipped inside the payload
+    of batch 2, in the middle of the only segment."""
     directory, ends = await _write_then_crash(tmp_path, deliver=0)
     (segment,) = segment_files(directory)
     data = bytearray(segment.read_bytes())
-    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04  # inside the payload of batch 2
+    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04
     segment.write_bytes(bytes(data))
+    return directory
+
+
+async def test_corrupt_middle_record_is_skipped_and_later_records_survive(
+    tmp_path: Path,
+) -> None:
+    directory = await _crash_with_batch_2_damaged(tmp_path)
 
     metrics = Metrics()
     keylog = recover_key_log("alpha", directory, 4096, metrics)
@@ -625,11 +632,7 @@ async def test_damage_in_the_middle_is_counted_once_not_at_every_start(
     """It stays in its segment until that is delivered and deleted, and every start steps
     over it again: counted each time, the WAL damage alert fired again after every
     restart for damage already found, reported and kept aside."""
-    directory, ends = await _write_then_crash(tmp_path, deliver=0)
-    (segment,) = segment_files(directory)
-    data = bytearray(segment.read_bytes())
-    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04  # inside the payload of batch 2
-    segment.write_bytes(bytes(data))
+    directory = await _crash_with_batch_2_damaged(tmp_path)
     first = Metrics()
     recover_key_log("alpha", directory, 4096, first).close()
     assert corrupt_count(first, "alpha", "corrupt_record") == 1
@@ -645,9 +648,7 @@ async def test_damage_in_the_middle_is_counted_once_not_at_every_start(
     keylog.close()
 
     # Other damage at the same place is new damage.
-    (directory / "quarantine" / next((directory / "quarantine").iterdir()).name).write_bytes(
-        b"something else"
-    )
+    next((directory / "quarantine").iterdir()).write_bytes(b"something else")
     fresh = Metrics()
     recover_key_log("alpha", directory, 4096, fresh).close()
     assert corrupt_count(fresh, "alpha", "corrupt_record") == 1
@@ -656,11 +657,7 @@ async def test_damage_in_the_middle_is_counted_once_not_at_every_start(
 async def test_what_the_wal_writes_is_private_to_the_service(tmp_path: Path) -> None:
     """Quarantined bytes (masked log lines) were 0644 and every directory 0755 under the
     usual umask: other local users could read them and list keys (a secrets audit)."""
-    directory, ends = await _write_then_crash(tmp_path, deliver=0)
-    (segment,) = segment_files(directory)
-    data = bytearray(segment.read_bytes())
-    data[ends[1][1] + FRAME_OVERHEAD + 10] ^= 0x04
-    segment.write_bytes(bytes(data))
+    directory = await _crash_with_batch_2_damaged(tmp_path)
     keylog = recover_key_log("alpha", directory, 4096, Metrics())
     keylog.close()
     [kept] = (directory / "quarantine").iterdir()
