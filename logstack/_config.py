@@ -558,11 +558,14 @@ class Settings(_Strict):
             said.append("security.api_keys: no active API key, so every ingest request gets 401")
         published = self._published_tokens_in_use()
         if published and not _loopback(self.server.host):
+            one = len(published) == 1
+            who = published[0] if one else f"{', '.join(published[:-1])} and {published[-1]}"
             said.append(
-                f"security: {' and '.join(published)} "
-                f"{'uses' if len(published) == 1 else 'use'} a token published in config.yaml "
-                f"and the docs, and server.host {self.server.host!r} takes connections from "
-                "other hosts: anyone who read them can use it; replace it"
+                f"security: {who} "
+                f"{'uses a token' if one else 'use tokens'} published in config.yaml and the "
+                f"docs, and server.host {self.server.host!r} takes connections from other "
+                f"hosts: anyone who read them can use {'it' if one else 'them'}; replace "
+                f"{'it' if one else 'them'}"
             )
         loki = self.loki
         if loki.authorization() is not None:
@@ -613,8 +616,7 @@ def _loopback(host: str) -> bool:
 
 def _plain_http_beyond_this_host(url: str) -> bool:
     parts = urlsplit(url)
-    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
-    return parts.scheme == "http" and not local
+    return parts.scheme == "http" and not _loopback(parts.hostname or "")
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
